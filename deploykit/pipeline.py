@@ -1,0 +1,308 @@
+"""One library function per CLI command; ``run_recipe`` chains the same stage functions.
+
+Artifacts of a run (``runs/<name>/``)::
+
+    data/calibration.npz|.json   data/evaluation.npz|.json     seeded split, feeds + texts + hashes
+    model.onnx  model.export.json                              FP32 export and its parity check
+    model.int8.onnx  model.int8.ranges.json                    Q/DQ model and calibration ranges
+    reference.npz                                              torch FP32 outputs on the evaluation set
+    report.json  report.md  *.png                              the report (contract in DESIGN.md)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import deploykit
+from deploykit.bench import BenchConfig, bench, bench_settings
+from deploykit.data import DataSpec, Split, load_split, make_splits, save_split
+from deploykit.errors import UserError
+from deploykit.io import read_json, read_npz, write_json, write_npz
+from deploykit.onnx_utils import get_metadata, load_onnx
+from deploykit.progress import say, stage
+from deploykit.quantize import QuantConfig, calibrate
+from deploykit.recipe import Recipe, evaluate_acceptance, load_recipe
+from deploykit.runners import BACKENDS, OrtRunner, TorchRunner, default_threads, make_runner
+from deploykit.verify import run_split, verify
+
+
+# ----------------------------------------------------------------------------- helpers
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def _environment() -> dict[str, Any]:
+    from deploykit.doctor import environment
+
+    return environment()
+
+
+def new_report(model: str, recipe: str | None, target: str) -> dict[str, Any]:
+    return {"model": model, "recipe": recipe, "target": target, "created": _now(),
+            "deploykit_version": deploykit.__version__, "artifacts": {}, "accuracy": {}, "latency": {},
+            "environment": _environment()}
+
+
+def write_report(path: Path, update: dict[str, Any], *, render: bool = True) -> Path:
+    """Merge ``update`` into the report at ``path`` (if any), validate, write, render report.md."""
+    from deploykit.report import merge_report, render_report, validate_report
+
+    existing = read_json(path, what="report") if path.is_file() else None
+    report = merge_report(existing, update)
+    validate_report(report, path=path)
+    write_json(path, report)
+    if render:
+        render_report(path)
+    return path
+
+
+def model_source_for(onnx_path: Path, source: str | None) -> str:
+    """The model source to use with an ONNX file: given, or recorded in it at export."""
+    if source:
+        return source
+    recorded = get_metadata(load_onnx(onnx_path, load_weights=False)).get("source")
+    if not recorded:
+        raise UserError("the ONNX file does not record its model source", path=onnx_path,
+                        fix="pass --model (e.g. --model embedded:minilm)")
+    return recorded
+
+
+def variant_name(onnx_path: Path, taken: set[str]) -> str:
+    meta = get_metadata(load_onnx(onnx_path, load_weights=False))
+    name = str(meta.get("variant") or onnx_path.stem)
+    base, k = name, 2
+    while name in taken:
+        name = f"{base}-{k}"
+        k += 1
+    taken.add(name)
+    return name
+
+
+def stage_split(bundle, data: str, which: str, spec: DataSpec) -> Split:
+    """The calibration or evaluation set: a saved .npz used whole, or the seeded split of a source."""
+    if data.endswith(".npz"):
+        return load_split(data, bundle.input_names)
+    splits = make_splits(bundle, DataSpec(source=data, calibration=spec.calibration,
+                                          evaluation=spec.evaluation, seed=spec.seed))
+    return getattr(splits, which)
+
+
+# ----------------------------------------------------------------------------- export
+def export_model(source: str, out: Path, *, options: dict[str, Any] | None = None, opset: int = 18) -> dict[str, Any]:
+    from deploykit.export import export_onnx
+    from deploykit.models import load_model
+
+    with stage(f"export {source}"):
+        bundle = load_model(source, options)
+        result = export_onnx(bundle, out, opset=opset)
+    summary = result.summary()
+    write_json(out.with_suffix(".export.json"), {"model": bundle.source, **summary})
+    say(f"wrote {out} (opset {opset}, {result.node_count} nodes); parity vs torch: max |diff| "
+        f"{result.parity['max_abs_diff']:.3g}")
+    return summary
+
+
+# ----------------------------------------------------------------------------- calibrate
+def calibrate_model(model_path: Path, out: Path, *, source: str | None, data: str, spec: DataSpec,
+                    config: QuantConfig, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    from deploykit.models import load_model
+
+    config.validate()
+    bundle = load_model(model_source_for(model_path, source), options)
+    split = stage_split(bundle, data, "calibration", spec)
+    with stage(f"calibrate {model_path} ({config.method}, {split.count} samples)"):
+        result = calibrate(model_path, split, out, config)
+    summary = result.summary()
+    say(f"wrote {out}: {summary['qdq']['QuantizeLinear']} QuantizeLinear, {summary['quantized_nodes']} quantized "
+        f"nodes, {len(result.float_nodes)} kept float; ranges in {result.ranges_path}")
+    return summary
+
+
+# ----------------------------------------------------------------------------- verify
+def reference_outputs(bundle, split: Split, batch_size: int) -> np.ndarray:
+    return run_split(TorchRunner(bundle), split, batch_size=batch_size, description="reference (torch fp32)")
+
+
+def verify_models(models: list[Path], report: Path, *, source: str | None, data: str, spec: DataSpec,
+                  reference: Path | None = None, batch_size: int = 32, backend: str = "ort-cpu",
+                  options: dict[str, Any] | None = None) -> dict[str, Any]:
+    from deploykit.models import load_model
+
+    if not models:
+        raise UserError("no ONNX model given", fix="pass one or more .onnx files")
+    bundle = load_model(model_source_for(models[0], source), options)
+    split = stage_split(bundle, data, "evaluation", spec)
+    if reference is not None:
+        ref = read_npz(reference, what="reference file").get("output")
+        if ref is None or ref.shape[0] != split.count:
+            raise UserError(f"the reference does not match the {split.count} evaluation samples", path=reference,
+                            fix="use the reference.npz written with this evaluation set, or omit --reference")
+    else:
+        ref = reference_outputs(bundle, split, batch_size)
+    taken: set[str] = set()
+    runners = {variant_name(m, taken): make_runner(backend, model_path=m) for m in models}
+    with stage("verify"):
+        result = verify(runners, ref, split, bundle.task, batch_size=batch_size)
+    update = {"model": bundle.source, "artifacts": {f"{k}.onnx": str(m) for k, m in zip(runners, models)},
+              **result.report_part(), "data": {"evaluation": split.summary(), "source": data, "seed": spec.seed}}
+    _print_accuracy(result.accuracy)
+    base = new_report(bundle.source, None, "cpu-ort" if backend == "ort-cpu" else backend)
+    write_report(report, {**base, **update} if not report.is_file() else update)
+    return update
+
+
+# ----------------------------------------------------------------------------- bench
+def bench_models(models: list[Path], report: Path, *, source: str | None, data: str, spec: DataSpec,
+                 backends: list[str], config: BenchConfig, torch_baseline: bool = True,
+                 options: dict[str, Any] | None = None) -> dict[str, Any]:
+    from deploykit.models import load_model
+
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise UserError(f"unknown backend '{backend}'", fix=f"use one of {', '.join(BACKENDS)}")
+    if not models and not torch_baseline:
+        raise UserError("nothing to benchmark", fix="pass .onnx files and/or keep the torch baseline")
+    if models:
+        model_source = model_source_for(models[0], source)
+    elif source:
+        model_source = source
+    else:
+        raise UserError("the torch baseline alone needs the model source", fix="pass --model")
+    bundle = load_model(model_source, options)
+    split = stage_split(bundle, data, "evaluation", spec)
+    threads = config.threads or default_threads()
+    latency = _bench_all(bundle, split, models, backends, config, threads, torch_baseline)
+    _print_latency(latency)
+    update = {"latency": latency, "bench": bench_settings(config, threads)}
+    base = new_report(bundle.source, None, "cpu-ort")
+    write_report(report, {**base, **update} if not report.is_file() else update)
+    return update
+
+
+def _bench_all(bundle, split, models, backends, config, threads, torch_baseline) -> dict[str, Any]:
+    taken: set[str] = set()
+    names = [variant_name(m, taken) for m in models]
+    runners = [(name, make_runner(backend, model_path=m, threads=threads))
+               for backend in backends if backend != "torch" for name, m in zip(names, models)]
+    if torch_baseline or "torch" in backends:
+        runners.append(("fp32", TorchRunner(bundle, threads=threads)))
+    with stage(f"bench ({threads} threads, batches {config.batches})"):
+        return bench(runners, split, config)
+
+
+# ----------------------------------------------------------------------------- report / print
+def _print_accuracy(accuracy: dict[str, dict[str, float]]) -> None:
+    for variant, metrics in accuracy.items():
+        say(f"  {variant}: " + ", ".join(f"{k} {v:.5g}" for k, v in metrics.items()))
+
+
+def _print_latency(latency: dict[str, Any]) -> None:
+    for key, entry in latency.items():
+        say(f"  {key}: p50 {entry['p50_ms']:.2f} ms, p99 {entry['p99_ms']:.2f} ms, "
+            f"{entry['throughput_per_s']:.1f}/s")
+
+
+# ----------------------------------------------------------------------------- run
+@dataclass
+class RunResult:
+    run_dir: Path
+    report_path: Path
+    report: dict[str, Any]
+    accepted: bool
+
+
+def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"), name: str | None = None,
+               overrides: list[str] | None = None) -> RunResult:
+    from deploykit.export import export_onnx
+    from deploykit.models import load_model
+
+    rec: Recipe = load_recipe(recipe, overrides)
+    rec.quantize.validate()
+    rec.bench.validate()
+    for backend in rec.bench.backends:
+        if backend not in BACKENDS:
+            raise UserError(f"unknown backend '{backend}' in bench.backends", path=rec.path,
+                            fix=f"use {', '.join(BACKENDS)}")
+    run_dir = Path(out_root) / (name or rec.name)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(key: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[key] = round(now - t, 2)
+        t = now
+
+    say(f"[bold]deploykit run[/] {rec.name} -> {run_dir}")
+    with stage(f"load model {rec.model.source}"):
+        bundle = load_model(rec.model.source, rec.model.options)
+    lap("load_model")
+    with stage(f"data: {rec.data.source} (seed {rec.data.seed})"):
+        splits = make_splits(bundle, rec.data)
+        data_paths = {s.name: save_split(s, run_dir / "data") for s in (splits.calibration, splits.evaluation)}
+    lap("data")
+    fp32_path, int8_path = run_dir / "model.onnx", run_dir / "model.int8.onnx"
+    with stage("export"):
+        parity_feeds = [dict(next(_batches(splits.evaluation, 8))), dict(next(_batches(splits.evaluation, 1)))]
+        exported = export_onnx(bundle, fp32_path, opset=rec.export.opset, parity_feeds=parity_feeds)
+        write_json(fp32_path.with_suffix(".export.json"), {"model": bundle.source, **exported.summary()})
+    say(f"  parity vs torch: max |diff| {exported.parity['max_abs_diff']:.3g}")
+    lap("export")
+    with stage(f"calibrate ({rec.quantize.method})"):
+        cal = calibrate(fp32_path, splits.calibration, int8_path, rec.quantize)
+    say(f"  {cal.qdq_counts['QuantizeLinear']} QuantizeLinear, {len(cal.quantized_nodes)} nodes quantized, "
+        f"{len(cal.float_nodes)} kept float")
+    lap("calibrate")
+    with stage("reference outputs (torch fp32)"):
+        reference = reference_outputs(bundle, splits.evaluation, rec.verify.batch_size)
+        write_npz(run_dir / "reference.npz", {"output": reference})
+    lap("reference")
+    with stage("verify"):
+        verified = verify({"fp32": OrtRunner(fp32_path), "int8": OrtRunner(int8_path)}, reference,
+                          splits.evaluation, bundle.task, batch_size=rec.verify.batch_size)
+    _print_accuracy(verified.accuracy)
+    lap("verify")
+    threads = rec.bench.threads or default_threads()
+    bench_cfg = BenchConfig(**{k: getattr(rec.bench, k) for k in asdict(BenchConfig()).keys()})
+    latency = _bench_all(bundle, splits.evaluation, [fp32_path, int8_path],
+                         [b for b in rec.bench.backends if b != "torch"], bench_cfg, threads,
+                         rec.bench.torch_baseline or "torch" in rec.bench.backends)
+    _print_latency(latency)
+    lap("bench")
+    acceptance = evaluate_acceptance(rec.acceptance, verified.accuracy)
+    report = new_report(bundle.source, rec.path, rec.target)
+    report.update({
+        "run": rec.name,
+        "artifacts": {"fp32": str(fp32_path), "int8": str(int8_path), "reference": str(run_dir / "reference.npz"),
+                      "calibration_ranges": str(cal.ranges_path),
+                      **{f"data_{k}": str(v) for k, v in data_paths.items()}},
+        "accuracy": verified.accuracy,
+        "distributions": verified.distributions,
+        "latency": latency,
+        "data": splits.summary(),
+        "export": {k: v for k, v in exported.summary().items() if k != "path"},
+        "calibration": {k: v for k, v in cal.summary().items() if k not in ("path", "ranges")},
+        "bench": bench_settings(bench_cfg, threads),
+        "acceptance": acceptance,
+        "recipe_settings": rec.to_dict(),
+        "timings_s": timings,
+    })
+    report_path = run_dir / "report.json"
+    write_report(report_path, report)
+    accepted = all(a["passed"] for a in acceptance)
+    for a in acceptance:
+        say(f"  acceptance {a['check']} {a['threshold']}: {a['value']} -> {'pass' if a['passed'] else 'FAIL'}")
+    say(f"[bold]report:[/] {report_path} and {run_dir / 'report.md'}")
+    return RunResult(run_dir, report_path, read_json(report_path), accepted)
+
+
+def _batches(split: Split, size: int):
+    from deploykit.data import iterate_batches
+
+    return iterate_batches(split.feeds, size)

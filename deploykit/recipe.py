@@ -1,0 +1,184 @@
+"""Recipe files: the declarative description of one deployment job.
+
+A recipe names the model source, the data, and the settings of every stage, plus the
+acceptance thresholds a run must meet. Built-in recipes ship inside the package
+(``deploykit.recipes``), so ``deploykit run`` finds its default from any directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deploykit.bench import BenchConfig
+from deploykit.data import DataSpec
+from deploykit.errors import UserError
+from deploykit.quantize import QuantConfig
+
+DEFAULT_RECIPE = "minilm-int8"
+
+
+@dataclass
+class ModelSpec:
+    source: str = "embedded:minilm"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExportSpec:
+    opset: int = 18
+
+
+@dataclass
+class VerifySpec:
+    batch_size: int = 32
+
+
+@dataclass
+class BenchSpec(BenchConfig):
+    backends: list[str] = field(default_factory=lambda: ["ort-cpu"])
+    torch_baseline: bool = True
+
+
+@dataclass
+class Recipe:
+    name: str = DEFAULT_RECIPE
+    description: str = ""
+    target: str = "cpu-ort"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    export: ExportSpec = field(default_factory=ExportSpec)
+    quantize: QuantConfig = field(default_factory=QuantConfig)
+    verify: VerifySpec = field(default_factory=VerifySpec)
+    bench: BenchSpec = field(default_factory=BenchSpec)
+    acceptance: dict[str, str] = field(default_factory=dict)   # "<variant>.<metric>": ">= 0.99"
+    path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("path")
+        return data
+
+
+_SCALARS = (int, float, str, bool)
+
+
+def _coerce(value: Any, typ: Any, where: str, fix_path: str) -> Any:
+    if value is None:
+        return None
+    origin = getattr(typ, "__origin__", None)
+    if dataclasses.is_dataclass(typ):
+        return _build(typ, value, where, fix_path)
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ in _SCALARS:
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise UserError(f"'{fix_path}' must be {typ.__name__}, got {value!r}", path=where,
+                            fix=f"give {fix_path} a {typ.__name__} value")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"'{fix_path}' must be a list, got {value!r}", path=where, fix=f"write {fix_path}: [..]")
+        return [_coerce(v, typ.__args__[0], where, fix_path) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"'{fix_path}' must be a mapping, got {value!r}", path=where,
+                            fix=f"write {fix_path} as key: value lines")
+        return dict(value)
+    return value  # unions such as "int | None": accepted as given, checked by the stage
+
+
+def _build(cls: type, data: Any, where: str, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"'{prefix or 'recipe'}' must be a mapping", path=where, fix="check the YAML structure")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        dotted = [f"{prefix}.{k}" if prefix else k for k in unknown]
+        raise UserError(f"unknown recipe key(s) {dotted}", path=where,
+                        fix=f"allowed under {prefix or 'the top level'}: {sorted(fields)}")
+    hints = _type_hints(cls)
+    kwargs = {k: _coerce(v, hints[k], where, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def builtin_recipes() -> dict[str, Path]:
+    root = resources.files("deploykit.recipes")
+    return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_recipe_path(recipe: str | Path | None) -> Path:
+    if recipe is None:
+        recipe = DEFAULT_RECIPE
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    builtins = builtin_recipes()
+    if str(recipe) in builtins:
+        return builtins[str(recipe)]
+    raise UserError("recipe not found", path=recipe,
+                    fix=f"give a recipe file path or a built-in name: {', '.join(sorted(builtins))}")
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise UserError(f"cannot set '{dotted}': '{key}' is not a section", fix="check the --set key")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    path = resolve_recipe_path(recipe)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"the recipe is not valid YAML{where}", path=path, fix="fix the YAML syntax") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"--set '{item}' is not key=value", fix="write e.g. --set data.evaluation=200")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), raw)
+    recipe_obj = _build(Recipe, data, str(path))
+    recipe_obj.path = str(path)
+    _check_acceptance(recipe_obj.acceptance, str(path))
+    return recipe_obj
+
+
+_CHECK = re.compile(r"^\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+
+
+def _check_acceptance(acceptance: dict[str, str], where: str) -> None:
+    for key, rule in acceptance.items():
+        if key.count(".") != 1 or not _CHECK.match(str(rule)):
+            raise UserError(f"acceptance rule '{key}: {rule}' is not '<variant>.<metric>: <op> <number>'",
+                            path=where, fix="write e.g. int8.cosine_mean: '>= 0.99'")
+
+
+def evaluate_acceptance(acceptance: dict[str, str], accuracy: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    results = []
+    for key, rule in acceptance.items():
+        variant, metric = key.split(".")
+        op, number = _CHECK.match(str(rule)).groups()
+        value = accuracy.get(variant, {}).get(metric)
+        threshold = float(number)
+        passed = value is not None and {">=": value >= threshold, "<=": value <= threshold,
+                                        ">": value > threshold, "<": value < threshold}[op]
+        results.append({"check": key, "value": value, "threshold": f"{op} {number}", "passed": bool(passed)})
+    return results

@@ -1,0 +1,475 @@
+"""The report: check the report.json contract, merge stage results into it, render report.md and plots.
+
+Contract (see DESIGN.md)::
+
+    {"model": str, "recipe": str|null, "target": str,
+     "artifacts":   {name: path},
+     "accuracy":    {variant: {metric: float|null}},
+     "latency":     {"<variant>@<backend>/b<batch>": {"batch", "p50_ms", "p90_ms", "p99_ms", "throughput_per_s"}},
+     "environment": {"python": str, "torch", "onnxruntime", "cpu", "gpu": str|null, ...}}
+
+plus optional ``created``, ``deploykit_version``, ``data``, ``export``, ``calibration``,
+``distributions`` ({variant: {"cosine": [...]}}), ``acceptance``, ``timings_s``, ``bench``,
+``notes``. Unknown extra fields are allowed and kept.
+
+Rendering writes ``report.md`` and PNG plots (Agg, object-oriented matplotlib: no global
+state, no creation time or software tag in the PNGs) atomically next to the report or into
+``out_dir``; it never writes onto report.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from deploykit.errors import UserError
+from deploykit.io import atomic_path, read_json, write_text
+
+LATENCY_KEY = re.compile(r"^(?P<variant>[^@/]+)@(?P<backend>[^@/]+)/b(?P<batch>[1-9][0-9]*)$")
+LATENCY_FIELDS = ("batch", "p50_ms", "p90_ms", "p99_ms", "throughput_per_s")
+DICT_SECTIONS = ("artifacts", "accuracy", "latency", "environment", "distributions", "timings_s", "data",
+                 "export", "calibration", "bench")
+LIST_SECTIONS = ("acceptance", "notes")
+ENVIRONMENT_KEYS = ("python", "torch", "onnxruntime", "cpu", "gpu")
+
+LATENCY_PLOT = "latency_by_batch.png"
+THROUGHPUT_PLOT = "throughput_by_batch.png"
+COSINE_PLOT = "cosine_distribution.png"
+_FIX = "regenerate the report with deploykit or correct the field in report.json"
+
+
+# ----------------------------------------------------------------------------- validation
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_report(data: dict, *, path: str | Path | None = None) -> None:
+    """Check ``data`` against the report contract; raise :class:`UserError` naming the first problem."""
+
+    def fail(where: str, problem: str) -> None:
+        raise UserError(f"report field {where} {problem}", path=path, fix=_FIX)
+
+    def need_dict(value: Any, where: str) -> dict:
+        if not isinstance(value, dict):
+            fail(where, f"must be an object, got {type(value).__name__}")
+        return value
+
+    if not isinstance(data, dict):
+        raise UserError(f"a report must be a JSON object, got {type(data).__name__}", path=path, fix=_FIX)
+    for key in ("model", "recipe", "target", "artifacts", "accuracy", "latency", "environment"):
+        if key not in data:
+            fail(f"'{key}'", "is missing")
+    for key in ("model", "target"):
+        if not isinstance(data[key], str):
+            fail(f"'{key}'", f"must be a string, got {type(data[key]).__name__}")
+    if data["recipe"] is not None and not isinstance(data["recipe"], str):
+        fail("'recipe'", f"must be a string or null, got {type(data['recipe']).__name__}")
+    for key in ("created", "deploykit_version"):
+        if key in data and data[key] is not None and not isinstance(data[key], str):
+            fail(f"'{key}'", f"must be a string, got {type(data[key]).__name__}")
+
+    for name, value in need_dict(data["artifacts"], "'artifacts'").items():
+        if not isinstance(value, str):
+            fail(f"artifacts['{name}']", f"must be a path string, got {type(value).__name__}")
+
+    for variant, metrics in need_dict(data["accuracy"], "'accuracy'").items():
+        for metric, value in need_dict(metrics, f"accuracy['{variant}']").items():
+            if value is not None and not _is_number(value):
+                fail(f"accuracy['{variant}']['{metric}']", f"must be a finite number or null, got {value!r}")
+
+    for key, entry in need_dict(data["latency"], "'latency'").items():
+        where = f"latency['{key}']"
+        match = LATENCY_KEY.match(key)
+        if not match:
+            fail(where, "has a bad key: use '<variant>@<backend>/b<batch>', e.g. 'int8@ort-cpu/b8'")
+        need_dict(entry, where)
+        for name in LATENCY_FIELDS:
+            if name not in entry:
+                fail(where, f"is missing '{name}'")
+        batch = entry["batch"]
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            fail(f"{where}['batch']", f"must be a positive integer, got {batch!r}")
+        if batch != int(match["batch"]):
+            fail(where, f"has batch {batch} but its key says b{match['batch']}")
+        for name in LATENCY_FIELDS[1:]:
+            if not _is_number(entry[name]) or entry[name] < 0:
+                fail(f"{where}['{name}']", f"must be a non-negative finite number, got {entry[name]!r}")
+
+    env = need_dict(data["environment"], "'environment'")
+    for key in ENVIRONMENT_KEYS:
+        if key not in env:
+            fail(f"environment['{key}']", "is missing")
+        if not (isinstance(env[key], str) or (env[key] is None and key != "python")):
+            fail(f"environment['{key}']", f"must be a string{'' if key == 'python' else ' or null'}, "
+                                          f"got {type(env[key]).__name__}")
+
+    for key in ("data", "export", "calibration", "bench", "timings_s", "distributions"):
+        if key in data:
+            need_dict(data[key], f"'{key}'")
+    for stage, seconds in data.get("timings_s", {}).items():
+        if not _is_number(seconds):
+            fail(f"timings_s['{stage}']", f"must be a finite number, got {seconds!r}")
+    for variant, dist in data.get("distributions", {}).items():
+        for name, values in need_dict(dist, f"distributions['{variant}']").items():
+            if not isinstance(values, list) or not all(_is_number(v) for v in values):
+                fail(f"distributions['{variant}']['{name}']", "must be a list of finite numbers")
+
+    if "acceptance" in data:
+        if not isinstance(data["acceptance"], list):
+            fail("'acceptance'", f"must be a list, got {type(data['acceptance']).__name__}")
+        for i, row in enumerate(data["acceptance"]):
+            where = f"acceptance[{i}]"
+            need_dict(row, where)
+            for key, ok in (("check", lambda v: isinstance(v, str)), ("threshold", lambda v: isinstance(v, str)),
+                            ("passed", lambda v: isinstance(v, bool)),
+                            ("value", lambda v: v is None or _is_number(v))):
+                if key not in row:
+                    fail(where, f"is missing '{key}'")
+                if not ok(row[key]):
+                    fail(f"{where}['{key}']", f"has the wrong type or value: {row[key]!r}")
+    if "notes" in data and not (isinstance(data["notes"], list) and all(isinstance(n, str) for n in data["notes"])):
+        fail("'notes'", "must be a list of strings")
+
+
+# ----------------------------------------------------------------------------- merge
+def merge_report(existing: dict | None, update: dict) -> dict:
+    """Return ``existing`` updated by a stage's partial report ``update``; neither input is changed.
+
+    Dict sections merge key by key (update wins; ``accuracy`` merges each variant's metrics),
+    lists (``acceptance``, ``notes``) and scalars are replaced.
+    """
+    merged = copy.deepcopy(existing) if existing else {}
+    for key, value in copy.deepcopy(update).items():
+        old = merged.get(key)
+        if key in DICT_SECTIONS and isinstance(old, dict) and isinstance(value, dict):
+            if key == "accuracy":
+                for variant, metrics in value.items():
+                    if isinstance(old.get(variant), dict) and isinstance(metrics, dict):
+                        old[variant].update(metrics)
+                    else:
+                        old[variant] = metrics
+            else:
+                old.update(value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# ----------------------------------------------------------------------------- formatting
+def format_number(value: Any, metric: str = "") -> str:
+    """A readable cell: cosines with 6 decimals, tiny or huge numbers in scientific notation."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _cell(value)
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    name = metric.lower()
+    if value == 0:
+        return "0"
+    if "diff" in name or "err" in name or abs(value) < 1e-3 or abs(value) >= 1e6:
+        return f"{value:.3e}"
+    if "cos" in name:
+        return f"{value:.6f}"
+    if abs(value) <= 1:
+        return f"{value:.4f}"
+    return f"{value:.6g}"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.1f}"
+
+
+def _per_s(value: float) -> str:
+    return f"{value:,.1f}" if value < 1000 else f"{value:,.0f}"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        return format_number(value)
+    if isinstance(value, list):
+        shown = ", ".join(_cell(v) for v in value[:6])
+        return f"{len(value)} items: {shown}, …" if len(value) > 6 else (shown or "(none)")
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items()) or "(none)"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _flatten(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            rows.extend(_flatten(value, name + "."))
+        elif name.endswith("sha256") and isinstance(value, str) and len(value) > 16:
+            rows.append((name, value[:16] + "…"))
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def _table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> list[str]:
+    align = align or ["l"] + ["r"] * (len(header) - 1)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    return ["| " + " | ".join(line) + " |" for line in (header, rule, *rows)]
+
+
+def _kv_table(data: dict) -> list[str]:
+    return _table(["key", "value"], [[f"`{k}`", _cell(v)] for k, v in _flatten(data)], ["l", "l"])
+
+
+def format_latency_table(report: dict) -> list[dict]:
+    """Latency entries as rows ``{"series": "variant@backend", "variant", "backend", "batch", ...}``.
+
+    Series keep their first-seen order; each series' rows are sorted by batch.
+    """
+    rows: list[dict] = []
+    order: dict[str, int] = {}
+    for key, entry in report.get("latency", {}).items():
+        match = LATENCY_KEY.match(key)
+        series = f"{match['variant']}@{match['backend']}"
+        order.setdefault(series, len(order))
+        rows.append({"series": series, "variant": match["variant"], "backend": match["backend"],
+                     **{k: entry[k] for k in LATENCY_FIELDS}})
+    return sorted(rows, key=lambda r: (order[r["series"]], r["batch"]))
+
+
+def _group(rows: list[dict]) -> dict[str, list[dict]]:
+    series: dict[str, list[dict]] = {}
+    for row in rows:
+        series.setdefault(row["series"], []).append(row)
+    return series
+
+
+# ----------------------------------------------------------------------------- plots
+def _figure(width: float = 7.0, height: float = 4.2, ncols: int = 1):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def _save(fig, dest: Path, inputs: tuple[Path, ...]) -> Path:
+    with atomic_path(dest, inputs=inputs) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    return dest
+
+
+def _series_styles(rows: list[dict]) -> dict[str, dict[str, Any]]:
+    """Colour by variant, line style and marker by backend, so the two axes of variation read apart."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    colors = [f"C{i}" for i in range(10)]
+    lines, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D", "v"]
+    return {r["series"]: {"color": colors[variants.index(r["variant"]) % 10],
+                          "linestyle": lines[backends.index(r["backend"]) % 4],
+                          "marker": markers[backends.index(r["backend"]) % 5]} for r in rows}
+
+
+def _batch_axis(ax, batches: list[int]) -> None:
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(batches))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(b) for b in batches])
+    if len(batches) == 1:
+        ax.set_xlim(batches[0] / 2, batches[0] * 2)
+    ax.set_xlabel("batch size (log2 scale)")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _plain_log_y(ax) -> None:
+    """Log y axis labelled 1, 2, 5, 10, 20 … instead of 2×10¹."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.6g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    lo, hi = ax.get_ylim()
+    if sum(lo <= t <= hi for t in ax.yaxis.get_majorticklocs()) < 2:  # narrow range: label every 1..9
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs="all"))
+
+
+def plot_latency(rows: list[dict], dest: Path, inputs: tuple[Path, ...] = ()) -> Path:
+    fig, ax = _figure()
+    styles = _series_styles(rows)
+    for series, points in _group(rows).items():
+        x = [p["batch"] for p in points]
+        style = styles[series]
+        ax.fill_between(x, [p["p50_ms"] for p in points], [p["p99_ms"] for p in points],
+                        color=style["color"], alpha=0.12, linewidth=0)
+        ax.errorbar(x, [p["p50_ms"] for p in points],
+                    yerr=[[0] * len(points), [max(p["p90_ms"] - p["p50_ms"], 0) for p in points]],
+                    capsize=3, label=series, **style)
+    _batch_axis(ax, sorted({r["batch"] for r in rows}))
+    _plain_log_y(ax)
+    ax.set_ylabel("latency per call, p50 (ms, log scale)")
+    ax.set_title("Latency by batch size (whisker: p90, band: p50–p99)", fontsize=10)
+    ax.legend(fontsize=8, title="variant@backend", title_fontsize=8)
+    return _save(fig, dest, inputs)
+
+
+def plot_throughput(rows: list[dict], dest: Path, inputs: tuple[Path, ...] = ()) -> Path:
+    fig, ax = _figure()
+    styles = _series_styles(rows)
+    for series, points in _group(rows).items():
+        ax.plot([p["batch"] for p in points], [p["throughput_per_s"] for p in points], label=series,
+                **styles[series])
+    _batch_axis(ax, sorted({r["batch"] for r in rows}))
+    if any(r["throughput_per_s"] > 0 for r in rows):
+        _plain_log_y(ax)
+    ax.set_ylabel("throughput (items/s, log scale)")
+    ax.set_title("Throughput by batch size", fontsize=10)
+    ax.legend(fontsize=8, title="variant@backend", title_fontsize=8)
+    return _save(fig, dest, inputs)
+
+
+def plot_cosine(cosines: dict[str, list[float]], dest: Path, inputs: tuple[Path, ...] = ()) -> Path:
+    """Histogram and ECDF of ``1 - cosine`` per variant on a log axis, mean marked."""
+    import numpy as np
+
+    gaps = {v: 1.0 - np.asarray(c, dtype=np.float64) for v, c in cosines.items()}
+    positive = np.concatenate([g[g > 0] for g in gaps.values()] + [np.array([])])
+    floor = max(float(positive.min()) / 2, 1e-15) if positive.size else 1e-9  # float64 resolution near 1
+    top = max(float(positive.max()) * 2, floor * 10) if positive.size else 1e-8
+    bins = np.logspace(np.log10(floor), np.log10(top), 50)
+    fig, (hist, ecdf) = _figure(width=10.0, height=4.2, ncols=2)
+    for i, (variant, gap) in enumerate(gaps.items()):
+        color = f"C{i % 10}"
+        clipped = np.sort(np.clip(gap, floor, None))
+        mean = max(float(gap.mean()), floor)
+        label = f"{variant} (n={gap.size}, mean 1−cos {float(gap.mean()):.2e})"
+        hist.hist(clipped, bins=bins, histtype="step", linewidth=1.5, color=color, label=label)
+        ecdf.step(clipped, np.arange(1, clipped.size + 1) / clipped.size, where="post", color=color, label=variant)
+        for ax in (hist, ecdf):
+            ax.axvline(mean, color=color, linestyle="--", linewidth=1)
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    for ax in (hist, ecdf):
+        ax.set_xscale("log")
+        # Gaps span many decades (FP32 ~1e-13, INT8 ~1e-1): label decades only.
+        ax.xaxis.set_major_locator(LogLocator(base=10, numticks=12))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"1 − cosine to reference (log scale; ≤{floor:.0e} shown at left edge)")
+        ax.grid(True, which="major", alpha=0.3)
+    hist.set_ylim(0, hist.get_ylim()[1] * 1.25)  # room for the legend above the peaks
+    hist.set_ylabel("samples")
+    hist.set_title("Per-sample cosine gap (dashed: mean)", fontsize=10)
+    hist.legend(fontsize=8, loc="upper center")
+    ecdf.set_ylabel("fraction of samples ≤ x")
+    ecdf.set_ylim(0, 1.02)
+    ecdf.set_title("ECDF of the cosine gap (left and high is better)", fontsize=10)
+    ecdf.legend(fontsize=8, loc="lower right")
+    return _save(fig, dest, inputs)
+
+
+# ----------------------------------------------------------------------------- markdown
+def _accuracy_section(accuracy: dict) -> list[str]:
+    metrics = list(dict.fromkeys(m for values in accuracy.values() for m in values))
+    rows = [[f"`{variant}`", *(format_number(values.get(m), m) for m in metrics)]
+            for variant, values in accuracy.items()]
+    return ["## Accuracy", "", *_table(["variant", *metrics], rows)]
+
+
+def _acceptance_section(acceptance: list[dict]) -> list[str]:
+    rows = [[f"`{a['check']}`", format_number(a["value"], a["check"]), _cell(a["threshold"]),
+             "✅ PASS" if a["passed"] else "❌ FAIL"] for a in acceptance]
+    return ["## Acceptance", "", *_table(["check", "value", "threshold", "result"], rows, ["l", "r", "l", "l"])]
+
+
+def _latency_section(rows: list[dict]) -> list[str]:
+    batches = sorted({r["batch"] for r in rows})
+    header = ["variant@backend"]
+    for b in batches:
+        header += [f"b{b} p50 / p90 / p99 ms", f"b{b} items/s"]
+    table = []
+    for series, points in _group(rows).items():
+        by_batch = {p["batch"]: p for p in points}
+        line = [f"`{series}`"]
+        for b in batches:
+            p = by_batch.get(b)
+            line += ([f"{_ms(p['p50_ms'])} / {_ms(p['p90_ms'])} / {_ms(p['p99_ms'])}", _per_s(p["throughput_per_s"])]
+                     if p else ["—", "—"])
+        table.append(line)
+    return ["## Latency", "", "Wall time of one call (host to host); throughput in items per second.", "",
+            *_table(header, table), "", f"![Latency by batch size]({LATENCY_PLOT})", "",
+            f"![Throughput by batch size]({THROUGHPUT_PLOT})"]
+
+
+def render_report(report_json: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Render ``report.md`` and its PNG plots from ``report_json``; return the report.md path."""
+    report_json = Path(report_json)
+    report = read_json(report_json, what="report")
+    validate_report(report, path=report_json)
+    out = Path(out_dir) if out_dir is not None else report_json.parent
+    inputs = (report_json,)
+
+    title = f"# deploykit report: {report['model']}"
+    meta = [f"**recipe** `{report['recipe']}`" if report["recipe"] else "**recipe** —",
+            f"**target** `{report['target']}`"]
+    if report.get("run"):
+        meta.append(f"**run** `{report['run']}`")
+    if report.get("created"):
+        meta.append(f"**created** {report['created']}")
+    if report.get("deploykit_version"):
+        meta.append(f"**deploykit** {report['deploykit_version']}")
+    md = [title, "", " · ".join(meta), ""]
+
+    acceptance = report.get("acceptance") or []
+    if acceptance:
+        failed = [a["check"] for a in acceptance if not a["passed"]]
+        md += [f"**Acceptance: {'❌ FAILED' if failed else '✅ passed'}** "
+               f"({len(acceptance) - len(failed)} of {len(acceptance)} checks passed"
+               + (f"; failed: {', '.join(failed)})" if failed else ")"), ""]
+
+    if report["accuracy"]:
+        md += [*_accuracy_section(report["accuracy"]), ""]
+    cosines = {v: d["cosine"] for v, d in (report.get("distributions") or {}).items() if d.get("cosine")}
+    if cosines:
+        plot_cosine(cosines, out / COSINE_PLOT, inputs)
+        md += ["### Cosine distribution", "",
+               "Per-sample `1 − cosine` against the reference, log scale (cosines near 1 are unreadable "
+               "on a linear axis).", "", f"![Cosine distribution]({COSINE_PLOT})", ""]
+    if acceptance:
+        md += [*_acceptance_section(acceptance), ""]
+
+    rows = format_latency_table(report)
+    if rows:
+        plot_latency(rows, out / LATENCY_PLOT, inputs)
+        plot_throughput(rows, out / THROUGHPUT_PLOT, inputs)
+        md += [*_latency_section(rows), ""]
+
+    for key, heading in (("data", "Data"), ("export", "Export"), ("calibration", "Calibration"),
+                         ("bench", "Bench settings")):
+        if report.get(key):
+            md += [f"## {heading}", "", *_kv_table(report[key]), ""]
+    if report.get("timings_s"):
+        timings = dict(report["timings_s"])
+        timings["total"] = round(sum(timings.values()), 2)
+        md += ["## Timings (s)", "", *_table(["stage", "seconds"],
+                                             [[f"`{k}`", f"{v:.2f}"] for k, v in timings.items()]), ""]
+    if report["environment"]:
+        md += ["## Environment", "", *_kv_table(report["environment"]), ""]
+    if report["artifacts"]:
+        md += ["## Artifacts", "", *_table(["name", "path"], [[f"`{k}`", f"`{v}`"]
+                                                               for k, v in report["artifacts"].items()], ["l", "l"]), ""]
+    if report.get("notes"):
+        md += ["## Notes", "", *(f"- {n}" for n in report["notes"]), ""]
+
+    return write_text(out / "report.md", "\n".join(md).rstrip() + "\n", inputs=inputs)
+
+
+__all__ = ["validate_report", "merge_report", "render_report", "format_latency_table", "format_number",
+           "plot_latency", "plot_throughput", "plot_cosine", "LATENCY_KEY"]

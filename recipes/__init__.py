@@ -1,0 +1,1 @@
+"""Model recipes: declarative recipe files (*.yaml) users edit, and the model transforms they name."""
