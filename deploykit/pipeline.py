@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,16 @@ import deploykit
 from deploykit.bench import BenchConfig, bench, bench_settings
 from deploykit.data import DataSpec, Split, load_split, make_splits, save_split
 from deploykit.errors import UserError
-from deploykit.io import read_json, read_npz, write_json, write_npz
+from deploykit.io import read_json, read_npz, refuse_overwriting_inputs, write_json, write_npz
 from deploykit.onnx_utils import get_metadata, load_onnx
 from deploykit.progress import say, stage
 from deploykit.quantize import QuantConfig, calibrate
 from deploykit.recipe import Recipe, evaluate_acceptance, load_recipe
 from deploykit.runners import BACKENDS, OrtRunner, TorchRunner, default_threads, make_runner
 from deploykit.verify import run_split, verify
+
+
+TARGET_OF_BACKEND = {"ort-cpu": "cpu-ort", "ort-cuda": "gpu-ort", "torch": "cpu-torch"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -49,17 +52,22 @@ def new_report(model: str, recipe: str | None, target: str) -> dict[str, Any]:
             "environment": _environment()}
 
 
-def write_report(path: Path, update: dict[str, Any], *, render: bool = True) -> Path:
-    """Merge ``update`` into the report at ``path`` (if any), validate, write, render report.md."""
-    from deploykit.report import merge_report, render_report, validate_report
+def save_report(path: Path, report: dict[str, Any]) -> Path:
+    """Validate and write ``report`` to ``path``, then render report.md and plots next to it."""
+    from deploykit.report import render_report, validate_report
 
-    existing = read_json(path, what="report") if path.is_file() else None
-    report = merge_report(existing, update)
     validate_report(report, path=path)
     write_json(path, report)
-    if render:
-        render_report(path)
+    render_report(path)
     return path
+
+
+def update_report(path: Path, update: dict[str, Any], *, model: str, target: str) -> Path:
+    """Merge a stage's results into the report at ``path`` (a new one if absent) and save it."""
+    from deploykit.report import merge_report
+
+    existing = read_json(path, what="report") if path.is_file() else new_report(model, None, target)
+    return save_report(path, merge_report(existing, {**update, "environment": _environment()}))
 
 
 def model_source_for(onnx_path: Path, source: str | None) -> str:
@@ -114,6 +122,7 @@ def calibrate_model(model_path: Path, out: Path, *, source: str | None, data: st
     from deploykit.models import load_model
 
     config.validate()
+    refuse_overwriting_inputs(out, (model_path,))
     bundle = load_model(model_source_for(model_path, source), options)
     split = stage_split(bundle, data, "calibration", spec)
     with stage(f"calibrate {model_path} ({config.method}, {split.count} samples)"):
@@ -152,8 +161,7 @@ def verify_models(models: list[Path], report: Path, *, source: str | None, data:
     update = {"model": bundle.source, "artifacts": {f"{k}.onnx": str(m) for k, m in zip(runners, models)},
               **result.report_part(), "data": {"evaluation": split.summary(), "source": data, "seed": spec.seed}}
     _print_accuracy(result.accuracy)
-    base = new_report(bundle.source, None, "cpu-ort" if backend == "ort-cpu" else backend)
-    write_report(report, {**base, **update} if not report.is_file() else update)
+    update_report(report, update, model=bundle.source, target=TARGET_OF_BACKEND.get(backend, backend))
     return update
 
 
@@ -180,8 +188,7 @@ def bench_models(models: list[Path], report: Path, *, source: str | None, data: 
     latency = _bench_all(bundle, split, models, backends, config, threads, torch_baseline)
     _print_latency(latency)
     update = {"latency": latency, "bench": bench_settings(config, threads)}
-    base = new_report(bundle.source, None, "cpu-ort")
-    write_report(report, {**base, **update} if not report.is_file() else update)
+    update_report(report, update, model=bundle.source, target=TARGET_OF_BACKEND.get(backends[0], backends[0]))
     return update
 
 
@@ -242,6 +249,10 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
     say(f"[bold]deploykit run[/] {rec.name} -> {run_dir}")
     with stage(f"load model {rec.model.source}"):
         bundle = load_model(rec.model.source, rec.model.options)
+    max_length = getattr(bundle.preprocessor, "max_length", None)
+    if max_length is not None and rec.bench.seq_len > max_length:
+        raise UserError(f"bench.seq_len {rec.bench.seq_len} is longer than model.options.max_length {max_length}",
+                        path=rec.path, fix="raise model.options.max_length or lower bench.seq_len")
     lap("load_model")
     with stage(f"data: {rec.data.source} (seed {rec.data.seed})"):
         splits = make_splits(bundle, rec.data)
@@ -269,10 +280,8 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
     _print_accuracy(verified.accuracy)
     lap("verify")
     threads = rec.bench.threads or default_threads()
-    bench_cfg = BenchConfig(**{k: getattr(rec.bench, k) for k in asdict(BenchConfig()).keys()})
-    latency = _bench_all(bundle, splits.evaluation, [fp32_path, int8_path],
-                         [b for b in rec.bench.backends if b != "torch"], bench_cfg, threads,
-                         rec.bench.torch_baseline or "torch" in rec.bench.backends)
+    latency = _bench_all(bundle, splits.evaluation, [fp32_path, int8_path], rec.bench.backends, rec.bench,
+                         threads, rec.bench.torch_baseline)
     _print_latency(latency)
     lap("bench")
     acceptance = evaluate_acceptance(rec.acceptance, verified.accuracy)
@@ -288,13 +297,12 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
         "data": splits.summary(),
         "export": {k: v for k, v in exported.summary().items() if k != "path"},
         "calibration": {k: v for k, v in cal.summary().items() if k not in ("path", "ranges")},
-        "bench": bench_settings(bench_cfg, threads),
+        "bench": bench_settings(rec.bench, threads),
         "acceptance": acceptance,
         "recipe_settings": rec.to_dict(),
         "timings_s": timings,
     })
-    report_path = run_dir / "report.json"
-    write_report(report_path, report)
+    report_path = save_report(run_dir / "report.json", report)
     accepted = all(a["passed"] for a in acceptance)
     for a in acceptance:
         say(f"  acceptance {a['check']} {a['threshold']}: {a['value']} -> {'pass' if a['passed'] else 'FAIL'}")

@@ -32,7 +32,6 @@ def test_every_matmul_gets_qdq_with_per_channel_symmetric_weights(int8_model, ti
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     fp32 = onnx.load(str(tiny_onnx))
-    fp32_weights = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
     assert len(matmuls) == sum(n.op_type == "MatMul" for n in fp32.graph.node)
     weight_checks = 0

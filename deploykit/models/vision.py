@@ -21,8 +21,12 @@ def load_timm_model(arch: str, *, source: str, options: dict[str, Any]) -> Model
     import torch
 
     if not timm.is_model(arch):
-        raise UserError(f"unknown timm architecture '{arch}'",
-                        fix="use a name from timm.list_models(), e.g. timm:vit_tiny_patch16_224")
+        import difflib
+
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f"did you mean {', '.join('timm:' + c for c in close)}?" if close else \
+            "use a name from timm.list_models(), e.g. timm:vit_tiny_patch16_224"
+        raise UserError(f"unknown timm architecture '{arch}'", fix=hint)
     kwargs: dict[str, Any] = dict(options.get("kwargs") or {})
     for key in ("img_size", "patch_size", "num_classes", "in_chans"):
         if key in options:

@@ -22,7 +22,7 @@ import deploykit
 from deploykit.calib.calibrators import METHODS, CalibrationConfig, RangeCollector, TensorRange
 from deploykit.data import Split, iterate_batches
 from deploykit.errors import UserError
-from deploykit.io import atomic_path, write_json
+from deploykit.io import atomic_path, refuse_overwriting_inputs, write_json
 from deploykit.onnx_utils import get_metadata, graph_input_names, load_onnx, set_metadata
 from deploykit.progress import track
 
@@ -219,6 +219,7 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
     config = config or QuantConfig()
     config.validate()
     model_path, out_path = Path(model_path), Path(out_path)
+    refuse_overwriting_inputs(out_path, (model_path,))
     start = time.perf_counter()
     model = load_onnx(model_path)
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):

@@ -1,0 +1,171 @@
+"""The command line through its real entry point: the error contract, standalone stages, run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploykit.report import validate_report
+
+
+def deploykit(*args, cwd: Path, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+    exe = shutil.which("deploykit") or sys.executable
+    cmd = [exe, *args] if exe.endswith("deploykit") else [exe, "-m", "deploykit.cli", *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, f"rc {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("deploykit: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert "fix:" in errors[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_bert_dir, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("cli")
+    deploykit("-q", "export", str(tiny_bert_dir), "-o", "tiny.onnx", "--option", "max_length=64", cwd=work)
+    return work / "tiny.onnx"
+
+
+# ----------------------------------------------------------------------------- errors
+def test_missing_onnx(tmp_path):
+    assert_user_error(deploykit("calibrate", "nope.onnx", cwd=tmp_path, check_rc=None), "nope.onnx", "not found")
+
+
+def test_garbage_onnx(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07 this is not protobuf \xff\xfe")
+    assert_user_error(deploykit("verify", "bad.onnx", "-m", "embedded:minilm", cwd=tmp_path, check_rc=None),
+                      "bad.onnx", "not a readable ONNX model")
+
+
+def test_unknown_model_source(tmp_path):
+    assert_user_error(deploykit("export", "foo:bar", cwd=tmp_path, check_rc=None), "unknown model source")
+    assert_user_error(deploykit("export", "hf:/no/such/folder", cwd=tmp_path, check_rc=None), "/no/such/folder")
+
+
+def test_empty_data_set(tiny_export, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    proc = deploykit("calibrate", str(tiny_export), "-o", "x.onnx", "--data", "empty.txt", cwd=tmp_path, check_rc=None)
+    assert_user_error(proc, "empty.txt", "empty")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_wrong_input_names(tiny_export, tmp_path):
+    np.savez(tmp_path / "feeds.npz", ids=np.zeros((4, 8), np.int64), mask=np.ones((4, 8), np.int64))
+    proc = deploykit("verify", str(tiny_export), "--data", "feeds.npz", cwd=tmp_path, check_rc=None)
+    assert_user_error(proc, "feeds.npz", "input_ids")
+
+
+def test_output_onto_input_is_refused(tiny_export, tmp_path):
+    before = tiny_export.read_bytes()
+    assert_user_error(deploykit("calibrate", str(tiny_export), "-o", str(tiny_export), cwd=tmp_path, check_rc=None),
+                      "overwrite an input")
+    assert tiny_export.read_bytes() == before
+
+
+def test_bad_recipe(tmp_path):
+    (tmp_path / "r.yaml").write_text("name: x\nquantise: {}\n")
+    assert_user_error(deploykit("run", "r.yaml", cwd=tmp_path, check_rc=None), "r.yaml", "quantise")
+
+
+def test_recipe_inconsistency_fails_before_any_work(tiny_bert_dir, tmp_path):
+    (tmp_path / "r.yaml").write_text(f'model: {{source: "{tiny_bert_dir}", options: {{max_length: 64}}}}\n')
+    proc = deploykit("run", "r.yaml", "--out", "out", cwd=tmp_path, check_rc=None)
+    assert_user_error(proc, "r.yaml", "bench.seq_len 128")
+    assert not (tmp_path / "out" / "minilm-int8" / "model.onnx").exists()
+
+
+# ----------------------------------------------------------------------------- standalone stages
+def test_stages_standalone_build_one_report(tiny_export, tmp_path):
+    onnx_in = tmp_path / "m.onnx"
+    shutil.copy(tiny_export, onnx_in)
+    split = ["--calibration", "16", "--evaluation", "48"]
+    deploykit("-q", "calibrate", "m.onnx", "--method", "entropy", *split, cwd=tmp_path)
+    assert (tmp_path / "m.int8.onnx").is_file() and (tmp_path / "m.int8.ranges.json").is_file()
+    deploykit("-q", "verify", "m.onnx", "m.int8.onnx", *split, "-r", "out/report.json", cwd=tmp_path)
+    deploykit("-q", "bench", "m.onnx", "m.int8.onnx", *split, "--batch", "1", "--batch", "2", "--warmup", "0",
+              "--iterations", "2", "-r", "out/report.json", cwd=tmp_path)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    validate_report(report)
+    assert set(report["accuracy"]) == {"fp32", "int8"}
+    assert report["accuracy"]["fp32"]["cosine_min"] > 0.99999
+    assert set(report["latency"]) == {f"{v}@{b}/b{n}" for v, b in [("fp32", "ort-cpu"), ("int8", "ort-cpu"),
+                                                                   ("fp32", "torch")] for n in (1, 2)}
+    assert report["data"]["evaluation"]["count"] == 48
+    (tmp_path / "out" / "report.md").unlink()
+    proc = deploykit("report", "out/report.json", cwd=tmp_path)
+    assert (tmp_path / "out" / "report.md").is_file() and proc.stdout.strip().endswith("report.md")
+
+
+def test_doctor_json(tmp_path):
+    checks = json.loads(deploykit("doctor", "--json", cwd=tmp_path).stdout)
+    names = {c["name"] for c in checks}
+    assert {"torch", "onnxruntime CPU", "TensorRT", "GPU"} <= names
+
+
+# ----------------------------------------------------------------------------- run
+def _tiny_recipe(folder: Path, tiny_bert_dir: Path, acceptance: str) -> Path:
+    path = folder / "tiny.yaml"
+    path.write_text(f"""
+name: tiny
+model: {{source: "{tiny_bert_dir}", options: {{max_length: 64}}}}
+data: {{source: docstrings, calibration: 24, evaluation: 64, seed: 3}}
+quantize: {{method: entropy}}
+bench: {{batches: [1, 4], seq_len: 64, warmup: 0, iterations: 2, min_seconds: 0.0}}
+acceptance: {acceptance}
+""")
+    return path
+
+
+def test_run_tiny_recipe_writes_the_contract(tiny_bert_dir, tmp_path):
+    recipe = _tiny_recipe(tmp_path, tiny_bert_dir, "{fp32.cosine_min: '>= 0.99999', int8.cosine_mean: '>= 0.5'}")
+    deploykit("run", str(recipe), "--out", "out", cwd=tmp_path)
+    run_dir = tmp_path / "out" / "tiny"
+    report = json.loads((run_dir / "report.json").read_text())
+    validate_report(report)
+    for name in ("model.onnx", "model.int8.onnx", "model.int8.ranges.json", "reference.npz", "report.md",
+                 "latency_by_batch.png", "cosine_distribution.png", "data/calibration.npz", "data/evaluation.json"):
+        assert (run_dir / name).is_file(), name
+    assert {"fp32", "int8"} <= set(report["accuracy"])
+    assert {"fp32@ort-cpu/b1", "int8@ort-cpu/b4", "fp32@torch/b4"} <= set(report["latency"])
+    assert report["data"]["calibration"]["count"] == 24 and report["data"]["seed"] == 3
+    assert report["export"]["parity_max_abs_diff"] < 1e-5
+    assert all(a["passed"] for a in report["acceptance"])
+    assert not list(run_dir.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_failed_acceptance_exits_3(tiny_bert_dir, tmp_path):
+    recipe = _tiny_recipe(tmp_path, tiny_bert_dir, "{int8.cosine_mean: '>= 1.1'}")
+    proc = deploykit("-q", "run", str(recipe), "--out", "out", cwd=tmp_path, check_rc=3)
+    assert "acceptance" in proc.stderr
+    report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+    assert report["acceptance"][0]["passed"] is False
+
+
+@pytest.mark.slow
+def test_default_run_from_any_directory(tmp_path):
+    """`deploykit run` with no recipe finds the embedded default (shrunk here to stay fast)."""
+    overrides = ["data.calibration=32", "data.evaluation=64", "bench.batches=[1]", "bench.iterations=2",
+                 "bench.warmup=0", "bench.min_seconds=0"]
+    args = [a for o in overrides for a in ("--set", o)]
+    deploykit("-q", "run", *args, cwd=tmp_path)
+    report = json.loads((tmp_path / "runs" / "minilm-int8" / "report.json").read_text())
+    validate_report(report)
+    assert report["model"] == "embedded:minilm" and report["recipe"].endswith("minilm-int8.yaml")
+    assert report["accuracy"]["fp32"]["cosine_min"] > 0.99999
+    assert 0.5 < report["accuracy"]["int8"]["cosine_mean"] < 1.0
