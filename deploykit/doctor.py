@@ -610,16 +610,21 @@ def _probe_tensorrt(ctx: _Context) -> list[Check]:
 
 def _probe_triton(ctx: _Context) -> list[Check]:
     names = ("Triton (GPU)", "Triton (interpreter)")
-    if not _module_installed("triton"):
-        return [Check(n, False, None, "triton not installed") for n in names]
-    version = _module_version("triton", "triton", "pytorch-triton", "pytorch-triton-rocm", "triton-nightly")
     gpu = ctx.gpu()
     if not gpu.devices:
-        gpu_row = Check(names[0], False, version, "no CUDA GPU: Triton compiles GPU kernels only for a device")
+        no_gpu = "no CUDA GPU: Triton compiles GPU kernels only for a device"
     elif not gpu.torch_cuda:
-        gpu_row = Check(names[0], False, version,
-                        f"GPU present ({_gpu_summary(gpu)}) but torch cannot use it, "
-                        "and deploykit's Triton kernels run on torch CUDA tensors")
+        no_gpu = (f"GPU present ({_gpu_summary(gpu)}) but torch cannot use it, "
+                  "and deploykit's Triton kernels run on torch CUDA tensors")
+    else:
+        no_gpu = ""
+    if not _module_installed("triton"):
+        missing = "triton not installed (pip install triton)"
+        return [Check(names[0], False, None, f"{missing}; {no_gpu}" if no_gpu else missing),
+                Check(names[1], False, None, f"{missing}; with it, kernels run on CPU with TRITON_INTERPRET=1")]
+    version = _module_version("triton", "triton", "pytorch-triton", "pytorch-triton-rocm", "triton-nightly")
+    if no_gpu:
+        gpu_row = Check(names[0], False, version, no_gpu)
     else:
         gpu_row = Check(names[0], True, version, f"kernels compile for {_gpu_summary(gpu)}")
     interp = "kernels run on CPU with TRITON_INTERPRET=1 set before triton is imported (slow; correctness only)"

@@ -81,15 +81,18 @@ def model_source_for(onnx_path: Path, source: str | None) -> str:
     return recorded
 
 
-def variant_name(onnx_path: Path, taken: set[str]) -> str:
-    meta = get_metadata(load_onnx(onnx_path, load_weights=False))
-    name = str(meta.get("variant") or onnx_path.stem)
-    base, k = name, 2
-    while name in taken:
-        name = f"{base}-{k}"
-        k += 1
-    taken.add(name)
-    return name
+def variant_names(onnx_paths: list[Path]) -> list[str]:
+    """Report names for models: the variant recorded at export/calibration (fp32, int8, ...),
+    or the file stem where several models in one call share that variant."""
+    recorded = [str(get_metadata(load_onnx(p, load_weights=False)).get("variant") or p.stem) for p in onnx_paths]
+    names = [r if recorded.count(r) == 1 else p.stem for r, p in zip(recorded, onnx_paths)]
+    out: list[str] = []
+    for name in names:
+        unique, k = name, 2
+        while unique in out:
+            unique, k = f"{name}-{k}", k + 1
+        out.append(unique)
+    return out
 
 
 def stage_split(bundle, data: str, which: str, spec: DataSpec) -> Split:
@@ -154,8 +157,7 @@ def verify_models(models: list[Path], report: Path, *, source: str | None, data:
                             fix="use the reference.npz written with this evaluation set, or omit --reference")
     else:
         ref = reference_outputs(bundle, split, batch_size)
-    taken: set[str] = set()
-    runners = {variant_name(m, taken): make_runner(backend, model_path=m) for m in models}
+    runners = {name: make_runner(backend, model_path=m) for name, m in zip(variant_names(models), models)}
     with stage("verify"):
         result = verify(runners, ref, split, bundle.task, batch_size=batch_size)
     update = {"model": bundle.source, "artifacts": {f"{k}.onnx": str(m) for k, m in zip(runners, models)},
@@ -193,8 +195,7 @@ def bench_models(models: list[Path], report: Path, *, source: str | None, data: 
 
 
 def _bench_all(bundle, split, models, backends, config, threads, torch_baseline) -> dict[str, Any]:
-    taken: set[str] = set()
-    names = [variant_name(m, taken) for m in models]
+    names = variant_names(models)
     runners = [(name, make_runner(backend, model_path=m, threads=threads))
                for backend in backends if backend != "torch" for name, m in zip(names, models)]
     if torch_baseline or "torch" in backends:

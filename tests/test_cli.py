@@ -169,3 +169,14 @@ def test_default_run_from_any_directory(tmp_path):
     assert report["model"] == "embedded:minilm" and report["recipe"].endswith("minilm-int8.yaml")
     assert report["accuracy"]["fp32"]["cosine_min"] > 0.99999
     assert 0.5 < report["accuracy"]["int8"]["cosine_mean"] < 1.0
+
+
+def test_models_sharing_a_variant_are_named_by_file(tiny_export, tmp_path):
+    from deploykit.pipeline import variant_names
+
+    for method in ("minmax", "entropy"):
+        deploykit("-q", "calibrate", str(tiny_export), "-o", f"{method}.onnx", "--method", method,
+                  "--calibration", "8", "--evaluation", "8", cwd=tmp_path)
+    assert variant_names([tiny_export, tmp_path / "minmax.onnx"]) == ["fp32", "int8"]
+    assert variant_names([tiny_export, tmp_path / "minmax.onnx", tmp_path / "entropy.onnx"]) == \
+        ["fp32", "minmax", "entropy"]

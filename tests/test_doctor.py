@@ -349,3 +349,13 @@ def test_hanging_or_failing_nvidia_smi(tmp_path, monkeypatch):
         "#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.' >&2\nexit 9\n")
     info = doctor._nvidia_smi()
     assert info[0] == [] and "could not communicate" in info[3]
+
+
+def test_triton_missing_says_so_and_still_says_why_no_gpu(monkeypatch):
+    real = doctor._module_installed
+    monkeypatch.setattr(doctor, "_module_installed", lambda name: False if name == "triton" else real(name))
+    rows = by_name(doctor.run_checks())
+    for name in ("Triton (GPU)", "Triton (interpreter)"):
+        assert not rows[name].usable and "triton not installed" in rows[name].detail
+    if not rows["GPU"].usable:
+        assert "no CUDA GPU" in rows["Triton (GPU)"].detail
