@@ -123,7 +123,7 @@ def test_output_onto_input_is_refused_and_input_untouched(tiny_onnx, tiny_splits
 def test_bad_settings_are_user_errors(tiny_onnx, tiny_splits, tmp_path):
     with pytest.raises(UserError, match="unknown calibration method"):
         calibrate(tiny_onnx, tiny_splits.calibration, tmp_path / "x.onnx", QuantConfig(method="kl"))
-    with pytest.raises(UserError, match="not in the model"):
+    with pytest.raises(UserError, match="not in the model"):  # with close-match suggestions when any
         calibrate(tiny_onnx, tiny_splits.calibration, tmp_path / "x.onnx",
                   QuantConfig(nodes_to_exclude=["no_such_node"]))
     with pytest.raises(UserError, match="already quantized"):

@@ -98,11 +98,15 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def select_nodes(model: onnx.ModelProto, config: QuantConfig) -> list[onnx.NodeProto]:
-    names = {n.name for n in model.graph.node}
+    names = [n.name for n in model.graph.node]
     for wanted in list(config.nodes_to_exclude) + list(config.nodes_to_quantize):
         if wanted not in names:
+            import difflib
+
+            close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.5)
             raise UserError(f"node '{wanted}' is not in the model",
-                            fix="use node names from the ONNX graph (deploykit calibrate lists them on error)")
+                            fix=f"did you mean {', '.join(close)}?" if close else
+                            "use node names of the ONNX graph (e.g. as shown by Netron or onnx.load)")
     chosen = []
     for node in model.graph.node:
         if node.op_type not in config.op_types or node.name in config.nodes_to_exclude:
@@ -179,15 +183,14 @@ def _qtype(name: str):
     return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]
 
 
-def quantize_with_ranges(model_path: Path, ranges: dict[str, TensorRange], nodes: list[onnx.NodeProto],
+def quantize_with_ranges(model: onnx.ModelProto, ranges: dict[str, TensorRange], nodes: list[onnx.NodeProto],
                          float_nodes: list[str], config: QuantConfig) -> onnx.ModelProto:
+    """Insert Q/DQ into ``model`` (shape-inferred; modified in place) with the given ranges."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
-    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
     data = {name: TensorData(lowest=np.float32(r.lo), highest=np.float32(r.hi))
             for name, r in ranges.items() if not r.masked}
-    model = load_model_with_shape_infer(model_path)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # ORT's quantizer logs advice meant for quantize_static users
@@ -237,7 +240,7 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
     masked = sorted(name for name, r in ranges.items() if r.masked)
     masked_set = set(masked)
     float_nodes = sorted(n.name for n in nodes if masked_set.intersection(list(n.input) + list(n.output)))
-    quantized = quantize_with_ranges(model_path, ranges, nodes, float_nodes, config)
+    quantized = quantize_with_ranges(inferred, ranges, nodes, float_nodes, config)
     meta = get_metadata(model)
     set_metadata(quantized, {**meta, "variant": config.activation_type,
                              "version": deploykit.__version__,
