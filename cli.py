@@ -115,40 +115,137 @@ def export(
     export_model(source, out, options=_options(option), opset=opset)
 
 
+def _criteria(items: list[str] | None) -> dict[str, str] | None:
+    import re
+
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        match = re.match(r"^\s*([A-Za-z0-9_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$", item)
+        if not match:
+            raise UserError(f"--criterion '{item}' is not <metric><op><number>", fix="write e.g. cosine_mean>=0.995")
+        out[match.group(1)] = f"{match.group(2)} {match.group(3)}"
+    return out
+
+
+def _alphas(items: list[str] | None) -> list[float | None] | None:
+    if not items:
+        return None
+    out: list[float | None] = []
+    for item in items:
+        if item.lower() in ("none", "off", "null"):
+            out.append(None)
+            continue
+        try:
+            out.append(float(item))
+        except ValueError:
+            raise UserError(f"--tune-alpha '{item}' is not a number or 'none'", fix="e.g. --tune-alpha 0.8") from None
+    return out
+
+
 @app.command()
 @_guard
 def calibrate(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model (from deploykit export).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Q/DQ model to write "
                                                                      "(default: <model>.int8.onnx).")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="Take the quantize and data settings from this recipe "
+                                                       "(file or built-in name); options below override.")] = None,
+    source: ModelOpt = None,
+    option: OptionOpt = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="docstrings | digits | <file>.txt | <file>.npz.")] = None,
+    calibration: Annotated[Optional[int], typer.Option(help="Calibration samples in the seeded split.")] = None,
+    evaluation: Annotated[Optional[int], typer.Option(help="Evaluation samples in the seeded split.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the split.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="gpu-trt (int8 symmetric, TensorRT) | cpu-ort "
+                                                       "(uint8 x int8, ONNX Runtime on x86).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="minmax | percentile | entropy | mse")] = None,
+    percentile: Annotated[Optional[float], typer.Option(help="Share of |x| kept by the percentile method.")] = None,
+    op_types: Annotated[Optional[str], typer.Option(help="Comma-separated op types to quantize "
+                                                         "(default: the preset's).")] = None,
+    residual_adds: Annotated[Optional[bool], typer.Option("--residual-adds/--no-residual-adds",
+                                                          help="Quantize residual Add inputs.")] = None,
+    layernorm: Annotated[Optional[bool], typer.Option("--layernorm/--no-layernorm",
+                                                      help="Quantize LayerNormalization inputs.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Node to keep in float (repeatable).")] = None,
+    only: Annotated[Optional[list[str]], typer.Option(help="Quantize only these nodes (repeatable).")] = None,
+    activation_type: Annotated[Optional[str], typer.Option(help="int8 | uint8 (default: the preset's).")] = None,
+    symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric",
+                                                      help="Activation zero point 0 (TensorRT needs it).")] = None,
+    per_channel: Annotated[Optional[bool], typer.Option("--per-channel/--per-tensor",
+                                                        help="Weight scales per output channel.")] = None,
+    smoothquant: Annotated[Optional[float], typer.Option(help="SmoothQuant strength alpha in [0, 1].")] = None,
+    smoothquant_targets: Annotated[Optional[str], typer.Option(help="ln-fed | all")] = None,
+    tune: Annotated[Optional[bool], typer.Option("--tune/--no-tune", help="Accuracy-driven search.")] = None,
+    criterion: Annotated[Optional[list[str]], typer.Option(help="Tuning target, e.g. cosine_mean>=0.995 "
+                                                                "(repeatable).")] = None,
+    tune_budget: Annotated[Optional[int], typer.Option(help="Maximum tuning trials.")] = None,
+    tune_alpha: Annotated[Optional[list[str]], typer.Option(help="SmoothQuant alpha to try, or 'none' "
+                                                                 "(repeatable).")] = None,
+    tune_method: Annotated[Optional[list[str]], typer.Option(help="Calibration method to try (repeatable).")] = None,
+    tune_percentile: Annotated[Optional[list[float]], typer.Option(help="Percentile to try (repeatable).")] = None,
+    tuning: Annotated[Optional[int], typer.Option(help="Tuning samples (a split disjoint from calibration "
+                                                       "and evaluation).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Calibration batch size.")] = None,
+) -> None:
+    """Calibrate static INT8 and write explicit QuantizeLinear/DequantizeLinear (optionally
+    with SmoothQuant and an accuracy-driven search)."""
+    from deploykit.data import DataSpec
+    from deploykit.pipeline import calibrate_model
+    from deploykit.quantize import QuantConfig
+    from deploykit.recipe import load_recipe
+
+    rec = load_recipe(recipe) if recipe else None
+    config = rec.quantize if rec else QuantConfig()
+    spec = rec.data if rec else DataSpec()
+    overrides = {"preset": preset, "method": method, "percentile": percentile, "residual_adds": residual_adds,
+                 "layernorm": layernorm, "activation_type": activation_type, "activation_symmetric": symmetric,
+                 "per_channel": per_channel, "batch_size": batch_size,
+                 "op_types": [t.strip() for t in op_types.split(",") if t.strip()] if op_types else None,
+                 "nodes_to_exclude": list(exclude) if exclude else None,
+                 "nodes_to_quantize": list(only) if only else None}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    for key, value in {"alpha": smoothquant, "targets": smoothquant_targets}.items():
+        if value is not None:
+            setattr(config.smoothquant, key, value)
+    for key, value in {"enabled": tune, "criteria": _criteria(criterion), "budget": tune_budget,
+                       "alphas": _alphas(tune_alpha), "methods": list(tune_method) if tune_method else None,
+                       "percentiles": list(tune_percentile) if tune_percentile else None,
+                       "samples": tuning}.items():
+        if value is not None:
+            setattr(config.tune, key, value)
+    for key, value in {"source": data, "calibration": calibration, "evaluation": evaluation, "seed": seed}.items():
+        if value is not None:
+            setattr(spec, key, value)
+    out = out or model.with_name(model.stem + ".int8.onnx")
+    calibrate_model(model, out, source=source, data=spec.source, options=_options(option), spec=spec,
+                    config=config, default_preset=(rec.target if rec else "gpu-trt"))
+
+
+@app.command("debug-quant")
+@_guard
+def debug_quant(
+    fp32: Annotated[Path, typer.Argument(help="FP32 ONNX model the INT8 model was calibrated from.")],
+    int8: Annotated[Path, typer.Argument(help="INT8 Q/DQ model (its .ranges.json next to it, if smoothed).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for debug_quant.json and .png.")] = Path("."),
     source: ModelOpt = None,
     option: OptionOpt = None,
     data: DataOpt = "docstrings",
     calibration: CalibOpt = 256,
     evaluation: EvalOpt = 1000,
     seed: SeedOpt = 0,
-    method: Annotated[str, typer.Option(help="minmax | percentile | entropy")] = "percentile",
-    percentile: Annotated[float, typer.Option(help="Share of |x| kept by the percentile method.")] = 99.99,
-    op_types: Annotated[str, typer.Option(help="Comma-separated op types to quantize.")] = "MatMul,Gemm",
-    exclude: Annotated[Optional[list[str]], typer.Option(help="Node name to keep in float (repeatable).")] = None,
-    activation_type: Annotated[str, typer.Option(help="int8 (TensorRT) or uint8 (x86 ORT).")] = "int8",
-    asymmetric: Annotated[bool, typer.Option(help="Asymmetric activations (not TensorRT-legal).")] = False,
-    per_channel: Annotated[bool, typer.Option(help="Per-channel weight scales.")] = True,
-    batch_size: Annotated[int, typer.Option(help="Calibration batch size.")] = 16,
+    samples: Annotated[int, typer.Option(help="Evaluation samples to run.")] = 64,
+    top: Annotated[int, typer.Option(help="Nodes to list and plot.")] = 20,
 ) -> None:
-    """Calibrate static INT8 and write explicit QuantizeLinear/DequantizeLinear."""
+    """Per ONNX node, the error quantization adds (SNR / cosine), worst first, with torch module names."""
     from deploykit.data import DataSpec
-    from deploykit.pipeline import calibrate_model
-    from deploykit.quantize import QuantConfig
+    from deploykit.pipeline import debug_quant as run_debug
 
-    config = QuantConfig(method=method, percentile=percentile,
-                         op_types=[t.strip() for t in op_types.split(",") if t.strip()],
-                         nodes_to_exclude=list(exclude or []), per_channel=per_channel,
-                         activation_type=activation_type, activation_symmetric=not asymmetric, batch_size=batch_size)
-    out = out or model.with_name(model.stem + ".int8.onnx")
-    calibrate_model(model, out, source=source, data=data, options=_options(option),
-                    spec=DataSpec(source=data, calibration=calibration, evaluation=evaluation, seed=seed),
-                    config=config)
+    run_debug(fp32, int8, out, source=source, data=data, samples=samples, top=top, options=_options(option),
+              spec=DataSpec(source=data, calibration=calibration, evaluation=evaluation, seed=seed))
 
 
 @app.command()

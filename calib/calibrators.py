@@ -3,8 +3,12 @@
 The caller runs the float model over calibration batches and hands each intermediate
 activation to a :class:`RangeCollector`; :meth:`RangeCollector.compute` then returns one
 :class:`TensorRange` per tensor, whose ``lo``/``hi`` feed QuantizeLinear's scale and
-zero point. Three methods: ``minmax`` (observed extremes), ``percentile`` (clip a share of
-the largest ``|x|``) and ``entropy`` (TensorRT-style KL-divergence threshold).
+zero point. Four methods: ``minmax`` (observed extremes), ``percentile`` (clip a share of
+the largest ``|x|``), ``entropy`` (TensorRT-style KL-divergence threshold) and ``mse``
+(the threshold that minimises the expected squared quantization error: rounding noise
+inside the range plus clipping error outside it). Every histogram method can be computed
+from the same collected statistics (``compute(config)``), so a search over methods does
+not repeat the passes.
 
 Histogram methods take two passes over the same batches: pass 1 (``observe``) records
 min/max/counts, pass 2 (``observe_second``) fills an integer histogram of ``|x|`` over the
@@ -30,7 +34,7 @@ import numpy as np
 
 from deploykit.errors import UserError
 
-METHODS = ("minmax", "percentile", "entropy")
+METHODS = ("minmax", "percentile", "entropy", "mse")
 
 # Q's value where Q == 0 but P > 0 (normalised distributions). Only reached when the
 # clipped tail lands in a group of Q with no unclipped mass.
@@ -187,12 +191,22 @@ class RangeCollector:
         st = self._stats[name]
         return None if st.hist is None else st.hist.copy()
 
-    def compute(self) -> dict[str, TensorRange]:
-        """One :class:`TensorRange` per observed tensor, keys sorted by name."""
+    def compute(self, config: CalibrationConfig | None = None) -> dict[str, TensorRange]:
+        """One :class:`TensorRange` per observed tensor, keys sorted by name.
+
+        ``config`` computes another method (or percentile, symmetry) from the same collected
+        statistics; it must use the collector's ``num_bins`` and ``sentinel_abs``, and a
+        histogram method needs a collector that ran pass 2.
+        """
+        cfg = config or self.config
+        if cfg.num_bins != self.config.num_bins or cfg.sentinel_abs != self.config.sentinel_abs:
+            raise ValueError("compute(config) must keep the collector's num_bins and sentinel_abs")
+        if cfg.method != "minmax" and not self.needs_second_pass:
+            raise ValueError(f"method {cfg.method!r} needs histograms; collect with a histogram method")
         out: dict[str, TensorRange] = {}
         for name in sorted(self._stats):
             st = self._stats[name]
-            lo, hi = self._range(name, st)
+            lo, hi = self._range(name, st, cfg)
             seen = st.count > 0
             out[name] = TensorRange(
                 name=name,
@@ -217,8 +231,7 @@ class RangeCollector:
         values = x if n_good == x.size else x[good]
         return values, x.size - n_finite, n_finite - n_good
 
-    def _range(self, name: str, st: _Stats) -> tuple[float, float]:
-        cfg = self.config
+    def _range(self, name: str, st: _Stats, cfg: CalibrationConfig) -> tuple[float, float]:
         if st.count == 0:
             return 0.0, 0.0
         absmax = st.absmax
@@ -235,6 +248,8 @@ class RangeCollector:
             return 0.0, 0.0
         if cfg.method == "percentile":
             t = _percentile_threshold(st.hist, st.count, cfg.percentile, absmax)
+        elif cfg.method == "mse":
+            t = _mse_threshold(st.hist, absmax, cfg.symmetric, st.min, st.max)
         else:
             t = _entropy_threshold(st.hist, cfg.num_quant_levels, absmax)
         if cfg.symmetric:
@@ -252,6 +267,40 @@ def _percentile_threshold(hist: np.ndarray, count: int, percentile: float, absma
     if k >= nb - 1:
         return absmax
     return absmax * (k + 1) / nb
+
+
+def mse_curve(hist: np.ndarray, absmax: float, symmetric: bool = True, lo: float | None = None,
+              hi: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Expected squared error of 8-bit quantization for every threshold T = bin upper edge.
+
+    With step d(T) (T / 127 symmetric; the clipped [max(lo, -T), min(hi, T)] over 255 steps
+    otherwise), values inside the range carry rounding noise d^2 / 12 and values beyond T
+    the clipping error (|x| - T)^2, with |x| taken at its bin centre. Prefix sums make all
+    thresholds one O(num_bins) pass. Returns (thresholds, total squared error).
+    """
+    h = np.asarray(hist, dtype=np.float64)
+    n = h.size
+    width = absmax / n
+    centres = (np.arange(n) + 0.5) * width
+    thresholds = (np.arange(n) + 1) * width
+    inside = np.cumsum(h)                                   # values with centre < T
+    # Clipping error of bins j >= i (centre beyond T_i): sum h (c - T)^2, expanded.
+    rev = lambda v: np.cumsum(v[::-1])[::-1]  # noqa: E731 - suffix sums
+    s0, s1, s2 = rev(h), rev(h * centres), rev(h * centres ** 2)
+    s0, s1, s2 = (np.append(v[1:], 0.0) for v in (s0, s1, s2))
+    clip = s2 - 2 * thresholds * s1 + thresholds ** 2 * s0
+    if symmetric:
+        step = thresholds / 127.0
+    else:
+        low = -thresholds if lo is None else np.maximum(lo, -thresholds)
+        high = thresholds if hi is None else np.minimum(hi, thresholds)
+        step = (np.maximum(high, 0.0) - np.minimum(low, 0.0)) / 255.0
+    return thresholds, inside * step ** 2 / 12.0 + np.maximum(clip, 0.0)
+
+
+def _mse_threshold(hist: np.ndarray, absmax: float, symmetric: bool, lo: float, hi: float) -> float:
+    thresholds, err = mse_curve(hist, absmax, symmetric, lo, hi)
+    return float(thresholds[int(np.argmin(err))])  # first minimum on ties
 
 
 def _entropy_threshold(hist: np.ndarray, num_levels: int, absmax: float) -> float:

@@ -27,6 +27,7 @@ class DataSpec:
     calibration: int = 256
     evaluation: int = 1000
     seed: int = 0
+    tuning: int = 0                 # > 0: a third disjoint split for accuracy-driven tuning
 
 
 @dataclass
@@ -52,25 +53,40 @@ class DataSplits:
     evaluation: Split
     total_available: int
     info: dict[str, Any] = field(default_factory=dict)
+    tuning: Split | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {"source": self.spec.source, "seed": self.spec.seed, "available": self.total_available,
-                "calibration": self.calibration.summary(), "evaluation": self.evaluation.summary(), **self.info}
+        out = {"source": self.spec.source, "seed": self.spec.seed, "available": self.total_available,
+               "calibration": self.calibration.summary(), "evaluation": self.evaluation.summary(), **self.info}
+        if self.tuning is not None:
+            out["tuning"] = self.tuning.summary()
+        return out
+
+    def parts(self) -> list[tuple[str, Split]]:
+        named = [("calibration", self.calibration), ("evaluation", self.evaluation)]
+        return named + ([("tuning", self.tuning)] if self.tuning is not None else [])
 
 
-def _split_indices(n: int, spec: DataSpec, where: str) -> tuple[np.ndarray, np.ndarray]:
-    need = spec.calibration + spec.evaluation
-    if spec.calibration < 1 or spec.evaluation < 1:
+def _split_indices(n: int, spec: DataSpec, where: str) -> list[np.ndarray]:
+    """Calibration, evaluation (and tuning) indices: consecutive slices of one seeded
+    permutation, so the first two do not depend on whether a tuning split is asked for."""
+    sizes = [spec.calibration, spec.evaluation] + ([spec.tuning] if spec.tuning else [])
+    need = sum(sizes)
+    if spec.calibration < 1 or spec.evaluation < 1 or spec.tuning < 0:
         raise UserError("calibration and evaluation sizes must be at least 1", path=where,
                         fix="set data.calibration and data.evaluation to positive numbers")
     if n == 0:
         raise UserError("the data set is empty", path=where, fix="supply a data source with samples")
     if n < need:
-        raise UserError(f"the data source has {n} samples but {need} are needed "
-                        f"({spec.calibration} calibration + {spec.evaluation} evaluation)", path=where,
-                        fix="lower data.calibration / data.evaluation or supply more samples")
+        parts = " + ".join(f"{k} {name}" for k, name in zip(sizes, ("calibration", "evaluation", "tuning")))
+        raise UserError(f"the data source has {n} samples but {need} are needed ({parts})", path=where,
+                        fix="lower data.calibration / data.evaluation / quantize.tune.samples or supply more samples")
     order = np.random.default_rng(spec.seed).permutation(n)
-    return np.sort(order[: spec.calibration]), np.sort(order[spec.calibration: need])
+    bounds = np.cumsum([0] + sizes)
+    return [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+_SPLIT_NAMES = ("calibration", "evaluation", "tuning")
 
 
 def _check_feeds(feeds: dict[str, np.ndarray], bundle: ModelBundle, where: str) -> None:
@@ -94,13 +110,12 @@ def make_splits(bundle: ModelBundle, spec: DataSpec) -> DataSplits:
             from deploykit.calib.text import read_text_file
 
             texts = read_text_file(source)
-        cal_idx, eval_idx = _split_indices(len(texts), spec, source)
         splits = []
-        for name, idx in (("calibration", cal_idx), ("evaluation", eval_idx)):
+        for name, idx in zip(_SPLIT_NAMES, _split_indices(len(texts), spec, source)):
             samples = [texts[i] for i in idx]
             splits.append(Split(name, bundle.preprocessor(samples), sha256_text(samples), samples=samples))
         info = {"max_length": bundle.preprocessor.max_length}
-        return DataSplits(spec, splits[0], splits[1], len(texts), info)
+        return DataSplits(spec, splits[0], splits[1], len(texts), info, *splits[2:])
     if source == "digits":
         if bundle.preprocessor.kind != "image":
             raise UserError(f"image data 'digits' does not fit the text model {bundle.name}",
@@ -108,25 +123,24 @@ def make_splits(bundle: ModelBundle, spec: DataSpec) -> DataSplits:
         from deploykit.calib.images import digits
 
         images, labels = digits()
-        cal_idx, eval_idx = _split_indices(len(images), spec, source)
         splits = []
-        for name, idx in (("calibration", cal_idx), ("evaluation", eval_idx)):
+        for name, idx in zip(_SPLIT_NAMES, _split_indices(len(images), spec, source)):
             raw = {"images": images[idx], "labels": labels[idx]}
             splits.append(Split(name, bundle.preprocessor(images[idx]), sha256_arrays(raw), labels=labels[idx]))
-        return DataSplits(spec, splits[0], splits[1], len(images), {"img_size": bundle.preprocessor.img_size})
+        return DataSplits(spec, splits[0], splits[1], len(images), {"img_size": bundle.preprocessor.img_size},
+                          *splits[2:])
     if source.endswith(".npz"):
         arrays = read_npz(source, what="feeds file")
         labels = arrays.pop("labels", None)
         _check_feeds(arrays, bundle, source)
         arrays = {n: arrays[n] for n in bundle.input_names}
         n = int(next(iter(arrays.values())).shape[0])
-        cal_idx, eval_idx = _split_indices(n, spec, source)
         splits = []
-        for name, idx in (("calibration", cal_idx), ("evaluation", eval_idx)):
+        for name, idx in zip(_SPLIT_NAMES, _split_indices(n, spec, source)):
             feeds = {k: v[idx] for k, v in arrays.items()}
             splits.append(Split(name, feeds, sha256_arrays(feeds),
                                 labels=None if labels is None else labels[idx]))
-        return DataSplits(spec, splits[0], splits[1], n)
+        return DataSplits(spec, splits[0], splits[1], n, {}, *splits[2:])
     if source.endswith((".txt", ".npz")):
         raise UserError("data file not found", path=source, fix="check data.source")
     raise UserError(f"unknown data source '{source}'",

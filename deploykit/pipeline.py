@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,9 @@ from deploykit.errors import UserError
 from deploykit.io import read_json, read_npz, refuse_overwriting_inputs, write_json, write_npz
 from deploykit.onnx_utils import get_metadata, load_onnx
 from deploykit.progress import say, stage
-from deploykit.quantize import QuantConfig, calibrate
+from deploykit.quantize import PRESETS, QuantConfig, calibrate
+from deploykit.quantize.baselines import VARIANT as BASELINE_VARIANT
+from deploykit.quantize.baselines import make_baseline
 from deploykit.recipe import Recipe, evaluate_acceptance, load_recipe
 from deploykit.runners import BACKENDS, OrtRunner, TorchRunner, default_threads, make_runner
 from deploykit.verify import run_split, verify
@@ -121,19 +123,83 @@ def export_model(source: str, out: Path, *, options: dict[str, Any] | None = Non
 
 # ----------------------------------------------------------------------------- calibrate
 def calibrate_model(model_path: Path, out: Path, *, source: str | None, data: str, spec: DataSpec,
-                    config: QuantConfig, options: dict[str, Any] | None = None) -> dict[str, Any]:
+                    config: QuantConfig, options: dict[str, Any] | None = None,
+                    default_preset: str = "gpu-trt") -> dict[str, Any]:
     from deploykit.models import load_model
 
-    config.validate()
+    preset = config.preset or (default_preset if default_preset in PRESETS else "gpu-trt")
+    config.resolved(preset)  # validate before any work
     refuse_overwriting_inputs(out, (model_path,))
     bundle = load_model(model_source_for(model_path, source), options)
-    split = stage_split(bundle, data, "calibration", spec)
-    with stage(f"calibrate {model_path} ({config.method}, {split.count} samples)"):
-        result = calibrate(model_path, split, out, config)
+    tuning = config.tune.enabled
+    if data.endswith(".npz"):
+        split = load_split(data, bundle.input_names)
+        tuning_split = None
+        if tuning:
+            raise UserError("tuning needs a data source to split, not a saved .npz", path=data,
+                            fix="use --data docstrings (or a .txt file) with --tune")
+    else:
+        splits = make_splits(bundle, DataSpec(source=data, calibration=spec.calibration, evaluation=spec.evaluation,
+                                              seed=spec.seed, tuning=config.tune.samples if tuning else 0))
+        split, tuning_split = splits.calibration, splits.tuning
+    label = "tuning" if tuning else config.method
+    with stage(f"calibrate {model_path} ({preset}, {label}, {split.count} samples)"):
+        result = calibrate(model_path, split, out, config, tuning_split=tuning_split, default_preset=preset)
     summary = result.summary()
     say(f"wrote {out}: {summary['qdq']['QuantizeLinear']} QuantizeLinear, {summary['quantized_nodes']} quantized "
-        f"nodes, {len(result.float_nodes)} kept float; ranges in {result.ranges_path}")
+        f"nodes, {len(result.float_nodes)} kept float ({len(result.fallback_nodes)} fallen back by tuning); "
+        f"ranges in {result.ranges_path}")
+    if result.tuning is not None:
+        tuning_path = out.with_name(out.stem + ".tuning.json")
+        write_json(tuning_path, result.tuning, inputs=(model_path,))
+        say(f"tuning log: {tuning_path} ({'met' if result.tuning['met'] else 'NOT met'}: "
+            f"{result.tuning['chosen']['metrics']})")
     return summary
+
+
+# ----------------------------------------------------------------------------- debug-quant
+def debug_quant(fp32_path: Path, int8_path: Path, out_dir: Path, *, source: str | None, data: str, spec: DataSpec,
+                samples: int = 64, top: int = 20, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per-node quantization error of ``int8_path`` against its float counterpart, worst first."""
+    from deploykit.models import load_model
+    from deploykit.quantize.debug import float_counterpart, node_errors, plot_node_errors
+
+    if samples < 1:
+        raise UserError("--samples must be at least 1", fix="e.g. --samples 64")
+    float_model = float_counterpart(load_onnx(fp32_path), int8_path.with_name(int8_path.stem + ".ranges.json"))
+    qdq = load_onnx(int8_path)
+    bundle = load_model(model_source_for(fp32_path, source), options)
+    split = stage_split(bundle, data, "evaluation", spec)
+    split = Split(split.name, {k: v[:samples] for k, v in split.feeds.items()}, split.sha256)
+    with stage(f"debug-quant {int8_path} vs {fp32_path} ({split.count} samples)"):
+        errors = node_errors(float_model, qdq, split)
+    result = {"fp32": str(fp32_path), "int8": str(int8_path), "samples": split.count,
+              "data": {"source": data, "seed": spec.seed, "evaluation_sha256": split.sha256},
+              "nodes": [e.to_dict() for e in errors]}
+    write_json(out_dir / "debug_quant.json", result, inputs=(fp32_path, int8_path))
+    plot_node_errors(errors, out_dir / "debug_quant.png", top=top)
+    _print_node_errors(errors[:top])
+    say(f"wrote {out_dir / 'debug_quant.json'} and {out_dir / 'debug_quant.png'}")
+    return result
+
+
+def _print_node_errors(errors) -> None:
+    from deploykit.progress import is_quiet
+
+    if is_quiet():
+        return
+    from rich.table import Table
+
+    from deploykit.progress import console
+
+    table = Table(title="worst nodes by the error each adds alone (float inputs)")
+    for col, justify in (("node", "left"), ("op", "left"), ("torch module", "left"), ("added SNR dB", "right"),
+                         ("added cos", "right"), ("accum. SNR dB", "right"), ("accum. cos", "right")):
+        table.add_column(col, justify=justify)
+    for e in errors:
+        table.add_row(e.node, e.op_type, e.module or "-", f"{e.added_snr_db:.1f}", f"{e.added_cosine:.5f}",
+                      f"{e.accumulated_snr_db:.1f}", f"{e.accumulated_cosine:.5f}")
+    console.print(table)
 
 
 # ----------------------------------------------------------------------------- verify
@@ -237,6 +303,9 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
         if backend not in BACKENDS:
             raise UserError(f"unknown backend '{backend}' in bench.backends", path=rec.path,
                             fix=f"use {', '.join(BACKENDS)}")
+    for kind in rec.baselines:
+        if kind not in BASELINE_VARIANT:
+            raise UserError(f"unknown baseline '{kind}'", path=rec.path, fix=f"use {', '.join(BASELINE_VARIANT)}")
     run_dir = Path(out_root) / (name or rec.name)
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -255,9 +324,11 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
         raise UserError(f"bench.seq_len {rec.bench.seq_len} is longer than model.options.max_length {max_length}",
                         path=rec.path, fix="raise model.options.max_length or lower bench.seq_len")
     lap("load_model")
+    tuning = rec.quantize.tune.enabled
     with stage(f"data: {rec.data.source} (seed {rec.data.seed})"):
-        splits = make_splits(bundle, rec.data)
-        data_paths = {s.name: save_split(s, run_dir / "data") for s in (splits.calibration, splits.evaluation)}
+        spec = DataSpec(**{**asdict(rec.data), "tuning": rec.quantize.tune.samples if tuning else 0})
+        splits = make_splits(bundle, spec)
+        data_paths = {name: save_split(split, run_dir / "data") for name, split in splits.parts()}
     lap("data")
     fp32_path, int8_path = run_dir / "model.onnx", run_dir / "model.int8.onnx"
     with stage("export"):
@@ -266,22 +337,31 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
         write_json(fp32_path.with_suffix(".export.json"), {"model": bundle.source, **exported.summary()})
     say(f"  parity vs torch: max |diff| {exported.parity['max_abs_diff']:.3g}")
     lap("export")
-    with stage(f"calibrate ({rec.quantize.method})"):
-        cal = calibrate(fp32_path, splits.calibration, int8_path, rec.quantize)
+    preset = rec.quantize.preset or (rec.target if rec.target in PRESETS else "gpu-trt")
+    with stage(f"calibrate ({preset}, {'tuning' if tuning else rec.quantize.method})"):
+        cal = calibrate(fp32_path, splits.calibration, int8_path, rec.quantize, tuning_split=splits.tuning,
+                        default_preset=preset)
     say(f"  {cal.qdq_counts['QuantizeLinear']} QuantizeLinear, {len(cal.quantized_nodes)} nodes quantized, "
-        f"{len(cal.float_nodes)} kept float")
+        f"{len(cal.float_nodes)} kept float ({len(cal.fallback_nodes)} fallen back by tuning)")
     lap("calibrate")
+    variants = {"fp32": fp32_path, "int8": int8_path}
+    for kind in rec.baselines:
+        with stage(f"baseline {kind}"):
+            path = make_baseline(kind, fp32_path, run_dir / f"model.{BASELINE_VARIANT[kind]}.onnx")
+            variants[BASELINE_VARIANT[kind]] = path
+    if rec.baselines:
+        lap("baselines")
     with stage("reference outputs (torch fp32)"):
         reference = reference_outputs(bundle, splits.evaluation, rec.verify.batch_size)
         write_npz(run_dir / "reference.npz", {"output": reference})
     lap("reference")
     with stage("verify"):
-        verified = verify({"fp32": OrtRunner(fp32_path), "int8": OrtRunner(int8_path)}, reference,
+        verified = verify({name: OrtRunner(path) for name, path in variants.items()}, reference,
                           splits.evaluation, bundle.task, batch_size=rec.verify.batch_size)
     _print_accuracy(verified.accuracy)
     lap("verify")
     threads = rec.bench.threads or default_threads()
-    latency = _bench_all(bundle, splits.evaluation, [fp32_path, int8_path], rec.bench.backends, rec.bench,
+    latency = _bench_all(bundle, splits.evaluation, list(variants.values()), rec.bench.backends, rec.bench,
                          threads, rec.bench.torch_baseline)
     _print_latency(latency)
     lap("bench")
@@ -289,8 +369,8 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
     report = new_report(bundle.source, rec.path, rec.target)
     report.update({
         "run": rec.name,
-        "artifacts": {"fp32": str(fp32_path), "int8": str(int8_path), "reference": str(run_dir / "reference.npz"),
-                      "calibration_ranges": str(cal.ranges_path),
+        "artifacts": {**{name: str(path) for name, path in variants.items()},
+                      "reference": str(run_dir / "reference.npz"), "calibration_ranges": str(cal.ranges_path),
                       **{f"data_{k}": str(v) for k, v in data_paths.items()}},
         "accuracy": verified.accuracy,
         "distributions": verified.distributions,
@@ -298,6 +378,7 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
         "data": splits.summary(),
         "export": {k: v for k, v in exported.summary().items() if k != "path"},
         "calibration": {k: v for k, v in cal.summary().items() if k not in ("path", "ranges")},
+        **({"tuning": cal.tuning} if cal.tuning is not None else {}),
         "bench": bench_settings(rec.bench, threads),
         "acceptance": acceptance,
         "recipe_settings": rec.to_dict(),

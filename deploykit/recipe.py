@@ -8,7 +8,6 @@ acceptance thresholds a run must meet. Built-in recipes ship inside the package
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,6 +19,7 @@ from deploykit.bench import BenchConfig
 from deploykit.data import DataSpec
 from deploykit.errors import UserError
 from deploykit.quantize import QuantConfig
+from deploykit.verify import parse_rule, passes
 
 DEFAULT_RECIPE = "minilm-int8"
 
@@ -57,6 +57,7 @@ class Recipe:
     quantize: QuantConfig = field(default_factory=QuantConfig)
     verify: VerifySpec = field(default_factory=VerifySpec)
     bench: BenchSpec = field(default_factory=BenchSpec)
+    baselines: list[str] = field(default_factory=list)         # e.g. [ort-dynamic]: compared variants
     acceptance: dict[str, str] = field(default_factory=dict)   # "<variant>.<metric>": ">= 0.99"
     path: str | None = None
 
@@ -158,27 +159,29 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = 
     recipe_obj = _build(Recipe, data, str(path))
     recipe_obj.path = str(path)
     _check_acceptance(recipe_obj.acceptance, str(path))
+    _check_tune_criteria(recipe_obj.quantize.tune.criteria, str(path))
     return recipe_obj
-
-
-_CHECK = re.compile(r"^\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
 
 
 def _check_acceptance(acceptance: dict[str, str], where: str) -> None:
     for key, rule in acceptance.items():
-        if key.count(".") != 1 or not _CHECK.match(str(rule)):
+        if key.count(".") != 1 or parse_rule(rule) is None:
             raise UserError(f"acceptance rule '{key}: {rule}' is not '<variant>.<metric>: <op> <number>'",
                             path=where, fix="write e.g. int8.cosine_mean: '>= 0.99'")
+
+
+def _check_tune_criteria(criteria: dict[str, str], where: str) -> None:
+    for metric, rule in criteria.items():
+        if "." in metric or parse_rule(rule) is None:
+            raise UserError(f"tuning criterion '{metric}: {rule}' is not '<metric>: <op> <number>'",
+                            path=where, fix="write e.g. cosine_mean: '>= 0.995'")
 
 
 def evaluate_acceptance(acceptance: dict[str, str], accuracy: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     results = []
     for key, rule in acceptance.items():
         variant, metric = key.split(".")
-        op, number = _CHECK.match(str(rule)).groups()
         value = accuracy.get(variant, {}).get(metric)
-        threshold = float(number)
-        passed = value is not None and {">=": value >= threshold, "<=": value <= threshold,
-                                        ">": value > threshold, "<": value < threshold}[op]
-        results.append({"check": key, "value": value, "threshold": f"{op} {number}", "passed": bool(passed)})
+        results.append({"check": key, "value": value, "threshold": " ".join(str(rule).split()),
+                        "passed": passes(value, rule)})
     return results

@@ -157,6 +157,43 @@ def test_failed_acceptance_exits_3(tiny_bert_dir, tmp_path):
     assert report["acceptance"][0]["passed"] is False
 
 
+def test_run_with_tuning_and_a_baseline(tiny_bert_dir, tmp_path):
+    recipe = tmp_path / "tuned.yaml"
+    recipe.write_text(f"""
+name: tuned
+target: gpu-trt
+model: {{source: "{tiny_bert_dir}", options: {{max_length: 64}}}}
+data: {{source: docstrings, calibration: 24, evaluation: 48, seed: 1}}
+quantize:
+  smoothquant: {{targets: all}}
+  tune: {{enabled: true, criteria: {{cosine_mean: ">= 0.99999"}}, alphas: [null, 0.8], methods: [mse],
+          budget: 6, samples: 32}}
+baselines: [ort-dynamic]
+bench: {{batches: [2], seq_len: 64, warmup: 0, iterations: 2, min_seconds: 0.0, torch_baseline: false}}
+""")
+    deploykit("-q", "run", str(recipe), "--out", "out", cwd=tmp_path)
+    run_dir = tmp_path / "out" / "tuned"
+    report = json.loads((run_dir / "report.json").read_text())
+    validate_report(report)
+    assert {"fp32", "int8", "int8-dynamic"} == set(report["accuracy"])
+    assert {"fp32@ort-cpu/b2", "int8@ort-cpu/b2", "int8-dynamic@ort-cpu/b2"} == set(report["latency"])
+    tuning = report["tuning"]
+    assert 1 <= tuning["trials_run"] <= 6 and len(tuning["trials"]) == tuning["trials_run"]
+    assert report["calibration"]["float_fallback_count"] == tuning["chosen"]["float_node_count"]
+    assert report["data"]["tuning"]["count"] == 32
+    assert (run_dir / "data" / "tuning.npz").is_file() and (run_dir / "tuning_trials.png").is_file()
+    assert "## Tuning" in (run_dir / "report.md").read_text()
+
+
+def test_calibrate_takes_a_recipe_and_options_override_it(tiny_export, tmp_path):
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text("quantize: {preset: cpu-ort, method: minmax}\n")
+    deploykit("-q", "calibrate", str(tiny_export), "-o", "q.onnx", "--recipe", str(recipe), "--method", "mse",
+              "--calibration", "16", "--evaluation", "16", cwd=tmp_path)
+    ranges = json.loads((tmp_path / "q.ranges.json").read_text())
+    assert ranges["config"]["preset"] == "cpu-ort" and ranges["config"]["method"] == "mse"
+
+
 @pytest.mark.slow
 def test_default_run_from_any_directory(tmp_path):
     """`deploykit run` with no recipe finds the embedded default (shrunk here to stay fast)."""

@@ -140,3 +140,36 @@ def test_excluded_nodes_stay_float(tiny_onnx, tiny_splits, tmp_path):
     node = next(n for n in model.graph.node if n.name == victim)
     producers = {o: n for n in model.graph.node for o in n.output}
     assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in node.input)
+
+
+def _quantize_inputs(model):
+    """{op type of the node producing each QuantizeLinear input}."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    return {producers[n.input[0]].op_type for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] in producers}
+
+
+def test_gpu_trt_quantizes_matmul_inputs_not_outputs(int8_model):
+    _, model = int8_model
+    assert "MatMul" not in _quantize_inputs(model), "a MatMul output must not be re-quantized"
+
+
+def test_cpu_ort_preset_is_uint8_activations_int8_weights(tiny_onnx, tiny_splits, tmp_path):
+    calibrate(tiny_onnx, tiny_splits.calibration, tmp_path / "cpu.onnx", QuantConfig(preset="cpu-ort"))
+    model = onnx.load(str(tmp_path / "cpu.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    acts = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert acts and all(inits[q.input[2]].dtype == np.uint8 for q in acts)
+    assert any(np.any(inits[q.input[2]] != 128) for q in acts), "asymmetric: zero points follow the data"
+    weights = [inits[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert weights and all(w.dtype == np.int8 for w in weights)
+
+
+def test_residual_adds_and_layernorm_options_add_their_qdq(tiny_onnx, tiny_splits, tmp_path):
+    calibrate(tiny_onnx, tiny_splits.calibration, tmp_path / "r.onnx",
+              QuantConfig(residual_adds=True, layernorm=True))
+    model = onnx.load(str(tmp_path / "r.onnx"))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    dq_fed = {n.op_type for n in model.graph.node
+              if any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)}
+    assert {"MatMul", "Add", "LayerNormalization"} <= dq_fed

@@ -15,7 +15,18 @@ def test_default_recipe_is_shipped_and_valid():
     assert recipe.data.calibration >= 256 and recipe.data.evaluation >= 1000
     assert recipe.export.opset >= 17
     assert recipe.bench.batches == [1, 8, 32] and recipe.bench.seq_len == 128
-    assert recipe.quantize.per_channel and recipe.quantize.activation_type == "int8"
+    resolved = recipe.quantize.resolved()
+    assert resolved.preset == "gpu-trt" and resolved.per_channel and resolved.activation_type == "int8"
+    assert resolved.activation_symmetric is True
+
+
+def test_every_shipped_recipe_loads_and_resolves():
+    from deploykit.quantize import PRESETS
+
+    for name, path in builtin_recipes().items():
+        recipe = load_recipe(path)
+        assert recipe.name == name, f"{path}: name must match the file name"
+        recipe.quantize.resolved(recipe.target if recipe.target in PRESETS else "gpu-trt")
 
 
 def test_overrides_are_typed():

@@ -36,11 +36,11 @@ class SentenceEmbedder(torch.nn.Module):
 
     def __init__(self, encoder: torch.nn.Module):
         super().__init__()
-        self.encoder = encoder
+        self.model = encoder          # exported names read model.<the HF model's own module path>
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                            token_type_ids=token_type_ids).last_hidden_state
         return _mean_pool_normalise(hidden, attention_mask)
 
 
@@ -49,10 +49,10 @@ class SentenceEmbedderNoTypes(torch.nn.Module):
 
     def __init__(self, encoder: torch.nn.Module):
         super().__init__()
-        self.encoder = encoder
+        self.model = encoder
 
     def forward(self, input_ids, attention_mask):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return _mean_pool_normalise(hidden, attention_mask)
 
 

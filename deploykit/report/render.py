@@ -38,6 +38,7 @@ ENVIRONMENT_KEYS = ("python", "torch", "onnxruntime", "cpu", "gpu")
 LATENCY_PLOT = "latency_by_batch.png"
 THROUGHPUT_PLOT = "throughput_by_batch.png"
 COSINE_PLOT = "cosine_distribution.png"
+TUNING_PLOT = "tuning_trials.png"
 _FIX = "regenerate the report with deploykit or correct the field in report.json"
 
 
@@ -376,6 +377,63 @@ def plot_cosine(cosines: dict[str, list[float]], dest: Path, inputs: tuple[Path,
 
 
 # ----------------------------------------------------------------------------- markdown
+def plot_tuning(tuning: dict, dest: Path, inputs: tuple[Path, ...] = ()) -> Path:
+    """Each criterion's value per trial, threshold dashed, chosen trial circled; float nodes on a twin axis."""
+    from deploykit.verify import parse_rule
+
+    trials = tuning["trials"]
+    criteria = tuning.get("criteria") or {}
+    fig, ax = _figure(width=8.0, height=4.2)
+    x = [t["trial"] for t in trials]
+    for i, (metric, rule) in enumerate(criteria.items()):
+        color = f"C{i}"
+        ax.plot(x, [t["metrics"].get(metric) for t in trials], "o-", color=color, markersize=4, label=metric)
+        parsed = parse_rule(rule)
+        if parsed:
+            ax.axhline(parsed[1], color=color, linestyle="--", linewidth=1)
+    chosen = tuning.get("chosen") or {}
+    if chosen:
+        for metric in criteria:
+            value = chosen["metrics"].get(metric)
+            if value is not None:
+                ax.plot([chosen["trial"]], [value], "o", markersize=11, markerfacecolor="none", color="k")
+    ax.set_xlabel("trial (grid: method x SmoothQuant alpha; then fallback of the worst nodes)")
+    ax.set_ylabel("metric on the tuning split (dashed: target)")
+    ax.grid(True, alpha=0.3)
+    twin = ax.twinx()
+    twin.bar(x, [t["float_node_count"] for t in trials], color="0.6", alpha=0.35, width=0.6)
+    twin.set_ylabel("float nodes (bars)")
+    ax.set_zorder(twin.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Accuracy-driven tuning (circled: chosen)", fontsize=10)
+    return _save(fig, dest, inputs)
+
+
+def _tuning_section(tuning: dict) -> list[str]:
+    chosen = tuning.get("chosen") or {}
+    criteria = tuning.get("criteria") or {}
+    head = (f"Criteria {', '.join(f'`{k} {v}`' for k, v in criteria.items())} on the tuning split "
+            f"({(tuning.get('tuning_data') or {}).get('count', '?')} samples, disjoint from calibration and "
+            f"evaluation): **{'met' if tuning.get('met') else 'NOT met'}** after {tuning.get('trials_run')} of "
+            f"{tuning.get('budget')} trials ({tuning.get('seconds', 0):.0f} s). Chosen: trial {chosen.get('trial')}, "
+            f"SmoothQuant alpha {chosen.get('alpha')}, {chosen.get('method')}"
+            + (f" {chosen.get('percentile')}" if chosen.get("percentile") is not None else "")
+            + f", {chosen.get('float_node_count', 0)} nodes in float.")
+    metrics = list(criteria) or sorted({m for t in tuning["trials"] for m in t["metrics"]})
+    rows = [[str(t["trial"]), t["phase"], _cell(t["alpha"]), t["method"] + (f" {t['percentile']}" if t["percentile"]
+            is not None else ""), str(t["float_node_count"]), *(format_number(t["metrics"].get(m), m) for m in metrics),
+             "✅" if t["passed"] else ""] for t in tuning["trials"]]
+    table = _table(["trial", "phase", "alpha", "method", "float nodes", *metrics, "pass"], rows)
+    out = ["## Tuning", "", head, "", f"![Tuning trials]({TUNING_PLOT})", "", *table]
+    ranking = tuning.get("ranking") or []
+    if ranking:
+        out += ["", "Worst nodes by the error each adds alone (fallback order):", "",
+                *_table(["node", "torch module", "added SNR (dB)"],
+                        [[f"`{r['node']}`", f"`{r['module']}`", f"{r['added_snr_db']:.1f}"] for r in ranking[:15]])]
+    return out
+
+
 def _accuracy_section(accuracy: dict) -> list[str]:
     metrics = list(dict.fromkeys(m for values in accuracy.values() for m in values))
     rows = [[f"`{variant}`", *(format_number(values.get(m), m) for m in metrics)]
@@ -450,6 +508,11 @@ def render_report(report_json: str | Path, out_dir: str | Path | None = None) ->
         plot_latency(rows, out / LATENCY_PLOT, inputs)
         plot_throughput(rows, out / THROUGHPUT_PLOT, inputs)
         md += [*_latency_section(rows), ""]
+
+    tuning = report.get("tuning")
+    if isinstance(tuning, dict) and tuning.get("trials"):
+        plot_tuning(tuning, out / TUNING_PLOT, inputs)
+        md += [*_tuning_section(tuning), ""]
 
     for key, heading in (("data", "Data"), ("export", "Export"), ("calibration", "Calibration"),
                          ("bench", "Bench settings")):

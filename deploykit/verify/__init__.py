@@ -8,6 +8,7 @@ reference, top-1 accuracy against labels when the data has them, and logit cosin
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,34 @@ import numpy as np
 
 from deploykit.data import Split, iterate_batches
 from deploykit.progress import track
+
+
+_RULE = re.compile(r"^\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+
+
+def parse_rule(rule: str) -> tuple[str, float] | None:
+    """``'>= 0.995'`` -> (">=", 0.995); None if malformed."""
+    match = _RULE.match(str(rule))
+    if not match:
+        return None
+    try:
+        return match.group(1), float(match.group(2))
+    except ValueError:
+        return None
+
+
+def passes(value: float | None, rule: str) -> bool:
+    op, number = parse_rule(rule)
+    if value is None:
+        return False
+    return {">=": value >= number, "<=": value <= number, ">": value > number, "<": value < number}[op]
+
+
+def task_metrics(task: str, reference: np.ndarray, output: np.ndarray,
+                 labels: np.ndarray | None = None) -> dict[str, float]:
+    if task == "text-embedding":
+        return embedding_metrics(reference, output)[0]
+    return classification_metrics(reference, output, labels)[0]
 
 
 def _rows_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

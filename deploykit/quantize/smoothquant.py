@@ -1,0 +1,294 @@
+"""SmoothQuant (Xiao et al., 2023) on the ONNX graph.
+
+For a Linear ``y = x W`` (ONNX ``MatMul(x, W)``, ``W`` of shape ``[K, N]``) the activation's
+per-channel outliers are moved into the weights:
+``y = (x / s) (diag(s) W)`` with ``s_k = max|x_k|^alpha / max|W_k|^(1 - alpha)``.
+MatMuls that read the same activation (Q, K and V) share one ``s`` computed over all their
+weights, as in the paper.
+
+Where ``1 / s`` goes, from best to fallback:
+
+* ``layernorm``: the activation is a LayerNormalization output read only by the group, so
+  ``gamma / s`` and ``beta / s`` absorb it (pre-LN blocks: ViT, GPT-style models).
+* ``linear``: the activation comes from another Linear through ops that keep the channel
+  axis (Reshape, Transpose, the attention's ``P @ V``), read by nothing else, so that
+  Linear's output columns and bias absorb it (e.g. the value projection feeding the
+  attention output projection).
+* ``mul``: an explicit per-channel ``Mul`` before the group. Post-LN blocks (the BERT family,
+  MiniLM included) need it: the LayerNorm output also feeds the residual path, so folding
+  ``1 / s`` into it would change the function. TensorRT fuses such a pointwise Mul into
+  the neighbouring kernel.
+
+Every fold is checked numerically against the unsmoothed graph on real inputs; a fold that
+does not reproduce the FP32 outputs falls back to ``mul``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from deploykit.data import Split
+from deploykit.errors import UserError
+from deploykit.quantize.graph import consumers, initializers, iterate_activations, producers, unique_name
+
+TARGETS = ("ln-fed", "all")
+_CHANNEL_PRESERVING = ("Reshape", "Transpose")
+# s is clipped to this range so a dead channel (max|x| = 0) or a zero weight row cannot
+# produce inf/0 scales.
+_S_MIN, _S_MAX = 1e-5, 1e5
+
+
+@dataclass
+class SmoothGroup:
+    input: str                      # activation read by every MatMul of the group
+    nodes: list[str]                # MatMul node names
+    weights: list[str]              # their [K, N] weight initializers
+    fold: str = "mul"               # layernorm | linear | mul
+    fold_nodes: list[str] = field(default_factory=list)   # LN or (MatMul[, Add]) that absorb 1/s
+
+    def summary(self) -> dict[str, Any]:
+        return {"input": self.input, "nodes": self.nodes, "fold": self.fold, "fold_nodes": self.fold_nodes}
+
+
+def find_groups(model: onnx.ModelProto, targets: str = "ln-fed",
+                exclude_nodes: tuple[str, ...] = ()) -> list[SmoothGroup]:
+    """MatMuls with a constant 2-D weight, grouped by their activation input."""
+    if targets not in TARGETS:
+        raise UserError(f"unknown SmoothQuant targets '{targets}'", fix=f"use one of {', '.join(TARGETS)}")
+    inits = initializers(model)
+    prod = producers(model)
+    users = consumers(model)
+    groups: dict[str, SmoothGroup] = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.name in exclude_nodes:
+            continue
+        x, w = node.input[0], node.input[1]
+        if w not in inits or x in inits or len(inits[w].dims) != 2:
+            continue
+        if targets == "ln-fed" and (x not in prod or prod[x].op_type != "LayerNormalization"):
+            continue
+        group = groups.setdefault(x, SmoothGroup(input=x, nodes=[], weights=[]))
+        group.nodes.append(node.name)
+        group.weights.append(w)
+    for group in groups.values():
+        _plan_fold(group, prod, users, inits)
+    return list(groups.values())
+
+
+def _plan_fold(group: SmoothGroup, prod, users, inits) -> None:
+    readers = {n.name for n in users.get(group.input, [])}
+    if readers != set(group.nodes):
+        return                                       # shared (e.g. residual path): explicit Mul
+    source = prod.get(group.input)
+    if source is None:
+        return
+    if source.op_type == "LayerNormalization":
+        scale_ok = len(source.input) > 1 and source.input[1] in inits
+        bias_ok = len(source.input) < 3 or not source.input[2] or source.input[2] in inits
+        if scale_ok and bias_ok:
+            group.fold, group.fold_nodes = "layernorm", [source.name]
+        return
+    chain = _linear_chain(group.input, prod, users, inits)
+    channels = inits[group.weights[0]].dims[0]
+    if chain and inits[chain[0].input[1]].dims[-1] == channels:
+        group.fold, group.fold_nodes = "linear", [n.name for n in chain]
+
+
+
+def _linear_chain(tensor: str, prod, users, inits) -> list[onnx.NodeProto] | None:
+    """Walk back through channel-preserving ops to a MatMul with a constant weight
+    (optionally followed by a constant bias Add); every hop must have a single reader."""
+    current = tensor
+    for _ in range(16):
+        node = prod.get(current)
+        if node is None:
+            return None
+        if node.op_type in _CHANNEL_PRESERVING:
+            current = node.input[0]
+        elif node.op_type == "MatMul" and node.input[1] not in inits and node.input[0] not in inits:
+            current = node.input[1]                  # P @ V: channels come from V
+        elif node.op_type == "Add":
+            const = [i for i in node.input if i in inits]
+            other = [i for i in node.input if i not in inits]
+            if len(const) != 1 or len(other) != 1 or len(inits[const[0]].dims) != 1:
+                return None
+            producer = prod.get(other[0])
+            if (producer is None or producer.op_type != "MatMul" or producer.input[1] not in inits
+                    or len(users.get(other[0], [])) != 1):
+                return None
+            return [producer, node]
+        elif node.op_type == "MatMul" and node.input[1] in inits:
+            return [node]
+        else:
+            return None
+        if len(users.get(current, [])) != 1:
+            return None
+    return None
+
+
+def channel_absmax(model: onnx.ModelProto, groups: list[SmoothGroup], split: Split, *, batch_size: int = 16,
+                   threads: int | None = None, sentinel_abs: float = 1e30) -> dict[str, np.ndarray]:
+    """max |x| per channel (last axis) of each group's activation over ``split``.
+    Non-finite values and mask sentinels are ignored, as in calibration."""
+    stats: dict[str, np.ndarray] = {}
+    names = [g.input for g in groups]
+    for values in iterate_activations(model, names, split, batch_size, threads,
+                                      description="smoothquant: channel statistics"):
+        for name, value in values.items():
+            x = np.abs(value.astype(np.float64)).reshape(-1, value.shape[-1])
+            x = np.where(np.isfinite(x) & (x < sentinel_abs), x, 0.0)
+            peak = x.max(axis=0)
+            stats[name] = peak if name not in stats else np.maximum(stats[name], peak)
+    return stats
+
+
+def smoothing_scales(act_absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
+    w_absmax = np.max(np.stack([np.abs(w).max(axis=1) for w in weights]), axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.power(act_absmax, alpha) / np.power(w_absmax, 1.0 - alpha)
+    s = np.where((act_absmax > 0) & (w_absmax > 0) & np.isfinite(s), s, 1.0)
+    return np.clip(s, _S_MIN, _S_MAX)
+
+
+def group_scales(model: onnx.ModelProto, groups: list[SmoothGroup], act_absmax: dict[str, np.ndarray],
+                 alpha: float) -> dict[str, np.ndarray]:
+    """The smoothing vector ``s`` of every group for strength ``alpha``."""
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"SmoothQuant alpha {alpha} is outside [0, 1]", fix="use e.g. 0.5 to 0.9")
+    inits = initializers(model)
+    return {g.input: smoothing_scales(act_absmax[g.input], [numpy_helper.to_array(inits[w]) for w in g.weights],
+                                      alpha).astype(np.float32) for g in groups}
+
+
+def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup],
+                    scales: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+    """A smoothed copy of ``model`` with the given per-group ``scales``; returns it and a
+    per-group record (the scales included, so the smoothing can be re-applied exactly)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = {n.name: n for n in out.graph.node}
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in out.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    records = []
+    for group in groups:
+        s = np.asarray(scales[group.input], dtype=np.float32)
+        for node_name, w_name in zip(group.nodes, group.weights):
+            _replace_input(out, nodes[node_name], w_name, (inits[w_name] * s[:, None]).astype(np.float32),
+                           f"{w_name}_smoothed", uses, inits)
+        if group.fold == "layernorm":
+            ln = nodes[group.fold_nodes[0]]
+            _replace_input(out, ln, ln.input[1], inits[ln.input[1]] / s, f"{ln.input[1]}_smoothed", uses, inits)
+            if len(ln.input) > 2 and ln.input[2]:
+                _replace_input(out, ln, ln.input[2], inits[ln.input[2]] / s, f"{ln.input[2]}_smoothed", uses, inits)
+        elif group.fold == "linear":
+            matmul = nodes[group.fold_nodes[0]]
+            w = inits[matmul.input[1]]
+            _replace_input(out, matmul, matmul.input[1], w / s[None, :], f"{matmul.input[1]}_smoothed", uses, inits)
+            if len(group.fold_nodes) > 1:
+                add = nodes[group.fold_nodes[1]]
+                bias = next(i for i in add.input if i in inits)
+                _replace_input(out, add, bias, inits[bias] / s, f"{bias}_smoothed", uses, inits)
+        else:
+            _insert_mul(out, group, (1.0 / s).astype(np.float32))
+        records.append({**group.summary(), "s_min": float(s.min()), "s_max": float(s.max()),
+                        "s_median": float(np.median(s)), "scales": [float(v) for v in s]})
+    return out, records
+
+
+def reapply(model: onnx.ModelProto, records: list[dict[str, Any]]) -> onnx.ModelProto:
+    """Rebuild the smoothed FP32 graph from ``model`` and the records of an earlier smoothing."""
+    groups = [SmoothGroup(input=r["input"], nodes=list(r["nodes"]), weights=[], fold=r["fold"],
+                          fold_nodes=list(r["fold_nodes"])) for r in records]
+    by_name = {n.name: n for n in model.graph.node}
+    for g in groups:
+        missing = [n for n in g.nodes + g.fold_nodes if n not in by_name]
+        if missing:
+            raise UserError(f"the smoothing record names node(s) {missing} that the model lacks",
+                            fix="give the FP32 model the INT8 model was calibrated from")
+        g.weights = [by_name[n].input[1] for n in g.nodes]
+    smoothed, _ = apply_smoothing(model, groups, {r["input"]: np.asarray(r["scales"], np.float32) for r in records})
+    return smoothed
+
+
+def _replace_input(model, node, old: str, array: np.ndarray, new_base: str, uses: dict[str, int],
+                   inits: dict[str, np.ndarray]) -> None:
+    """Point ``node`` at a new initializer holding ``array`` (the old one may be shared);
+    ``inits`` (name -> array) is kept current, so a weight can be smoothed twice (rows as
+    a group member, columns as a fold target)."""
+    name = unique_name(model, new_base.replace("_smoothed_smoothed", "_smoothed"))
+    model.graph.initializer.append(numpy_helper.from_array(array.astype(np.float32), name))
+    inits[name] = array.astype(np.float32)
+    uses[name] = uses.get(name, 0) + 1
+    node.input[:] = [name if i == old else i for i in node.input]
+    uses[old] = uses.get(old, 1) - 1
+    if uses[old] <= 0:
+        for k, init in enumerate(model.graph.initializer):
+            if init.name == old:
+                del model.graph.initializer[k]
+                break
+
+
+def _insert_mul(model: onnx.ModelProto, group: SmoothGroup, inv_s: np.ndarray) -> None:
+    scale_name = unique_name(model, f"{group.input}_smooth_scale")
+    out_name = unique_name(model, f"{group.input}_smoothed")
+    model.graph.initializer.append(numpy_helper.from_array(inv_s, scale_name))
+    mul = helper.make_node("Mul", [group.input, scale_name], [out_name], name=unique_name(model, "smooth_mul"))
+    members = set(group.nodes)
+    first = next(i for i, n in enumerate(model.graph.node) if n.name in members)
+    model.graph.node.insert(first, mul)
+    for node in model.graph.node:
+        if node.name in members:
+            node.input[0] = out_name
+
+
+def smooth(model: onnx.ModelProto, split: Split, alpha: float, *, targets: str = "ln-fed",
+           exclude_nodes: tuple[str, ...] = (), batch_size: int = 16, threads: int | None = None,
+           stats: dict[str, np.ndarray] | None = None, check_split: Split | None = None
+           ) -> tuple[onnx.ModelProto, list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Smooth ``model`` with strength ``alpha``; folds are verified on ``check_split``
+    (default: the first 8 samples of ``split``). Returns (model, records, channel stats);
+    pass ``stats`` back in to smooth with another alpha without re-collecting."""
+    groups = find_groups(model, targets, exclude_nodes)
+    if not groups:
+        return model, [], {}
+    if stats is None:
+        stats = channel_absmax(model, groups, split, batch_size=batch_size, threads=threads)
+    scales = group_scales(model, groups, stats, alpha)
+    smoothed, records = apply_smoothing(model, groups, scales)
+    check = check_split or _head(split, 8)
+    if any(g.fold != "mul" for g in groups) and not outputs_match(model, smoothed, check):
+        for g in groups:
+            g.fold, g.fold_nodes = "mul", []
+        smoothed, records = apply_smoothing(model, groups, scales)
+    for record in records:
+        record["alpha"] = alpha
+    return smoothed, records, stats
+
+
+def _head(split: Split, n: int) -> Split:
+    return Split(split.name, {k: v[:n] for k, v in split.feeds.items()}, split.sha256)
+
+
+def outputs_match(reference: onnx.ModelProto, candidate: onnx.ModelProto, split: Split,
+                  rtol: float = 1e-4) -> bool:
+    """The graphs agree on ``split`` up to float rounding (``rtol`` of the output's scale)."""
+    import onnxruntime as ort
+
+    from deploykit.data import iterate_batches
+
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for m in (reference, candidate)]
+    names = [i.name for i in sessions[0].get_inputs()]
+    for feeds in iterate_batches(split.feeds, 8):
+        a, b = (s.run(None, {n: feeds[n] for n in names})[0] for s in sessions)
+        if not np.all(np.abs(a - b) <= rtol * max(float(np.abs(a).max()), 1e-12)):
+            return False
+    return True
