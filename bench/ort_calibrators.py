@@ -30,12 +30,14 @@ from deploykit.quantize import QuantConfig, calibrate
 from deploykit.runners import OrtRunner
 from deploykit.verify import embedding_metrics, run_split
 
+PERCENTILE = 99.999   # ORT's default CalibPercentile; deploykit uses the same here
 ALL_OPS = ["MatMul", "Gemm", "Add", "Mul", "Softmax", "Where", "LayerNormalization", "Div", "Sub"]
 OP_SETS = {"matmul": ["MatMul", "Gemm"], "all": ALL_OPS}
 METHODS = ("minmax", "percentile", "entropy")
 
 
-def ort_quantize(model: Path, out: Path, feeds: dict, method: str, ops: list[str], trimmed: bool) -> None:
+def ort_quantize(model: Path, out: Path, feeds: dict, method: str, ops: list[str], trimmed: bool,
+                 inputs_only: bool = False) -> None:
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
         quantize_static
 
@@ -55,7 +57,8 @@ def ort_quantize(model: Path, out: Path, feeds: dict, method: str, ops: list[str
                     op_types_to_quantize=ops, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                                       "entropy": CalibrationMethod.Entropy}[method],
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": PERCENTILE,
+                                   **({"OpTypesToExcludeOutputQuantization": ops} if inputs_only else {})})
 
 
 def main() -> None:
@@ -78,18 +81,24 @@ def main() -> None:
         return {k: round(metrics[k], 4) for k in ("cosine_mean", "cosine_min", "nn_agreement")}
 
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = [("onnxruntime", m, o, False) for o in OP_SETS for m in METHODS]
-        jobs += [("onnxruntime", "percentile", "matmul", True)]
-        jobs += [("deploykit", m, o, True) for o in OP_SETS for m in METHODS]
-        for tool, method, opset, trimmed in jobs:
-            out = Path(tmp) / f"{tool}-{method}-{opset}-{trimmed}.onnx"
-            row = {"tool": tool, "method": method, "ops": opset, "trimmed_batches": trimmed}
+        # (tool, method, ops, trimmed batches, Q/DQ on op inputs only). ORT's default placement
+        # also quantizes every quantized op's output; "inputs only" is deploykit's placement,
+        # so those rows isolate the calibrators.
+        jobs = [("onnxruntime", m, o, False, False) for o in OP_SETS for m in METHODS]
+        jobs += [("onnxruntime", m, "matmul", False, True) for m in METHODS]
+        jobs += [("onnxruntime", "percentile", "matmul", True, False)]
+        jobs += [("deploykit", m, o, True, True) for o in OP_SETS for m in (*METHODS, "mse")]
+        for tool, method, opset, trimmed, inputs_only in jobs:
+            out = Path(tmp) / f"{tool}-{method}-{opset}-{trimmed}-{inputs_only}.onnx"
+            row = {"tool": tool, "method": method, "ops": opset, "trimmed_batches": trimmed,
+                   "inputs_only": inputs_only}
             start = time.perf_counter()
             try:
                 if tool == "onnxruntime":
-                    ort_quantize(fp32, out, calib.feeds, method, OP_SETS[opset], trimmed)
+                    ort_quantize(fp32, out, calib.feeds, method, OP_SETS[opset], trimmed, inputs_only)
                 else:
-                    result = calibrate(fp32, calib, out, QuantConfig(method=method, op_types=OP_SETS[opset]))
+                    result = calibrate(fp32, calib, out, QuantConfig(method=method, percentile=PERCENTILE,
+                                                                     op_types=OP_SETS[opset]))
                     row["float_nodes"] = len(result.float_nodes)
                 row["seconds"] = round(time.perf_counter() - start, 1)
                 row.update(status="ok", **measure(out))
@@ -99,7 +108,7 @@ def main() -> None:
             rows.append(row)
     import onnxruntime
 
-    result = {"run": str(run), "calibration_samples": calib.count, "evaluation_samples": evaluation.count,
+    result = {"run": str(run), "calibration_samples": calib.count, "percentile": PERCENTILE, "evaluation_samples": evaluation.count,
               "onnxruntime": onnxruntime.__version__, "python": platform.python_version(), "rows": rows}
     out_path = args.out or run / "bench_ort_calibrators.json"
     write_json(out_path, result)

@@ -221,29 +221,23 @@ def prepare(inferred: onnx.ModelProto, split: Split, config: QuantConfig, *, alp
         raise UserError(f"no node of type {config.op_types} to quantize", path=where,
                         fix="check quantize.op_types / nodes_to_quantize against the graph")
     tensors = tensors_to_calibrate(model, nodes)
-    collector = RangeCollector(config.calibration_config("percentile"))  # histograms for every method
+    # Histograms (pass 2) serve every method but minmax; tuning may try any of them.
+    histograms = config.method != "minmax" or config.tune.enabled
+    collector = RangeCollector(config.calibration_config("percentile" if histograms else "minmax"))
     for values in iterate_activations(model, tensors, split, config.batch_size, threads,
                                       description="calibrating: ranges"):
         for name, value in values.items():
             collector.observe(name, value)
-    if config.method != "minmax" or config.tune.enabled:
+    if histograms:
         for values in iterate_activations(model, tensors, split, config.batch_size, threads,
                                           description="calibrating: histograms"):
             for name, value in values.items():
                 collector.observe_second(name, value)
-    else:
-        collector = _minmax_only(collector, config)
     ranges = collector.compute(config.calibration_config("minmax"))
     masked = sorted(name for name, r in ranges.items() if r.masked)
     mask_set = set(masked)
     mask_float = sorted(n.name for n in nodes if mask_set.intersection(list(n.input) + list(n.output)))
     return Prepared(model, config, nodes, collector, masked, mask_float, smoothing, smooth_stats)
-
-
-def _minmax_only(collector: RangeCollector, config: QuantConfig) -> RangeCollector:
-    """Re-label a pass-1-only collector as minmax so compute() does not ask for histograms."""
-    collector.config = config.calibration_config("minmax")
-    return collector
 
 
 def _qtype(name: str):

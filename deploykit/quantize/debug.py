@@ -29,7 +29,7 @@ import onnx
 from deploykit.data import Split, iterate_batches
 from deploykit.errors import UserError
 from deploykit.progress import track
-from deploykit.quantize.graph import augmented_session, producers
+from deploykit.quantize.graph import augmented_session, cpu_session, producers
 
 
 @dataclass
@@ -117,7 +117,6 @@ class _Acc:
 def node_errors(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, split: Split, *,
                 batch_size: int = 16, threads: int | None = None) -> list[NodeError]:
     """Per-node added and accumulated error on ``split``, worst added SNR first."""
-    import onnxruntime as ort
     from onnx.utils import Extractor
 
     qnodes = quantized_nodes(qdq_model)
@@ -137,16 +136,11 @@ def node_errors(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, split:
                         fix="give the FP32 model this INT8 model was calibrated from "
                             "(with its .ranges.json next to the INT8 model if it was smoothed)")
     extractor = Extractor(qdq_model)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
     singles = []
     for node, mapping in qnodes:
         inputs = sorted({src for src in mapping.values() if src})
-        sub = extractor.extract_model(inputs, [node.output[0]])
-        singles.append(ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"]))
+        # unoptimized: ORT would otherwise fuse the Q/DQ away into integer kernels
+        singles.append(cpu_session(extractor.extract_model(inputs, [node.output[0]]), threads, optimize=False))
     float_session = augmented_session(float_model, list(needed_float), threads)
     qdq_session = augmented_session(qdq_model, [n.output[0] for n, _ in qnodes], threads)
     f_outs = [o.name for o in float_session.get_outputs()]

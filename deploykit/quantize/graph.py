@@ -70,13 +70,24 @@ def unique_name(model: onnx.ModelProto, base: str) -> str:
     return name
 
 
-def augmented_session(model: onnx.ModelProto, tensors: list[str], threads: int | None = None):
-    """A CPU session of ``model`` that also returns ``tensors`` (no graph fusion, so every
-    tensor exists as computed)."""
+def cpu_session(model: onnx.ModelProto, threads: int | None = None, *, optimize: bool = True):
+    """An in-memory ONNX Runtime CPU session with explicit threads (no fusion when not ``optimize``)."""
     import onnxruntime as ort
 
     from deploykit.runners import default_threads
 
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def augmented_session(model: onnx.ModelProto, tensors: list[str], threads: int | None = None):
+    """A CPU session of ``model`` that also returns ``tensors`` (no graph fusion, so every
+    tensor exists as computed)."""
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
     existing = {o.name for o in augmented.graph.output}
@@ -91,12 +102,7 @@ def augmented_session(model: onnx.ModelProto, tensors: list[str], threads: int |
     for name in tensors:
         if name not in existing and name not in inputs:
             augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or default_threads()
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return cpu_session(augmented, threads, optimize=False)
 
 
 def iterate_activations(model: onnx.ModelProto, tensors: list[str], split: Split, batch_size: int,

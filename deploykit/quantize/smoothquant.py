@@ -34,7 +34,14 @@ from onnx import helper, numpy_helper
 
 from deploykit.data import Split
 from deploykit.errors import UserError
-from deploykit.quantize.graph import consumers, initializers, iterate_activations, producers, unique_name
+from deploykit.quantize.graph import (
+    consumers,
+    cpu_session,
+    initializers,
+    iterate_activations,
+    producers,
+    unique_name,
+)
 
 TARGETS = ("ln-fed", "all")
 _CHANNEL_PRESERVING = ("Reshape", "Transpose")
@@ -280,12 +287,9 @@ def _head(split: Split, n: int) -> Split:
 def outputs_match(reference: onnx.ModelProto, candidate: onnx.ModelProto, split: Split,
                   rtol: float = 1e-4) -> bool:
     """The graphs agree on ``split`` up to float rounding (``rtol`` of the output's scale)."""
-    import onnxruntime as ort
-
     from deploykit.data import iterate_batches
 
-    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-                for m in (reference, candidate)]
+    sessions = [cpu_session(m) for m in (reference, candidate)]
     names = [i.name for i in sessions[0].get_inputs()]
     for feeds in iterate_batches(split.feeds, 8):
         a, b = (s.run(None, {n: feeds[n] for n in names})[0] for s in sessions)

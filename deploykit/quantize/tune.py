@@ -38,6 +38,7 @@ from deploykit.data import Split, iterate_batches
 from deploykit.onnx_utils import get_metadata
 from deploykit.progress import say
 from deploykit.quantize import Prepared, QuantConfig, build_qdq, prepare
+from deploykit.quantize.graph import cpu_session
 from deploykit.verify import parse_rule, passes, task_metrics
 
 
@@ -91,14 +92,7 @@ class _Scorer:
         self.reference = self.run(fp32)
 
     def run(self, model: onnx.ModelProto) -> np.ndarray:
-        import onnxruntime as ort
-
-        from deploykit.runners import default_threads
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads or default_threads()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = cpu_session(model, self.threads)
         names = [i.name for i in session.get_inputs()]
         outs = [session.run(None, {n: f[n] for n in names})[0]
                 for f in iterate_batches(self.split.feeds, self.batch_size)]
