@@ -7,7 +7,6 @@ from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from deploykit.data import Split, iterate_batches
 from deploykit.errors import UserError
@@ -49,16 +48,6 @@ def constant_names(model: onnx.ModelProto) -> set[str]:
     names = {i.name for i in model.graph.initializer}
     names |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     return names
-
-
-def set_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
-    """Replace (or add) initializer ``name`` with ``array`` (same dtype as before if it existed)."""
-    for i, init in enumerate(model.graph.initializer):
-        if init.name == name:
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(array.astype(
-                numpy_helper.to_array(init).dtype), name))
-            return
-    model.graph.initializer.append(numpy_helper.from_array(array, name))
 
 
 def unique_name(model: onnx.ModelProto, base: str) -> str:
