@@ -44,7 +44,43 @@ def canonical_source(source: str) -> str:
 
 
 def load_model(source: str, options: dict[str, Any] | None = None) -> ModelBundle:
+    """Build the model of ``source``; ``options['transforms']`` (recipe transforms such as
+    clipped-softmax / gated-attention) are applied before ``options['checkpoint']`` loads, so a
+    checkpoint trained with transforms loads into the transformed model."""
     options = dict(options or {})
+    transforms = options.pop("transforms", None)
+    if transforms:
+        from deploykit.recipes.transforms import apply_transforms, check_transforms
+
+        transforms = check_transforms(transforms)
+        checkpoint = options.pop("checkpoint", None)
+        bundle = _load_base(source, options)
+        bundle.info["transforms"] = apply_transforms(bundle.module, transforms)
+        bundle.module.eval()
+        if checkpoint:
+            load_checkpoint(bundle, checkpoint)
+        return bundle
+    return _load_base(source, options)
+
+
+def checkpoint_target(bundle: ModelBundle):
+    """The module a checkpoint holds: the Hugging Face encoder of a text model, else the model."""
+    return getattr(bundle.module, "model", bundle.module) if bundle.task == "text-embedding" else bundle.module
+
+
+def load_checkpoint(bundle: ModelBundle, path) -> None:
+    from deploykit.models.weights import load_state_dict
+
+    state = load_state_dict(path)
+    try:
+        checkpoint_target(bundle).load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"the checkpoint does not fit the model ({first[:160]})", path=path,
+                        fix="build the model with the same source, options and transforms it was trained with") from None
+
+
+def _load_base(source: str, options: dict[str, Any]) -> ModelBundle:
     source = canonical_source(source)
     if source == "embedded:minilm":
         from deploykit.models.text import embedded_minilm_dir, load_text_model

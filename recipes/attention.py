@@ -1,0 +1,375 @@
+"""Outlier-suppressing attention: clipped softmax and gated attention.
+
+Bondarenko, Nagel, Blankevoort, "Quantizable Transformers: Removing Outliers by Helping
+Attention Heads Do Nothing" (NeurIPS 2023). Heads that learn to "do nothing" push their
+softmax towards exact zeros, which needs huge logits, which come from huge residual-stream
+activations: the outliers that break static W8A8. Both changes give a head a cheap way to
+output (almost) nothing:
+
+clipped softmax
+    ``clip((zeta - gamma) * softmax(x) + gamma, 0, 1)`` with ``zeta >= 1``, ``gamma <= 0``.
+    Probabilities below ``-gamma / (zeta - gamma)`` become exact zeros (and get no
+    gradient), so a head can attend to nothing with finite logits. The paper's runs use
+    ``zeta = 1`` and ``gamma = -alpha / T`` for the training sequence length ``T`` (BERT-base:
+    ``gamma = -0.025`` at ``T = 128``, i.e. ``alpha = 3.2``).
+
+    *Fixed* ``gamma`` assumes rows of about ``T`` keys. A uniform row of ``n`` keys is
+    ``1/n``; it is clipped to zero only while ``1/n < alpha / (T + alpha)``, i.e.
+    ``n > T/alpha + 1``. Rows much shorter than ``T`` (short sentences, the first rows of
+    a causal model, small images) can therefore never do nothing, and rows much longer
+    than ``T`` lose real attention mass. The *length-normalised* form takes ``gamma =
+    -alpha / n`` from each row's actual number of valid keys ``n`` (padding and causal
+    masks excluded), which keeps the clipping threshold at the same place relative to the
+    uniform row for every length.
+
+gated attention
+    ``out_h = sigmoid(G_h(x)) * softmax(q k^T / sqrt(d)) v`` per head ``h``, before the
+    output projection, with ``x`` the attention block's input. Gates: ``per-head`` (one
+    ``Linear(d_head -> 1)`` per head on head ``h``'s chunk of ``x``; the default), ``mlp``
+    (``d_head -> d_head/4 -> ReLU -> 1`` per head) and ``linear`` (one
+    ``Linear(d_model -> H)``). Bias starts at ``logit(init)``. *Fine-tuning* mode starts
+    the gate's (last) weights at zero and scales the output by ``1/init``, so a pretrained
+    model is unchanged at step 0; :func:`fold_gate_scales` moves that constant into the
+    output projection before export.
+
+Both work as module swaps that keep every pretrained weight: Hugging Face BERT-family
+self-attention (``query``/``key``/``value`` modules) and timm ``Attention`` (``qkv`` +
+``proj``). Applying one and then the other composes (a clipped *and* gated model). Exported
+graphs use standard ops only: Softmax -> Mul -> Add -> Clip, and Sigmoid -> Mul for the gate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from deploykit.errors import UserError
+
+GATE_KINDS = ("per-head", "mlp", "linear")
+
+
+# ----------------------------------------------------------------------------- clipped softmax
+@dataclass
+class SoftmaxSpec:
+    """Which softmax an attention module uses. ``alpha``/``seq_len`` give ``gamma = -alpha/seq_len``."""
+    zeta: float = 1.0
+    gamma: float | None = None          # fixed gamma (<= 0)
+    alpha: float | None = None          # with seq_len: fixed gamma; with length_normalised: per row
+    seq_len: int | None = None
+    length_normalised: bool = False
+
+    def validate(self) -> None:
+        if self.zeta < 1.0:
+            raise UserError(f"clipped softmax zeta {self.zeta} is below 1", fix="use zeta >= 1 (the paper uses 1)")
+        if self.length_normalised:
+            if self.alpha is None or self.alpha < 0:
+                raise UserError("the length-normalised clipped softmax needs alpha >= 0",
+                                fix="e.g. {name: clipped-softmax, alpha: 3.2, length_normalised: true}")
+            return
+        if self.gamma is None:
+            if self.alpha is None or not self.seq_len:
+                raise UserError("clipped softmax needs gamma, or alpha with seq_len, or length_normalised",
+                                fix="e.g. {name: clipped-softmax, alpha: 3.2, seq_len: 128} (gamma = -alpha/T)")
+            if self.alpha < 0 or self.seq_len < 1:
+                raise UserError("clipped softmax needs alpha >= 0 and seq_len >= 1", fix="check the transform")
+        elif self.gamma > 0:
+            raise UserError(f"clipped softmax gamma {self.gamma} is positive", fix="use gamma <= 0, e.g. -0.025")
+
+    def fixed_gamma(self) -> float | None:
+        if self.length_normalised:
+            return None
+        return float(self.gamma) if self.gamma is not None else -float(self.alpha) / float(self.seq_len)
+
+
+def clipped_softmax(scores: torch.Tensor, *, zeta: float = 1.0, gamma: float | torch.Tensor = 0.0,
+                    dim: int = -1) -> torch.Tensor:
+    """``clip((zeta - gamma) * softmax(scores) + gamma, 0, 1)``; ``gamma`` may broadcast per row."""
+    probs = torch.softmax(scores, dim=dim)
+    return torch.clamp((zeta - gamma) * probs + gamma, 0.0, 1.0)
+
+
+def valid_keys(mask: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+    """Number of keys each query row may attend to, shaped to broadcast against ``scores``."""
+    if mask is None:
+        return torch.full((1,) * scores.dim(), float(scores.shape[-1]), dtype=scores.dtype, device=scores.device)
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:   # additive: 0 where allowed, a large negative number (finfo.min or -inf) where masked
+        allowed = mask > torch.finfo(mask.dtype).min / 2
+    allowed = allowed.expand(*allowed.shape[:-1], scores.shape[-1])
+    return allowed.to(scores.dtype).sum(dim=-1, keepdim=True).clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------- gates
+def logit(p: float) -> float:
+    p = min(max(float(p), 1e-7), 1.0 - 1e-7)
+    return math.log(p / (1.0 - p))
+
+
+@dataclass
+class GateSpec:
+    kind: str = "per-head"
+    init: float = 0.25                  # pi_init: the gate's starting probability
+    fine_tune: bool = False             # start as identity (zero weights, output x 1/init)
+
+    def validate(self) -> None:
+        if self.kind not in GATE_KINDS:
+            raise UserError(f"unknown gate '{self.kind}'", fix=f"use one of {', '.join(GATE_KINDS)}")
+        if not 0.0 < self.init < 1.0:
+            raise UserError(f"gate init {self.init} is outside (0, 1)", fix="use e.g. init: 0.25")
+
+
+class HeadGate(nn.Module):
+    """``x (B, T, d_model) -> sigmoid(G(x)) (B, H, T, 1)``, one gate value per head and token."""
+
+    def __init__(self, spec: GateSpec, num_heads: int, head_dim: int, d_model: int):
+        super().__init__()
+        spec.validate()
+        self.kind, self.num_heads, self.head_dim = spec.kind, num_heads, head_dim
+        self.scale = 1.0 / spec.init if spec.fine_tune else 1.0     # folded into the output projection at export
+        bias = torch.full((num_heads,), logit(spec.init))
+        if spec.kind == "per-head":
+            self.weight = nn.Parameter(self._init_weight((num_heads, head_dim), head_dim, spec.fine_tune))
+            self.bias = nn.Parameter(bias)
+        elif spec.kind == "mlp":
+            hidden = max(head_dim // 4, 1)
+            self.weight1 = nn.Parameter(self._init_weight((num_heads, head_dim, hidden), head_dim, False))
+            self.bias1 = nn.Parameter(torch.zeros(num_heads, hidden))
+            self.weight2 = nn.Parameter(self._init_weight((num_heads, hidden), hidden, spec.fine_tune))
+            self.bias = nn.Parameter(bias)
+        else:
+            self.linear = nn.Linear(d_model, num_heads)
+            if spec.fine_tune:
+                nn.init.zeros_(self.linear.weight)
+            with torch.no_grad():
+                self.linear.bias.copy_(bias)
+
+    @staticmethod
+    def _init_weight(shape: tuple[int, ...], fan_in: int, zero: bool) -> torch.Tensor:
+        if zero:
+            return torch.zeros(shape)
+        bound = 1.0 / math.sqrt(fan_in)             # nn.Linear's default init range
+        return torch.empty(shape).uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        if self.kind == "linear":
+            logits = self.linear(x)                                            # (B, T, H)
+        else:
+            xh = x.reshape(b, t, self.num_heads, self.head_dim)               # head h's chunk of x
+            if self.kind == "per-head":
+                logits = (xh * self.weight).sum(dim=-1) + self.bias            # (B, T, H)
+            else:
+                hidden = torch.relu(torch.einsum("bthd,hde->bthe", xh, self.weight1) + self.bias1)
+                logits = (hidden * self.weight2).sum(dim=-1) + self.bias
+        return torch.sigmoid(logits).transpose(1, 2).unsqueeze(-1)            # (B, H, T, 1)
+
+
+# ----------------------------------------------------------------------------- the shared core
+class AttentionCore(nn.Module):
+    """``softmax(q k^T * scale + mask) v`` with an optional clipped softmax and head gate."""
+
+    def __init__(self, num_heads: int, head_dim: int, d_model: int, scale: float):
+        super().__init__()
+        self.num_heads, self.head_dim, self.d_model, self.scale = num_heads, head_dim, d_model, scale
+        self.softmax_spec: SoftmaxSpec | None = None
+        self.gate: HeadGate | None = None
+
+    def set_softmax(self, spec: SoftmaxSpec) -> None:
+        spec.validate()
+        self.softmax_spec = spec
+
+    def set_gate(self, spec: GateSpec) -> None:
+        self.gate = HeadGate(spec, self.num_heads, self.head_dim, self.d_model)
+
+    def describe(self) -> dict[str, Any]:
+        return {"softmax": asdict(self.softmax_spec) if self.softmax_spec else None,
+                "gate": {"kind": self.gate.kind, "scale": self.gate.scale} if self.gate else None}
+
+    def probabilities(self, scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        spec = self.softmax_spec
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool \
+                else scores + mask
+        if spec is None:
+            return torch.softmax(scores, dim=-1)
+        gamma = spec.fixed_gamma()
+        if gamma is None:
+            gamma = -float(spec.alpha) / valid_keys(mask, scores)
+        return clipped_softmax(scores, zeta=spec.zeta, gamma=gamma)
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None, dropout: nn.Module | None = None) -> torch.Tensor:
+        """``x`` (B, T, d_model): the block input (for the gate); q, k, v (B, H, T, d); -> (B, H, T, d)."""
+        probs = self.probabilities(torch.matmul(q, k.transpose(-1, -2)) * self.scale, mask)
+        if dropout is not None:
+            probs = dropout(probs)
+        context = torch.matmul(probs, v)
+        if self.gate is not None:
+            gate = self.gate(x)
+            context = context * (gate * self.gate.scale if self.gate.scale != 1.0 else gate)
+        return context
+
+
+# ----------------------------------------------------------------------------- module swaps
+def _is_hf_self_attention(module: nn.Module) -> bool:
+    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value")) and \
+        hasattr(module, "num_attention_heads") and hasattr(module, "attention_head_size")
+
+
+def _is_timm_attention(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "qkv", None), nn.Linear) and isinstance(getattr(module, "proj", None), nn.Linear) \
+        and hasattr(module, "num_heads") and hasattr(module, "head_dim")
+
+
+class HFSelfAttention(nn.Module):
+    """Replaces a Hugging Face BERT-family ``*SelfAttention`` (encoder self-attention only);
+    keeps its ``query``/``key``/``value`` modules (and so the pretrained weights and names)."""
+
+    def __init__(self, old: nn.Module):
+        super().__init__()
+        if getattr(old, "position_embedding_type", "absolute") not in ("absolute", None):
+            raise UserError(f"relative position embeddings ({old.position_embedding_type}) are not supported "
+                            "by the attention transforms", fix="use a model with absolute position embeddings")
+        self.query, self.key, self.value = old.query, old.key, old.value
+        self.dropout = old.dropout if isinstance(getattr(old, "dropout", None), nn.Dropout) else nn.Dropout(0.0)
+        self.num_attention_heads = int(old.num_attention_heads)
+        self.attention_head_size = int(old.attention_head_size)
+        self.all_head_size = self.num_attention_heads * self.attention_head_size
+        self.core = AttentionCore(self.num_attention_heads, self.attention_head_size,
+                                  int(self.query.in_features), self.attention_head_size ** -0.5)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None \
+                or kwargs.get("encoder_hidden_states") is not None:
+            raise NotImplementedError("deploykit attention transforms cover encoder self-attention only")
+        b, t, _ = hidden_states.shape
+        shape = (b, t, self.num_attention_heads, self.attention_head_size)
+        q = self.query(hidden_states).view(shape).transpose(1, 2)
+        k = self.key(hidden_states).view(shape).transpose(1, 2)
+        v = self.value(hidden_states).view(shape).transpose(1, 2)
+        context = self.core(hidden_states, q, k, v, attention_mask, self.dropout)
+        return context.transpose(1, 2).reshape(b, t, self.all_head_size), None
+
+
+class TimmAttention(nn.Module):
+    """Replaces timm's ``Attention`` (ViT, DeiT, ...); keeps every submodule and its name."""
+
+    def __init__(self, old: nn.Module):
+        super().__init__()
+        self.num_heads, self.head_dim = int(old.num_heads), int(old.head_dim)
+        self.attn_dim = int(getattr(old, "attn_dim", self.num_heads * self.head_dim))
+        self.qkv, self.proj = old.qkv, old.proj
+        self.q_norm = getattr(old, "q_norm", nn.Identity())
+        self.k_norm = getattr(old, "k_norm", nn.Identity())
+        self.attn_drop = getattr(old, "attn_drop", nn.Dropout(0.0))
+        self.norm = getattr(old, "norm", nn.Identity())
+        self.gate = getattr(old, "gate", None)            # timm's own element-wise gate, if built with one
+        self.proj_drop = getattr(old, "proj_drop", nn.Dropout(0.0))
+        self.core = AttentionCore(self.num_heads, self.head_dim, int(self.qkv.in_features),
+                                  float(getattr(old, "scale", self.head_dim ** -0.5)))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        b, n, _ = x.shape
+        if is_causal:
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            attn_mask = causal if attn_mask is None else (attn_mask & causal if attn_mask.dtype == torch.bool
+                                                          else attn_mask.masked_fill(~causal, float("-inf")))
+        elementwise_gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = self.core(x, q, k, v, attn_mask, self.attn_drop)
+        out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
+        if elementwise_gate is not None:
+            out = out * elementwise_gate
+        return self.proj_drop(self.proj(out))
+
+
+def _swap_all(root: nn.Module) -> list[nn.Module]:
+    """Every attention module of ``root`` as a deploykit module (swapping where needed)."""
+    ours: list[nn.Module] = []
+    for parent_name, parent in list(root.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, (HFSelfAttention, TimmAttention)):
+                ours.append(child)
+            elif _is_hf_self_attention(child):
+                new = HFSelfAttention(child)
+                new.train(child.training)
+                setattr(parent, child_name, new)
+                ours.append(new)
+            elif _is_timm_attention(child):
+                new = TimmAttention(child)
+                new.train(child.training)
+                setattr(parent, child_name, new)
+                ours.append(new)
+    if not ours:
+        raise UserError("no attention module found to transform",
+                        fix="the attention transforms support Hugging Face BERT-family encoders and timm ViTs")
+    hf_config = getattr(getattr(root, "model", root), "config", None)
+    if hf_config is not None and hasattr(hf_config, "_attn_implementation"):
+        try:
+            hf_config._attn_implementation = "eager"        # the mask then arrives additive, as the core expects
+        except Exception:  # noqa: BLE001 - read-only in some versions; the core handles bool masks too
+            pass
+    return ours
+
+
+def attention_modules(root: nn.Module) -> list[nn.Module]:
+    return [m for m in root.modules() if isinstance(m, (HFSelfAttention, TimmAttention))]
+
+
+def apply_clipped_softmax(root: nn.Module, spec: SoftmaxSpec) -> int:
+    spec.validate()
+    modules = _swap_all(root)
+    for m in modules:
+        m.core.set_softmax(spec)
+    return len(modules)
+
+
+def apply_gated_attention(root: nn.Module, spec: GateSpec, *, seed: int | None = None) -> int:
+    spec.validate()
+    modules = _swap_all(root)
+    generator_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        for m in modules:
+            m.core.set_gate(spec)
+    finally:
+        if seed is not None:
+            torch.random.set_rng_state(generator_state)
+    return len(modules)
+
+
+@torch.no_grad()
+def fold_gate_scales(root: nn.Module) -> int:
+    """Multiply each fine-tuning gate's ``1/init`` into the output projection's weight (in place).
+
+    ``proj(s * g * ctx) = (s W) (g * ctx) + b``: exact up to float rounding. A timm module
+    with a norm between attention and projection keeps its scale (the norm is not linear).
+    Returns the number of folded modules.
+    """
+    folded = 0
+    for parent in root.modules():
+        targets = []
+        if isinstance(getattr(parent, "self", None), HFSelfAttention) and \
+                isinstance(getattr(getattr(parent, "output", None), "dense", None), nn.Linear):
+            targets.append((parent.self, parent.output.dense))
+        if isinstance(parent, TimmAttention) and isinstance(parent.norm, nn.Identity):
+            targets.append((parent, parent.proj))
+        for attn, proj in targets:
+            gate = attn.core.gate
+            if gate is not None and gate.scale != 1.0:
+                proj.weight.mul_(gate.scale)
+                gate.scale = 1.0
+                folded += 1
+    return folded
+
+
+def needs_folding(root: nn.Module) -> bool:
+    return any(m.core.gate is not None and m.core.gate.scale != 1.0 for m in attention_modules(root))
