@@ -3,7 +3,9 @@
 The caller runs the float model over calibration batches and hands each intermediate
 activation to a :class:`RangeCollector`; :meth:`RangeCollector.compute` then returns one
 :class:`TensorRange` per tensor, whose ``lo``/``hi`` feed QuantizeLinear's scale and
-zero point. Four methods: ``minmax`` (observed extremes), ``percentile`` (clip a share of
+zero point. Five methods: ``minmax`` (observed extremes), ``running-minmax`` (a moving
+average, momentum 0.9, of each batch's extremes: less sensitive to one extreme batch,
+and the estimator of the outlier paper's W8A8 setting), ``percentile`` (clip a share of
 the largest ``|x|``), ``entropy`` (TensorRT-style KL-divergence threshold) and ``mse``
 (the threshold that minimises the expected squared quantization error: rounding noise
 inside the range plus clipping error outside it). Every histogram method can be computed
@@ -34,7 +36,10 @@ import numpy as np
 
 from deploykit.errors import UserError
 
-METHODS = ("minmax", "percentile", "entropy", "mse")
+METHODS = ("minmax", "running-minmax", "percentile", "entropy", "mse")
+# Exponential moving average of per-batch extremes (the "running min-max" range estimator of
+# Bondarenko et al. 2023 and of Qualcomm's AIMET): x_t = m * x_{t-1} + (1 - m) * batch_t.
+RUNNING_MOMENTUM = 0.9
 
 # Q's value where Q == 0 but P > 0 (normalised distributions). Only reached when the
 # clipped tail lands in a group of Q with no unclipped mass.
@@ -116,6 +121,8 @@ class _Stats:
     nonfinite: int = 0
     sentinel: int = 0
     count2: int = 0  # values histogrammed in pass 2 (must end equal to count)
+    run_min: float | None = None   # running (EMA) min / max of per-batch extremes
+    run_max: float | None = None
     hist: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -139,7 +146,7 @@ class RangeCollector:
 
     @property
     def needs_second_pass(self) -> bool:
-        return self.config.method != "minmax"
+        return self.config.method not in ("minmax", "running-minmax")
 
     def observe(self, name: str, array: np.ndarray) -> None:
         """Pass 1: min, max and counts of one batch of tensor ``name``."""
@@ -153,8 +160,12 @@ class RangeCollector:
         st.sentinel += n_sentinel
         if good.size:
             st.count += int(good.size)
-            st.min = min(st.min, float(good.min()))
-            st.max = max(st.max, float(good.max()))
+            lo, hi = float(good.min()), float(good.max())
+            st.min = min(st.min, lo)
+            st.max = max(st.max, hi)
+            m = RUNNING_MOMENTUM
+            st.run_min = lo if st.run_min is None else m * st.run_min + (1.0 - m) * lo
+            st.run_max = hi if st.run_max is None else m * st.run_max + (1.0 - m) * hi
 
     def observe_second(self, name: str, array: np.ndarray) -> None:
         """Pass 2: histogram of ``|x|`` over ``[0, absmax]`` fixed by pass 1. No-op for minmax."""
@@ -201,7 +212,7 @@ class RangeCollector:
         cfg = config or self.config
         if cfg.num_bins != self.config.num_bins or cfg.sentinel_abs != self.config.sentinel_abs:
             raise ValueError("compute(config) must keep the collector's num_bins and sentinel_abs")
-        if cfg.method != "minmax" and not self.needs_second_pass:
+        if cfg.method not in ("minmax", "running-minmax") and not self.needs_second_pass:
             raise ValueError(f"method {cfg.method!r} needs histograms; collect with a histogram method")
         out: dict[str, TensorRange] = {}
         for name in sorted(self._stats):
@@ -239,6 +250,12 @@ class RangeCollector:
             if cfg.symmetric:
                 return -absmax, absmax
             return min(st.min, 0.0), max(st.max, 0.0)
+        if cfg.method == "running-minmax":
+            lo, hi = float(st.run_min), float(st.run_max)
+            if cfg.symmetric:
+                t = max(-lo, hi)
+                return -t, t
+            return min(lo, 0.0), max(hi, 0.0)
 
         if st.count2 != st.count:
             raise RuntimeError(

@@ -28,6 +28,7 @@ class DataSpec:
     evaluation: int = 1000
     seed: int = 0
     tuning: int = 0                 # > 0: a third disjoint split for accuracy-driven tuning
+    training: int = 0               # > 0: a fourth disjoint split to train on (-1: every sample left)
 
 
 @dataclass
@@ -54,39 +55,47 @@ class DataSplits:
     total_available: int
     info: dict[str, Any] = field(default_factory=dict)
     tuning: Split | None = None
+    training: Split | None = None
 
     def summary(self) -> dict[str, Any]:
         out = {"source": self.spec.source, "seed": self.spec.seed, "available": self.total_available,
                "calibration": self.calibration.summary(), "evaluation": self.evaluation.summary(), **self.info}
-        if self.tuning is not None:
-            out["tuning"] = self.tuning.summary()
+        for name in ("tuning", "training"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name).summary()
         return out
 
     def parts(self) -> list[tuple[str, Split]]:
         named = [("calibration", self.calibration), ("evaluation", self.evaluation)]
-        return named + ([("tuning", self.tuning)] if self.tuning is not None else [])
+        return named + [(name, getattr(self, name)) for name in ("tuning", "training")
+                        if getattr(self, name) is not None]
 
 
-def _split_indices(n: int, spec: DataSpec, where: str) -> list[np.ndarray]:
-    """Calibration, evaluation (and tuning) indices: consecutive slices of one seeded
-    permutation, so the first two do not depend on whether a tuning split is asked for."""
-    sizes = [spec.calibration, spec.evaluation] + ([spec.tuning] if spec.tuning else [])
-    need = sum(sizes)
-    if spec.calibration < 1 or spec.evaluation < 1 or spec.tuning < 0:
+def _split_indices(n: int, spec: DataSpec, where: str) -> list[np.ndarray | None]:
+    """Calibration, evaluation, tuning and training indices: consecutive slices of one seeded
+    permutation, so the earlier splits do not depend on whether a later one is asked for.
+    Splits of size 0 are None; ``training: -1`` takes every sample the others leave."""
+    if spec.calibration < 1 or spec.evaluation < 1 or spec.tuning < 0 or spec.training < -1:
         raise UserError("calibration and evaluation sizes must be at least 1", path=where,
                         fix="set data.calibration and data.evaluation to positive numbers")
     if n == 0:
         raise UserError("the data set is empty", path=where, fix="supply a data source with samples")
-    if n < need:
-        parts = " + ".join(f"{k} {name}" for k, name in zip(sizes, ("calibration", "evaluation", "tuning")))
-        raise UserError(f"the data source has {n} samples but {need} are needed ({parts})", path=where,
-                        fix="lower data.calibration / data.evaluation / quantize.tune.samples or supply more samples")
+    sizes = [spec.calibration, spec.evaluation, spec.tuning, max(spec.training, 0)]
+    if spec.training == -1:
+        sizes[3] = max(n - sum(sizes[:3]), 0)
+    need = sum(sizes)
+    if n < need or (spec.training == -1 and sizes[3] == 0):
+        parts = " + ".join(f"{k} {name}" for k, name in zip(sizes, _SPLIT_NAMES) if k)
+        raise UserError(f"the data source has {n} samples but {need} are needed ({parts})"
+                        + (" and none are left to train on" if spec.training == -1 else ""), path=where,
+                        fix="lower data.calibration / data.evaluation / data.training / quantize.tune.samples "
+                            "or supply more samples")
     order = np.random.default_rng(spec.seed).permutation(n)
     bounds = np.cumsum([0] + sizes)
-    return [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [np.sort(order[a:b]) if b > a else None for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-_SPLIT_NAMES = ("calibration", "evaluation", "tuning")
+_SPLIT_NAMES = ("calibration", "evaluation", "tuning", "training")
 
 
 def _check_feeds(feeds: dict[str, np.ndarray], bundle: ModelBundle, where: str) -> None:
@@ -112,6 +121,9 @@ def make_splits(bundle: ModelBundle, spec: DataSpec) -> DataSplits:
             texts = read_text_file(source)
         splits = []
         for name, idx in zip(_SPLIT_NAMES, _split_indices(len(texts), spec, source)):
+            if idx is None:
+                splits.append(None)
+                continue
             samples = [texts[i] for i in idx]
             splits.append(Split(name, bundle.preprocessor(samples), sha256_text(samples), samples=samples))
         info = {"max_length": bundle.preprocessor.max_length}
@@ -125,6 +137,9 @@ def make_splits(bundle: ModelBundle, spec: DataSpec) -> DataSplits:
         images, labels = digits()
         splits = []
         for name, idx in zip(_SPLIT_NAMES, _split_indices(len(images), spec, source)):
+            if idx is None:
+                splits.append(None)
+                continue
             raw = {"images": images[idx], "labels": labels[idx]}
             splits.append(Split(name, bundle.preprocessor(images[idx]), sha256_arrays(raw), labels=labels[idx]))
         return DataSplits(spec, splits[0], splits[1], len(images), {"img_size": bundle.preprocessor.img_size},
@@ -137,6 +152,9 @@ def make_splits(bundle: ModelBundle, spec: DataSpec) -> DataSplits:
         n = int(next(iter(arrays.values())).shape[0])
         splits = []
         for name, idx in zip(_SPLIT_NAMES, _split_indices(n, spec, source)):
+            if idx is None:
+                splits.append(None)
+                continue
             feeds = {k: v[idx] for k, v in arrays.items()}
             splits.append(Split(name, feeds, sha256_arrays(feeds),
                                 labels=None if labels is None else labels[idx]))

@@ -142,7 +142,7 @@ def calibrate_model(model_path: Path, out: Path, *, source: str | None, data: st
         splits = make_splits(bundle, DataSpec(source=data, calibration=spec.calibration, evaluation=spec.evaluation,
                                               seed=spec.seed, tuning=config.tune.samples if tuning else 0))
         split, tuning_split = splits.calibration, splits.tuning
-    label = "tuning" if tuning else config.method
+    label = "tuning" if tuning else config.resolved(preset).method
     with stage(f"calibrate {model_path} ({preset}, {label}, {split.count} samples)"):
         result = calibrate(model_path, split, out, config, tuning_split=tuning_split, default_preset=preset)
     summary = result.summary()
@@ -307,6 +307,10 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
         if kind not in BASELINE_VARIANT:
             raise UserError(f"unknown baseline '{kind}'", path=rec.path, fix=f"use {', '.join(BASELINE_VARIANT)}")
     run_dir = Path(out_root) / (name or rec.name)
+    if rec.study.variants:
+        from deploykit.study import run_study
+
+        return run_study(rec, run_dir)
     timings: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -328,8 +332,20 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
     with stage(f"data: {rec.data.source} (seed {rec.data.seed})"):
         spec = DataSpec(**{**asdict(rec.data), "tuning": rec.quantize.tune.samples if tuning else 0})
         splits = make_splits(bundle, spec)
-        data_paths = {name: save_split(split, run_dir / "data") for name, split in splits.parts()}
+        data_paths = {name: save_split(split, run_dir / "data") for name, split in splits.parts()
+                      if name != "training"}
     lap("data")
+    training = None
+    if rec.train.enabled:
+        from deploykit.study import train_variant
+        from deploykit.train import teacher_copy
+
+        teacher = None
+        if rec.train.mode == "distill":
+            teacher = teacher_copy(load_model(rec.model.source, {k: v for k, v in rec.model.options.items()
+                                                                 if k not in ("transforms", "checkpoint")}))
+        training = train_variant(bundle, rec, splits, run_dir, teacher=teacher)
+        lap("train")
     fp32_path, int8_path = run_dir / "model.onnx", run_dir / "model.int8.onnx"
     with stage("export"):
         parity_feeds = [dict(next(_batches(splits.evaluation, 8))), dict(next(_batches(splits.evaluation, 1)))]
@@ -338,7 +354,7 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
     say(f"  parity vs torch: max |diff| {exported.parity['max_abs_diff']:.3g}")
     lap("export")
     preset = rec.quantize.preset or (rec.target if rec.target in PRESETS else "gpu-trt")
-    with stage(f"calibrate ({preset}, {'tuning' if tuning else rec.quantize.method})"):
+    with stage(f"calibrate ({preset}, {'tuning' if tuning else rec.quantize.resolved(preset).method})"):
         cal = calibrate(fp32_path, splits.calibration, int8_path, rec.quantize, tuning_split=splits.tuning,
                         default_preset=preset)
     say(f"  {cal.qdq_counts['QuantizeLinear']} QuantizeLinear, {len(cal.quantized_nodes)} nodes quantized, "
@@ -381,6 +397,7 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
         **({"tuning": cal.tuning} if cal.tuning is not None else {}),
         "bench": bench_settings(rec.bench, threads),
         "acceptance": acceptance,
+        **({"training": training} if training else {}),
         "recipe_settings": rec.to_dict(),
         "timings_s": timings,
     })

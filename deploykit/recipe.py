@@ -19,6 +19,7 @@ from deploykit.bench import BenchConfig
 from deploykit.data import DataSpec
 from deploykit.errors import UserError
 from deploykit.quantize import QuantConfig
+from deploykit.train import TrainSpec
 from deploykit.verify import parse_rule, passes
 
 DEFAULT_RECIPE = "minilm-int8"
@@ -47,6 +48,19 @@ class BenchSpec(BenchConfig):
 
 
 @dataclass
+class StudySpec:
+    """Compare model variants built, trained and quantized the same way (e.g. the outlier study).
+
+    ``variants`` maps a name to the transforms added on top of ``model.options.transforms``;
+    each variant is trained (if ``train.enabled``), measured for activation outliers,
+    exported, quantized with every preset in ``presets`` and scored on the evaluation split.
+    """
+    variants: dict[str, Any] = field(default_factory=dict)
+    presets: list[str] = field(default_factory=lambda: ["paper-w8a8", "gpu-trt"])
+    outlier_samples: int | None = None       # None: the whole evaluation split
+
+
+@dataclass
 class Recipe:
     name: str = DEFAULT_RECIPE
     description: str = ""
@@ -55,6 +69,8 @@ class Recipe:
     data: DataSpec = field(default_factory=DataSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
     quantize: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    study: StudySpec = field(default_factory=StudySpec)
     verify: VerifySpec = field(default_factory=VerifySpec)
     bench: BenchSpec = field(default_factory=BenchSpec)
     baselines: list[str] = field(default_factory=list)         # e.g. [ort-dynamic]: compared variants
@@ -159,8 +175,24 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = 
     recipe_obj = _build(Recipe, data, str(path))
     recipe_obj.path = str(path)
     _check_acceptance(recipe_obj.acceptance, str(path))
+    _check_model(recipe_obj, str(path))
     _check_tune_criteria(recipe_obj.quantize.tune.criteria, str(path))
     return recipe_obj
+
+
+def _check_model(rec: Recipe, where: str) -> None:
+    from deploykit.quantize import PRESETS
+    from deploykit.recipes.transforms import check_transforms
+
+    check_transforms(rec.model.options.get("transforms"), where)
+    for name, transforms in rec.study.variants.items():
+        check_transforms(transforms or [], where)
+    for preset in rec.study.presets:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset '{preset}' in study.presets", path=where,
+                            fix=f"use {', '.join(PRESETS)}")
+    if rec.train.enabled:
+        rec.train.validate(where)
 
 
 def _check_acceptance(acceptance: dict[str, str], where: str) -> None:

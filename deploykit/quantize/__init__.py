@@ -14,6 +14,11 @@ Presets name the target's INT8 form:
              fuses DQ -> MatMul (-> bias Add) into int8 GEMMs.
 ``cpu-ort``  asymmetric uint8 activations x per-channel int8 weights on MatMul/Gemm: what
              ONNX Runtime's x86 integer kernels run fastest.
+``paper-w8a8``  the setting of Bondarenko et al. (2023), to compare like with like: symmetric
+             per-tensor int8 weights, asymmetric per-tensor uint8 activations with running
+             min-max ranges (momentum 0.9) on Linear outputs (every bias Add's output),
+             LayerNorm inputs and outputs, residual sums, softmax input and output. A
+             research setting (every activation rounded), not a deployment preset.
 
 ``calibrate`` runs one configuration, or with ``tune.enabled`` the accuracy-driven search
 (``deploykit.quantize.tune``): calibration method x SmoothQuant alpha x falling back the
@@ -42,8 +47,16 @@ from deploykit.quantize.graph import constant_names, is_float, iterate_activatio
 
 ACTIVATION_TYPES = ("int8", "uint8")
 PRESETS: dict[str, dict[str, Any]] = {
-    "gpu-trt": {"activation_type": "int8", "activation_symmetric": True, "op_types": ["MatMul", "Gemm"]},
-    "cpu-ort": {"activation_type": "uint8", "activation_symmetric": False, "op_types": ["MatMul", "Gemm"]},
+    "gpu-trt": {"activation_type": "int8", "activation_symmetric": True, "op_types": ["MatMul", "Gemm"],
+                "method": "percentile", "per_channel": True},
+    "cpu-ort": {"activation_type": "uint8", "activation_symmetric": False, "op_types": ["MatMul", "Gemm"],
+                "method": "percentile", "per_channel": True},
+    # Q/DQ on the inputs of MatMul (LayerNorm, GELU and softmax outputs, Q/K/V), Softmax (its
+    # input), LayerNormalization (residual sums) and Add, plus the *outputs* of Adds: the
+    # bias Add closes every Linear, so each Linear output is rounded once, as in the paper.
+    "paper-w8a8": {"activation_type": "uint8", "activation_symmetric": False,
+                   "op_types": ["MatMul", "Gemm", "Add", "Softmax", "LayerNormalization"],
+                   "output_op_types": ["Add"], "method": "running-minmax", "per_channel": False},
 }
 
 
@@ -69,16 +82,17 @@ class TuneConfig:
 
 @dataclass
 class QuantConfig:
-    preset: str | None = None                  # gpu-trt | cpu-ort (None: gpu-trt)
-    method: str = "percentile"                 # minmax | percentile | entropy | mse
+    preset: str | None = None                  # gpu-trt | cpu-ort | paper-w8a8 (None: gpu-trt)
+    method: str | None = None                  # minmax | running-minmax | percentile | entropy | mse (None: the preset's)
     percentile: float = 99.99
     num_bins: int = 2048
     op_types: list[str] | None = None          # None: the preset's
+    output_op_types: list[str] | None = None   # of those, the ones whose outputs get Q/DQ too (None: the preset's)
     residual_adds: bool = False                # also quantize residual Adds (two activation inputs)
     layernorm: bool = False                    # also quantize LayerNormalization inputs
     nodes_to_exclude: list[str] = field(default_factory=list)
     nodes_to_quantize: list[str] = field(default_factory=list)   # empty: every selected node
-    per_channel: bool = True
+    per_channel: bool | None = None            # None: the preset's
     activation_type: str | None = None         # None: the preset's (int8 | uint8)
     activation_symmetric: bool | None = None   # None: the preset's
     batch_size: int = 16
@@ -100,7 +114,7 @@ class QuantConfig:
         return out
 
     def validate(self) -> None:
-        if self.method not in METHODS:
+        if self.method is not None and self.method not in METHODS:
             raise UserError(f"unknown calibration method '{self.method}'", fix=f"use one of {', '.join(METHODS)}")
         if self.activation_type is not None and self.activation_type not in ACTIVATION_TYPES:
             raise UserError(f"unknown activation type '{self.activation_type}'", fix="use int8 or uint8")
@@ -222,7 +236,7 @@ def prepare(inferred: onnx.ModelProto, split: Split, config: QuantConfig, *, alp
                         fix="check quantize.op_types / nodes_to_quantize against the graph")
     tensors = tensors_to_calibrate(model, nodes)
     # Histograms (pass 2) serve every method but minmax; tuning may try any of them.
-    histograms = config.method != "minmax" or config.tune.enabled
+    histograms = config.method not in ("minmax", "running-minmax") or config.tune.enabled
     collector = RangeCollector(config.calibration_config("percentile" if histograms else "minmax"))
     for values in iterate_activations(model, tensors, split, config.batch_size, threads,
                                       description="calibrating: ranges"):
@@ -278,7 +292,8 @@ def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: l
              # Q/DQ on the inputs of the ops that run in INT8, not on their outputs (ORT's
              # default adds both): TensorRT's placement, and no extra rounding of e.g. the
              # outlier-heavy FFN output before the residual Add.
-             "OpTypesToExcludeOutputQuantization": op_types},
+             "OpTypesToExcludeOutputQuantization": [t for t in op_types
+                                                    if t not in (config.output_op_types or [])]},
         )
         quantizer.quantize_model()
     finally:

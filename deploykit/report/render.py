@@ -107,7 +107,8 @@ def validate_report(data: dict, *, path: str | Path | None = None) -> None:
             fail(f"environment['{key}']", f"must be a string{'' if key == 'python' else ' or null'}, "
                                           f"got {type(env[key]).__name__}")
 
-    for key in ("data", "export", "calibration", "bench", "timings_s", "distributions"):
+    for key in ("data", "export", "calibration", "bench", "timings_s", "distributions", "study", "training",
+                "outliers"):
         if key in data:
             need_dict(data[key], f"'{key}'")
     for stage, seconds in data.get("timings_s", {}).items():
@@ -492,6 +493,10 @@ def render_report(report_json: str | Path, out_dir: str | Path | None = None) ->
                f"({len(acceptance) - len(failed)} of {len(acceptance)} checks passed"
                + (f"; failed: {', '.join(failed)})" if failed else ")"), ""]
 
+    if isinstance(report.get("study"), dict) and report["study"].get("table"):
+        from deploykit.study import study_section
+
+        md += study_section(report, out, inputs)
     if report["accuracy"]:
         md += [*_accuracy_section(report["accuracy"]), ""]
     cosines = {v: d["cosine"] for v, d in (report.get("distributions") or {}).items() if d.get("cosine")}

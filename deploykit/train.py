@@ -1,0 +1,192 @@
+"""Small, honest CPU training: from scratch on labels, or distillation from a teacher.
+
+``scratch``  cross-entropy on the split's labels (image classification, e.g. a ViT on digits).
+``distill``  ``1 - cosine`` between the student's and the teacher's outputs (sentence
+             embeddings), the teacher being the model before any transform: fine-tunes a
+             pretrained encoder into its clipped-softmax / gated form without labels.
+
+AdamW with decoupled weight decay on matrices only, linear warm-up then cosine decay,
+gradient clipping; seeded shuffling and dropout so a run repeats exactly on one machine.
+The checkpoint is a safetensors file of the same module ``model.options.checkpoint`` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deploykit.data import Split, iterate_batches
+from deploykit.errors import UserError
+from deploykit.io import atomic_path
+from deploykit.models.base import ModelBundle
+from deploykit.progress import console, is_quiet
+
+MODES = ("scratch", "distill")
+
+
+@dataclass
+class TrainSpec:
+    enabled: bool = False
+    mode: str = "scratch"            # scratch | distill
+    epochs: float = 10.0
+    max_steps: int | None = None     # caps the steps the epochs give
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.05             # share of the steps
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    threads: int | None = None
+
+    def validate(self, where: str | None = None) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"unknown train.mode '{self.mode}'", path=where, fix=f"use {' or '.join(MODES)}")
+        if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
+            raise UserError("train needs epochs > 0, batch_size >= 1 and lr > 0", path=where,
+                            fix="check the train section")
+        if not 0.0 <= self.warmup < 1.0:
+            raise UserError(f"train.warmup {self.warmup} is outside [0, 1)", path=where, fix="use e.g. 0.05")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    losses: list[float]              # mean loss per logging window
+    log_every: int
+    final_loss: float
+    checkpoint: str | None
+
+    def summary(self) -> dict[str, Any]:
+        return {"steps": self.steps, "seconds": round(self.seconds, 1), "final_loss": self.final_loss,
+                "log_every": self.log_every, "losses": self.losses, "checkpoint": self.checkpoint}
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "gate" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(bundle: ModelBundle, split: Split, spec: TrainSpec, *, teacher: torch.nn.Module | None = None,
+          checkpoint: str | Path | None = None, description: str = "train") -> TrainResult:
+    """Train ``bundle.module`` in place on ``split``; write ``checkpoint`` (safetensors) if given."""
+    spec.validate()
+    if spec.mode == "scratch" and split.labels is None:
+        raise UserError("train.mode scratch needs labelled data (e.g. data.source: digits)",
+                        fix="use train.mode: distill for unlabelled text")
+    if spec.mode == "distill" and teacher is None:
+        raise ValueError("distillation needs a teacher module")
+    module = bundle.module
+    previous_threads = torch.get_num_threads()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+    rng = np.random.default_rng(spec.seed)
+    n = split.count
+    steps_per_epoch = -(-n // spec.batch_size)
+    total = max(1, int(round(spec.epochs * steps_per_epoch)))
+    if spec.max_steps:
+        total = min(total, spec.max_steps)
+    warmup = int(spec.warmup * total)
+    optimizer = torch.optim.AdamW(_param_groups(module, spec.weight_decay), lr=spec.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total, warmup))
+    labels = None if split.labels is None else torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
+    log_every = max(1, total // 50)
+    losses: list[float] = []
+    window: list[float] = []
+    start = time.perf_counter()
+    module.train()
+    if teacher is not None:
+        teacher.eval()
+    step = 0
+    try:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("  {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                      console=console, disable=is_quiet() or not console.is_terminal, transient=True) as progress:
+            task = progress.add_task(description, total=total, loss="-")
+            while step < total:
+                order = rng.permutation(n)
+                shuffled = {k: v[order] for k, v in split.feeds.items()}
+                for offset, feeds in zip(range(0, n, spec.batch_size), iterate_batches(shuffled, spec.batch_size)):
+                    if step >= total:
+                        break
+                    args = [torch.from_numpy(feeds[k]) for k in bundle.input_names]
+                    out = module(*args)
+                    if spec.mode == "scratch":
+                        target = labels[order[offset: offset + spec.batch_size]]
+                        loss = torch.nn.functional.cross_entropy(out, target, label_smoothing=spec.label_smoothing)
+                    else:
+                        with torch.no_grad():
+                            ref = teacher(*args)
+                        loss = (1.0 - torch.nn.functional.cosine_similarity(out, ref, dim=-1)).mean()
+                    if not torch.isfinite(loss):
+                        raise UserError(f"training diverged at step {step} (loss {loss.item()})",
+                                        fix="lower train.lr or raise train.warmup")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if spec.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(module.parameters(), spec.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    window.append(float(loss.detach()))
+                    step += 1
+                    if len(window) == log_every or step == total:
+                        losses.append(float(np.mean(window)))
+                        window = []
+                    progress.update(task, advance=1, loss=f"{losses[-1]:.4f}" if losses else "-")
+    finally:
+        module.eval()
+        torch.set_num_threads(previous_threads)
+    seconds = time.perf_counter() - start
+    if not is_quiet():
+        console.print(f"  {description}: {total} steps in {seconds:.0f} s, final loss {losses[-1]:.4f}")
+    saved = None
+    if checkpoint is not None:
+        saved = str(save_checkpoint(bundle, checkpoint))
+    return TrainResult(total, seconds, [round(v, 6) for v in losses], log_every, round(losses[-1], 6), saved)
+
+
+def save_checkpoint(bundle: ModelBundle, path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    from deploykit.models import checkpoint_target
+
+    path = Path(path)
+    state = {k: v.detach().contiguous().clone() for k, v in checkpoint_target(bundle).state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+    return path
+
+
+def teacher_copy(bundle: ModelBundle) -> torch.nn.Module:
+    """A frozen copy of the model as it is now (before transforms): the distillation teacher."""
+    teacher = copy.deepcopy(bundle.module)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def spec_dict(spec: TrainSpec) -> dict[str, Any]:
+    return asdict(spec)
