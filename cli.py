@@ -225,6 +225,56 @@ def calibrate(
                     config=config, default_preset=(rec.target if rec else "gpu-trt"))
 
 
+@app.command()
+@_guard
+def outliers(
+    source: Annotated[str, typer.Argument(help="Model source.")] = "embedded:minilm",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for outliers.json and outliers.png.")] = Path("."),
+    option: OptionOpt = None,
+    transform: Annotated[Optional[list[str]], typer.Option(
+        help="Model transform as an inline mapping, e.g. '{name: gated-attention, fine_tune: true}' "
+             "(repeatable, applied in order before --option checkpoint=... loads).")] = None,
+    data: DataOpt = "docstrings",
+    calibration: CalibOpt = 256,
+    evaluation: EvalOpt = 1000,
+    seed: SeedOpt = 0,
+    samples: Annotated[Optional[int], typer.Option(help="Evaluation samples to measure (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+) -> None:
+    """Activation outliers per layer (max |x| and kurtosis, as in Bondarenko et al. 2023): table and plot."""
+    import yaml
+
+    from deploykit.data import DataSpec
+    from deploykit.pipeline import outliers_model
+
+    options = _options(option)
+    if transform:
+        items = []
+        for raw in transform:
+            try:
+                items.append(yaml.safe_load(raw))
+            except yaml.YAMLError:
+                raise UserError(f"--transform '{raw}' is not a YAML mapping",
+                                fix="write e.g. --transform '{name: clipped-softmax, alpha: 3.2, seq_len: 128}'") from None
+        options["transforms"] = list(options.get("transforms") or []) + items
+    outliers_model(source, out, data=data, samples=samples, batch_size=batch_size, options=options,
+                   spec=DataSpec(source=data, calibration=calibration, evaluation=evaluation, seed=seed))
+
+
+@app.command()
+@_guard
+def train(
+    recipe: Annotated[str, typer.Argument(help="Recipe whose model, transforms, data and train section to use.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors).")] = Path(
+        "model.safetensors"),
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key (repeatable).")] = None,
+) -> None:
+    """Train or fine-tune (distil) a recipe's model with its transforms; write a safetensors checkpoint."""
+    from deploykit.pipeline import train_model
+
+    train_model(recipe, out, overrides=set_)
+
+
 @app.command("debug-quant")
 @_guard
 def debug_quant(

@@ -202,6 +202,57 @@ def _print_node_errors(errors) -> None:
     console.print(table)
 
 
+# ----------------------------------------------------------------------------- outliers
+def outliers_model(source: str, out_dir: Path, *, data: str, spec: DataSpec, samples: int | None = None,
+                   batch_size: int = 32, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The outlier metrics of Bondarenko et al. per layer -> ``outliers.json`` + ``outliers.png``."""
+    from deploykit.models import load_model
+    from deploykit.outliers import measure_outliers, plot_outliers, print_outliers
+
+    if samples is not None and samples < 1:
+        raise UserError("--samples must be at least 1", fix="e.g. --samples 256")
+    bundle = load_model(source, options)
+    split = stage_split(bundle, data, "evaluation", spec)
+    with stage(f"outliers {bundle.source} ({min(samples or split.count, split.count)} samples)"):
+        stats = measure_outliers(bundle, split, batch_size=batch_size, samples=samples)
+    print_outliers(stats)
+    result = {"model": bundle.source, "options": options or {}, "transforms": bundle.info.get("transforms", []),
+              "data": {"source": data, "seed": spec.seed, "evaluation_sha256": split.sha256}, **stats.to_dict()}
+    write_json(out_dir / "outliers.json", result)
+    plot_outliers({bundle.name: stats.to_dict()}, out_dir / "outliers.png")
+    say(f"wrote {out_dir / 'outliers.json'} and {out_dir / 'outliers.png'}")
+    return result
+
+
+# ----------------------------------------------------------------------------- train
+def train_model(recipe: str | Path, out: Path, *, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train the recipe's model (with its transforms) per its ``train`` section; write ``out``."""
+    from deploykit.models import load_model
+    from deploykit.train import train, teacher_copy
+
+    rec = load_recipe(recipe, overrides)
+    rec.train.validate(rec.path)
+    if out.suffix != ".safetensors":
+        raise UserError("the checkpoint is written as safetensors", path=out, fix="name it <something>.safetensors")
+    bundle = load_model(rec.model.source, rec.model.options)
+    spec = DataSpec(**asdict(rec.data))
+    if spec.training == 0:
+        spec.training = -1
+    splits = make_splits(bundle, spec)
+    teacher = None
+    if rec.train.mode == "distill":
+        plain = {k: v for k, v in rec.model.options.items() if k not in ("transforms", "checkpoint")}
+        teacher = teacher_copy(load_model(rec.model.source, plain))
+    result = train(bundle, splits.training, rec.train, teacher=teacher, checkpoint=out,
+                   description=f"train {rec.name}")
+    summary = {"recipe": rec.path, "transforms": bundle.info.get("transforms", []), **result.summary(),
+               "data": splits.summary(), "train": asdict(rec.train)}
+    write_json(out.with_suffix(".train.json"), summary)
+    say(f"wrote {out} ({result.steps} steps, final loss {result.final_loss:.4g}); load it with "
+        f"--option checkpoint={out} and the same transforms")
+    return summary
+
+
 # ----------------------------------------------------------------------------- verify
 def reference_outputs(bundle, split: Split, batch_size: int) -> np.ndarray:
     return run_split(TorchRunner(bundle), split, batch_size=batch_size, description="reference (torch fp32)")
