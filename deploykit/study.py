@@ -164,6 +164,7 @@ def study_table(variants: dict[str, Any], accuracy: dict[str, dict[str, float]],
             row["fp32"] = accuracy.get(f"{name}:torch-fp32", {}).get("top1")
             for p in presets:
                 row[p] = accuracy.get(f"{name}:{p}", {}).get("top1")
+                row[f"{p}_agree"] = accuracy.get(f"{name}:{p}", {}).get("top1_agreement")
         else:
             row["metric"] = "cosine_mean / nn_agreement vs teacher" if distill else "cosine_mean / nn_agreement"
             fp = accuracy.get(f"{name}:fp32", {})
@@ -189,8 +190,10 @@ def format_study_table(table: list[dict[str, Any]], presets: list[str]) -> tuple
             cells = [f"{num(r['fp32'])} / {num(r['fp32_nn'], 3)}"] + \
                     [f"{num(r[p])} / {num(r[f'{p}_nn'], 3)}" for p in presets]
         else:
-            cells = [f"{100 * r['fp32']:.1f}%" if r["fp32"] is not None else "—"] + \
-                    [f"{100 * r[p]:.1f}%" if r[p] is not None else "—" for p in presets]
+            def pct(v):
+                return "—" if v is None else f"{100 * v:.1f}%"
+
+            cells = [pct(r["fp32"])] + [f"{pct(r[p])} ({pct(r.get(f'{p}_agree'))} agree)" for p in presets]
         rows.append([r["variant"], cells[0], f"{r['max_inf_norm']:.1f}", f"{r['avg_kurtosis']:.1f}", *cells[1:]])
     return header, rows
 
@@ -203,7 +206,7 @@ def _print_table(table: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     presets = [k for k in table[0] if k not in ("variant", "max_inf_norm", "avg_kurtosis", "metric", "fp32", "fp32_nn")
-               and not k.endswith("_nn")]
+               and not k.endswith(("_nn", "_agree"))]
     header, rows = format_study_table(table, presets)
     out = Table(title=f"outlier study ({table[0]['metric']})")
     for h in header:
@@ -239,7 +242,8 @@ def study_section(report: dict[str, Any], out: Path, inputs: tuple[Path, ...]) -
     header, rows = format_study_table(study["table"], study["presets"])
     metric = study["table"][0]["metric"] if study["table"] else ""
     md = ["## Study: outlier-suppressing attention", "",
-          f"Metric: {metric} (reference: {study['reference']}). ∞-norm: the maximum over layers of the "
+          f"Metric: {metric} (reference: {study['reference']}; for top-1, 'agree' is the share of "
+          "predictions equal to the variant's own FP32). ∞-norm: the maximum over layers of the "
           "per-sequence max |x| averaged over the evaluation set; kurtosis averaged over layers (FFN output and "
           "block output).", ""]
     md += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]

@@ -7,6 +7,8 @@
 
 AdamW with decoupled weight decay on matrices only, linear warm-up then cosine decay,
 gradient clipping; seeded shuffling and dropout so a run repeats exactly on one machine.
+Dropout is on when training from scratch and off when distilling: a student that starts
+equal to its teacher (fine-tuning gates) would otherwise be pushed away from it by noise.
 The checkpoint is a safetensors file of the same module ``model.options.checkpoint`` loads.
 """
 
@@ -43,6 +45,7 @@ class TrainSpec:
     warmup: float = 0.05             # share of the steps
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
+    dropout: bool | None = None      # None: on from scratch, off when distilling (the target is exact)
     seed: int = 0
     threads: int | None = None
 
@@ -115,6 +118,11 @@ def train(bundle: ModelBundle, split: Split, spec: TrainSpec, *, teacher: torch.
     window: list[float] = []
     start = time.perf_counter()
     module.train()
+    dropout = spec.dropout if spec.dropout is not None else spec.mode == "scratch"
+    if not dropout:
+        for m in module.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
     if teacher is not None:
         teacher.eval()
     step = 0

@@ -217,7 +217,9 @@ def test_entropy_compute_is_fast():
 
 # -- streaming, determinism ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", METHODS)
+# running-minmax is a moving average of per-batch extremes: batch order matters by design
+# (tested in test_attention_recipes.py against the EMA formula).
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "running-minmax"])
 def test_batch_split_and_order_do_not_matter(method):
     rng = np.random.default_rng(8)
     data = with_bad_values(rng.standard_normal(30_000).astype(np.float32) * 2.0 - 0.5)
@@ -230,7 +232,7 @@ def test_batch_split_and_order_do_not_matter(method):
         split, col7 = calibrate(cfg, batches)
         rev, colr = calibrate(cfg, batches[::-1])
         assert whole == split == rev
-        if method != "minmax":
+        if method not in ("minmax", "running-minmax"):
             np.testing.assert_array_equal(col1.histogram("t"), col7.histogram("t"))
             np.testing.assert_array_equal(col1.histogram("t"), colr.histogram("t"))
 
