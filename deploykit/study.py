@@ -15,8 +15,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from deploykit.data import DataSpec, DataSplits, make_splits, save_split
 from deploykit.errors import UserError
 from deploykit.io import read_json, write_json, write_npz
