@@ -77,6 +77,9 @@ def export_onnx(bundle: ModelBundle, out_path: str | Path, *, opset: int = 18,
         except Exception as exc:
             raise RuntimeError(f"torch.onnx.export failed for {bundle.source}: {exc}\n{log.getvalue()}") from exc
     model = program.model_proto
+    from deploykit.plugins import attach_functions
+
+    custom_ops = attach_functions(model)       # deploykit nodes get their decompositions for ORT
     graph = model.graph
     if len(graph.output) != 1:
         raise RuntimeError(f"expected one output, the export has {len(graph.output)}")
@@ -85,7 +88,7 @@ def export_onnx(bundle: ModelBundle, out_path: str | Path, *, opset: int = 18,
     set_metadata(model, {
         "version": deploykit.__version__, "source": bundle.source, "name": bundle.name, "task": bundle.task,
         "input_names": bundle.input_names, "output_name": bundle.output_name, "info": bundle.info,
-        "variant": "fp32",
+        "variant": "fp32", **({"custom_ops": custom_ops} if custom_ops else {}),
     })
     onnx.checker.check_model(model, full_check=True)
     with atomic_path(out_path) as tmp:

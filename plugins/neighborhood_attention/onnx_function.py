@@ -1,0 +1,129 @@
+"""Neighborhood attention in ONNX: one ``deploykit`` node plus a local function ORT can run.
+
+``NeighborhoodAttention1D`` (q, k, v: B, H, L, D) and ``NeighborhoodAttention2D`` (B, H, X, Y,
+D) carry the attributes ``kernel_size``, ``dilation``, ``is_causal`` (ints, one per axis),
+``scale`` (float) and ``plugin_namespace = "deploykit"`` (TensorRT looks the plugin up by
+name and namespace). Names avoid every op TensorRT imports (e.g. ``Attention``).
+
+The decomposition follows reference.py: per axis, the window of each query is computed
+from the *dynamic* length (Range/Mod/Div/Min/Max), the ``prod(k)`` neighbour keys and
+values are gathered (O(N*k) memory, never N x N), and softmax runs over the neighbours.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import onnx
+import torch
+
+from deploykit.plugins.neighborhood_attention.reference import _per_axis, check_window, neighborhood_attention
+
+DOMAIN = "deploykit"
+OP_1D = "NeighborhoodAttention1D"
+OP_2D = "NeighborhoodAttention2D"
+PLUGIN_NAMESPACE = "deploykit"
+
+
+def _functions():
+    import onnxscript
+    from onnxscript import opset18 as op
+    from onnxscript.values import Opset
+
+    dk = Opset(DOMAIN, 1)
+
+    @onnxscript.script(dk, default_opset=op)
+    def AxisWindow(length, kernel, dilation, causal):
+        """(index, valid) of shape (L, k) for one axis: NATTEN's rules (see reference.py)."""
+        zero = op.Constant(value_int=0)
+        one = op.Constant(value_int=1)
+        i = op.Range(zero, length, one)
+        g = op.Mod(i, dilation)
+        j = op.Div(i, dilation)
+        group_len = op.Div(length - g + dilation - one, dilation)
+        centred = op.Min(op.Max(j - op.Div(kernel, op.Constant(value_int=2)), zero), group_len - kernel)
+        start = op.Where(causal, j - kernel + one, centred)
+        m = op.Unsqueeze(start, op.Constant(value_ints=[1])) + op.Unsqueeze(op.Range(zero, kernel, one),
+                                                                            op.Constant(value_ints=[0]))
+        valid = op.Or(op.Not(causal), op.GreaterOrEqual(m, zero))
+        index = op.Unsqueeze(g, op.Constant(value_ints=[1])) + op.Max(m, zero) * dilation
+        return index, valid
+
+    @onnxscript.script(dk, default_opset=op)
+    def AttendNeighbours(q, keys, values, valid, scale: float):
+        """q (B, H, N, D), keys/values (B, H, N, K, D), valid (N, K) -> (B, H, N, Dv)."""
+        scores = op.MatMul(op.Unsqueeze(q, op.Constant(value_ints=[3])), op.Transpose(keys, perm=[0, 1, 2, 4, 3]))
+        scores = scores * op.CastLike(op.Constant(value_float=scale), q)            # (B, H, N, 1, K)
+        scores = op.Where(op.Unsqueeze(valid, op.Constant(value_ints=[1])), scores,
+                          op.CastLike(op.Constant(value_float=float("-inf")), q))
+        out = op.MatMul(op.Softmax(scores, axis=-1), values)
+        return op.Squeeze(out, op.Constant(value_ints=[3]))
+
+    @onnxscript.script(dk, default_opset=op)
+    def NeighborhoodAttention1D(q, k, v, kernel_size: Sequence[int], dilation: Sequence[int],
+                                is_causal: Sequence[int], scale: float, plugin_namespace: str):
+        first = op.Constant(value_ints=[0])
+        kernel = op.Squeeze(op.Gather(op.Constant(value_ints=kernel_size), first), first)
+        dil = op.Squeeze(op.Gather(op.Constant(value_ints=dilation), first), first)
+        causal = op.Cast(op.Squeeze(op.Gather(op.Constant(value_ints=is_causal), first), first), to=9)
+        length = op.Squeeze(op.Gather(op.Shape(q), op.Constant(value_ints=[2])), first)
+        index, valid = AxisWindow(length, kernel, dil, causal)
+        keys = op.Gather(k, index, axis=2)
+        values = op.Gather(v, index, axis=2)
+        return AttendNeighbours(q, keys, values, valid, scale=scale)
+
+    @onnxscript.script(dk, default_opset=op)
+    def NeighborhoodAttention2D(q, k, v, kernel_size: Sequence[int], dilation: Sequence[int],
+                                is_causal: Sequence[int], scale: float, plugin_namespace: str):
+        a0 = op.Constant(value_ints=[0])
+        a1 = op.Constant(value_ints=[1])
+        kernels = op.Constant(value_ints=kernel_size)
+        dils = op.Constant(value_ints=dilation)
+        causals = op.Cast(op.Constant(value_ints=is_causal), to=9)
+        shape = op.Shape(q)
+        nx = op.Squeeze(op.Gather(shape, op.Constant(value_ints=[2])), a0)
+        ny = op.Squeeze(op.Gather(shape, op.Constant(value_ints=[3])), a0)
+        ix, vx = AxisWindow(nx, op.Squeeze(op.Gather(kernels, a0), a0), op.Squeeze(op.Gather(dils, a0), a0),
+                            op.Squeeze(op.Gather(causals, a0), a0))
+        iy, vy = AxisWindow(ny, op.Squeeze(op.Gather(kernels, a1), a0), op.Squeeze(op.Gather(dils, a1), a0),
+                            op.Squeeze(op.Gather(causals, a1), a0))
+        # (X, 1, kx, 1) * Y + (1, Y, 1, ky) -> (X, Y, kx, ky) -> (X*Y, kx*ky), row-major like reference.py
+        flat = op.Unsqueeze(ix, op.Constant(value_ints=[1, 3])) * ny + op.Unsqueeze(iy, op.Constant(value_ints=[0, 2]))
+        valid = op.And(op.Unsqueeze(vx, op.Constant(value_ints=[1, 3])), op.Unsqueeze(vy, op.Constant(value_ints=[0, 2])))
+        flat = op.Reshape(flat, op.Concat(op.Unsqueeze(nx * ny, a0), op.Constant(value_ints=[-1]), axis=0))
+        valid = op.Reshape(valid, op.Shape(flat))
+        head = op.Slice(shape, a0, op.Constant(value_ints=[2]))
+        seq = op.Concat(head, op.Constant(value_ints=[-1]), op.Slice(shape, op.Constant(value_ints=[4]),
+                                                                     op.Constant(value_ints=[5])), axis=0)
+        vseq = op.Concat(head, op.Constant(value_ints=[-1]), op.Slice(op.Shape(v), op.Constant(value_ints=[4]),
+                                                                      op.Constant(value_ints=[5])), axis=0)
+        keys = op.Gather(op.Reshape(k, seq), flat, axis=2)
+        values = op.Gather(op.Reshape(v, vseq), flat, axis=2)
+        out = AttendNeighbours(op.Reshape(q, seq), keys, values, valid, scale=scale)
+        out_shape = op.Concat(op.Slice(shape, a0, op.Constant(value_ints=[4])), op.Slice(
+            op.Shape(v), op.Constant(value_ints=[4]), op.Constant(value_ints=[5])), axis=0)
+        return op.Reshape(out, out_shape)
+
+    return [AxisWindow, AttendNeighbours, NeighborhoodAttention1D, NeighborhoodAttention2D]
+
+
+def function_protos() -> list[onnx.FunctionProto]:
+    return [f.to_function_proto() for f in _functions()]
+
+
+def na_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size, dilation=1, is_causal=False,
+          scale: float | None = None) -> torch.Tensor:
+    """Neighborhood attention for models: the reference in torch, one deploykit node in ONNX export."""
+    ndim = q.dim() - 3
+    if ndim not in (1, 2) or not torch.onnx.is_in_onnx_export():
+        return neighborhood_attention(q, k, v, kernel_size, dilation, is_causal, scale=scale)
+    kernels = [int(x) for x in _per_axis(kernel_size, ndim, "kernel_size")]
+    dilations = [int(x) for x in _per_axis(dilation, ndim, "dilation")]
+    causals = [int(bool(x)) for x in _per_axis(is_causal, ndim, "is_causal")]
+    for axis, (n, kk, dd) in enumerate(zip(q.shape[2:-1], kernels, dilations)):
+        if isinstance(n, int):
+            check_window(n, kk, dd, axis)
+    attrs = {"kernel_size": kernels, "dilation": dilations, "is_causal": causals,
+             "scale": float(q.shape[-1] ** -0.5 if scale is None else scale), "plugin_namespace": PLUGIN_NAMESPACE}
+    return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP_1D if ndim == 1 else OP_2D}", (q, k, v), attrs,
+                                   dtype=q.dtype, shape=(*q.shape[:-1], v.shape[-1]), version=1)
