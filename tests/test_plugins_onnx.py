@@ -133,3 +133,44 @@ def test_export_onnx_attaches_the_functions(tmp_path):
     assert get_metadata(model)["custom_ops"] == ["NeighborhoodAttention1D"]
     assert any(f.name == "NeighborhoodAttention1D" for f in model.functions)
     assert result.parity["max_abs_diff"] < 1e-5
+
+
+class Masked(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, q, k, v, key_mask):
+        return self.fn(q, k, v, key_mask)
+
+
+def test_key_mask_input_matches_reference():
+    import contextlib
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    fns = {
+        "na1d": (lambda q, k, v, m: na_op(q, k, v, 3, 1, False, key_mask=m),
+                 lambda q, k, v, m: neighborhood_attention(q, k, v, 3, key_mask=m)),
+        "linear": (lambda q, k, v, m: linear_attention_op(q, k, v, causal=True, chunk_size=4, key_mask=m),
+                   lambda q, k, v, m: linear_attention(q, k, v, causal=True, chunk_size=4, key_mask=m)),
+    }
+    for name, (op_fn, ref_fn) in fns.items():
+        q, k, v = (torch.randn(2, 2, 12, 4) for _ in range(3))
+        mask = torch.ones(2, 12, dtype=torch.bool)
+        mask[1, 5:] = False          # query 10's whole window [9, 11] is padding: it outputs zeros
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(Masked(op_fn), (q, k, v, mask), dynamo=True,
+                                        input_names=["q", "k", "v", "key_mask"], opset_version=18,
+                                        dynamic_shapes=({0: "b", 2: "n"},) * 3 + ({0: "b", 1: "n"},))
+        model = program.model_proto
+        attach_functions(model)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "key_mask": mask.numpy()})[0]
+        expected = ref_fn(q, k, v, mask).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        if name == "na1d":
+            assert np.all(got[1, :, 10] == 0)

@@ -2,7 +2,8 @@
 
 Attributes: ``feature_map`` (0 elu+1, 1 relu, 2 sigmoid), ``is_causal``, ``normalize``
 (ints), ``decay`` (floats, one per head or one for all; 1 = none), ``chunk_size``, ``eps``,
-``plugin_namespace = "deploykit"``. Inputs q, k (B, H, N, D), v (B, H, N, Dv).
+``plugin_namespace = "deploykit"``. Inputs q, k (B, H, N, D), v (B, H, N, Dv), key_mask
+(B, N) bool, always present (all True without padding): padded keys get ``phi(k) = 0``.
 
 Decomposition (reference.py's math, memory linear in N):
 
@@ -48,10 +49,11 @@ def _functions():
         return y
 
     @onnxscript.script(dk, default_opset=op)
-    def LinearAttention(q, k, v, feature_map: int, is_causal: int, normalize: int, decay: Sequence[float],
+    def LinearAttention(q, k, v, key_mask, feature_map: int, is_causal: int, normalize: int, decay: Sequence[float],
                         chunk_size: int, eps: float, plugin_namespace: str):
         fq = FeatureMap(q, feature_map=feature_map)
-        fk = FeatureMap(k, feature_map=feature_map)
+        fk = FeatureMap(k, feature_map=feature_map) * op.CastLike(
+            op.Unsqueeze(key_mask, op.Constant(value_ints=[1, 3])), k)
         epsilon = op.CastLike(op.Constant(value_float=eps), q)
         causal = op.Constant(value_int=is_causal)
         if causal == 0:
@@ -123,16 +125,18 @@ def function_protos() -> list[onnx.FunctionProto]:
 
 def linear_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, feature: str = "elu1",
                         causal: bool = False, decay=None, normalize: bool = True, chunk_size: int = 64,
-                        eps: float = EPS) -> torch.Tensor:
+                        eps: float = EPS, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Linear attention for models: the reference in torch, one deploykit node in ONNX export."""
     if not torch.onnx.is_in_onnx_export():
         return linear_attention(q, k, v, feature=feature, causal=causal, decay=decay, normalize=normalize,
-                                chunk_size=chunk_size, eps=eps)
+                                chunk_size=chunk_size, eps=eps, key_mask=key_mask)
+    if key_mask is None:
+        key_mask = torch.ones_like(q[:, 0, :, 0], dtype=torch.bool)
     if feature not in FEATURE_MAPS:
         linear_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], feature=feature)   # raises the one-line error
     # Attributes are constants: decay must be Python numbers (a float or one per head) at export.
     decays = [1.0] if decay is None else [float(x) for x in (decay if isinstance(decay, (list, tuple)) else [decay])]
     attrs = {"feature_map": FEATURE_MAPS.index(feature), "is_causal": int(bool(causal)), "normalize": int(normalize),
              "decay": decays, "chunk_size": int(chunk_size), "eps": float(eps), "plugin_namespace": PLUGIN_NAMESPACE}
-    return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP}", (q, k, v), attrs, dtype=q.dtype,
+    return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP}", (q, k, v, key_mask.bool()), attrs, dtype=q.dtype,
                                    shape=(*q.shape[:-1], v.shape[-1]), version=1)

@@ -1,13 +1,16 @@
 """Neighborhood attention in ONNX: one ``deploykit`` node plus a local function ORT can run.
 
-``NeighborhoodAttention1D`` (q, k, v: B, H, L, D) and ``NeighborhoodAttention2D`` (B, H, X, Y,
-D) carry the attributes ``kernel_size``, ``dilation``, ``is_causal`` (ints, one per axis),
+``NeighborhoodAttention1D`` (q, k, v: B, H, L, D; key_mask: B, L bool) and
+``NeighborhoodAttention2D`` (B, H, X, Y, D; key_mask: B, X, Y) carry the attributes ``kernel_size``, ``dilation``, ``is_causal`` (ints, one per axis),
 ``scale`` (float) and ``plugin_namespace = "deploykit"`` (TensorRT looks the plugin up by
 name and namespace). Names avoid every op TensorRT imports (e.g. ``Attention``).
 
 The decomposition follows reference.py: per axis, the window of each query is computed
 from the *dynamic* length (Range/Mod/Div/Min/Max), the ``prod(k)`` neighbour keys and
 values are gathered (O(N*k) memory, never N x N), and softmax runs over the neighbours.
+``key_mask`` (True = a real token) is always an input: padded keys leave every window, and
+a query whose window holds no real key outputs zeros, as in reference.py. Models without
+padding pass all-True (the exporter does it for them).
 """
 
 from __future__ import annotations
@@ -50,17 +53,19 @@ def _functions():
         return index, valid
 
     @onnxscript.script(dk, default_opset=op)
-    def AttendNeighbours(q, keys, values, valid, scale: float):
-        """q (B, H, N, D), keys/values (B, H, N, K, D), valid (N, K) -> (B, H, N, Dv)."""
+    def AttendNeighbours(q, keys, values, valid, flat, key_mask, scale: float):
+        """q (B, H, N, D), keys/values (B, H, N, K, D), valid and flat (N, K), key_mask (B, N) -> (B, H, N, Dv)."""
         scores = op.MatMul(op.Unsqueeze(q, op.Constant(value_ints=[3])), op.Transpose(keys, perm=[0, 1, 2, 4, 3]))
         scores = scores * op.CastLike(op.Constant(value_float=scale), q)            # (B, H, N, 1, K)
-        scores = op.Where(op.Unsqueeze(valid, op.Constant(value_ints=[1])), scores,
-                          op.CastLike(op.Constant(value_float=float("-inf")), q))
-        out = op.MatMul(op.Softmax(scores, axis=-1), values)
+        allowed = op.And(op.Unsqueeze(valid, op.Constant(value_ints=[0])), op.Gather(key_mask, flat, axis=1))
+        allowed = op.Unsqueeze(allowed, op.Constant(value_ints=[1, 3]))            # (B, 1, N, 1, K)
+        scores = op.Where(allowed, scores, op.CastLike(op.Constant(value_float=float("-inf")), q))
+        probs = op.Where(allowed, op.Softmax(scores, axis=-1), op.CastLike(op.Constant(value_float=0.0), q))
+        out = op.MatMul(probs, values)
         return op.Squeeze(out, op.Constant(value_ints=[3]))
 
     @onnxscript.script(dk, default_opset=op)
-    def NeighborhoodAttention1D(q, k, v, kernel_size: Sequence[int], dilation: Sequence[int],
+    def NeighborhoodAttention1D(q, k, v, key_mask, kernel_size: Sequence[int], dilation: Sequence[int],
                                 is_causal: Sequence[int], scale: float, plugin_namespace: str):
         first = op.Constant(value_ints=[0])
         kernel = op.Squeeze(op.Gather(op.Constant(value_ints=kernel_size), first), first)
@@ -70,10 +75,10 @@ def _functions():
         index, valid = AxisWindow(length, kernel, dil, causal)
         keys = op.Gather(k, index, axis=2)
         values = op.Gather(v, index, axis=2)
-        return AttendNeighbours(q, keys, values, valid, scale=scale)
+        return AttendNeighbours(q, keys, values, valid, index, key_mask, scale=scale)
 
     @onnxscript.script(dk, default_opset=op)
-    def NeighborhoodAttention2D(q, k, v, kernel_size: Sequence[int], dilation: Sequence[int],
+    def NeighborhoodAttention2D(q, k, v, key_mask, kernel_size: Sequence[int], dilation: Sequence[int],
                                 is_causal: Sequence[int], scale: float, plugin_namespace: str):
         a0 = op.Constant(value_ints=[0])
         a1 = op.Constant(value_ints=[1])
@@ -99,7 +104,8 @@ def _functions():
                                                                       op.Constant(value_ints=[5])), axis=0)
         keys = op.Gather(op.Reshape(k, seq), flat, axis=2)
         values = op.Gather(op.Reshape(v, vseq), flat, axis=2)
-        out = AttendNeighbours(op.Reshape(q, seq), keys, values, valid, scale=scale)
+        mask = op.Reshape(key_mask, op.Concat(op.Slice(shape, a0, a1), op.Constant(value_ints=[-1]), axis=0))
+        out = AttendNeighbours(op.Reshape(q, seq), keys, values, valid, flat, mask, scale=scale)
         out_shape = op.Concat(op.Slice(shape, a0, op.Constant(value_ints=[4])), op.Slice(
             op.Shape(v), op.Constant(value_ints=[4]), op.Constant(value_ints=[5])), axis=0)
         return op.Reshape(out, out_shape)
@@ -112,11 +118,13 @@ def function_protos() -> list[onnx.FunctionProto]:
 
 
 def na_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size, dilation=1, is_causal=False,
-          scale: float | None = None) -> torch.Tensor:
+          scale: float | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Neighborhood attention for models: the reference in torch, one deploykit node in ONNX export."""
     ndim = q.dim() - 3
     if ndim not in (1, 2) or not torch.onnx.is_in_onnx_export():
-        return neighborhood_attention(q, k, v, kernel_size, dilation, is_causal, scale=scale)
+        return neighborhood_attention(q, k, v, kernel_size, dilation, is_causal, scale=scale, key_mask=key_mask)
+    if key_mask is None:
+        key_mask = torch.ones_like(q[:, 0, ..., 0], dtype=torch.bool)
     kernels = [int(x) for x in _per_axis(kernel_size, ndim, "kernel_size")]
     dilations = [int(x) for x in _per_axis(dilation, ndim, "dilation")]
     causals = [int(bool(x)) for x in _per_axis(is_causal, ndim, "is_causal")]
@@ -125,5 +133,5 @@ def na_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size, dilati
             check_window(n, kk, dd, axis)
     attrs = {"kernel_size": kernels, "dilation": dilations, "is_causal": causals,
              "scale": float(q.shape[-1] ** -0.5 if scale is None else scale), "plugin_namespace": PLUGIN_NAMESPACE}
-    return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP_1D if ndim == 1 else OP_2D}", (q, k, v), attrs,
+    return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP_1D if ndim == 1 else OP_2D}", (q, k, v, key_mask.bool()), attrs,
                                    dtype=q.dtype, shape=(*q.shape[:-1], v.shape[-1]), version=1)
