@@ -169,6 +169,69 @@ class HeadGate(nn.Module):
         return torch.sigmoid(logits).transpose(1, 2).unsqueeze(-1)            # (B, H, T, 1)
 
 
+# ----------------------------------------------------------------------------- attention swaps
+def key_validity(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor | None:
+    """(B, T) True for real keys, from an additive or boolean (B, 1, T|1, T) mask."""
+    if mask is None:
+        return None
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    allowed = allowed.expand(batch, -1, -1, length)
+    return allowed.any(dim=-2)[:, 0]
+
+
+@dataclass
+class MixerSpec:
+    """Replace dense softmax attention by deploykit's ops (plugins/), keeping q, k, v and weights.
+
+    ``neighborhood``: a window of ``kernel_size`` keys (dilation, causal per axis). On a
+    timm ViT the patch tokens attend over the 2-D patch grid; the class (and register)
+    tokens are prefix tokens that keep dense attention over every token, and patch tokens
+    do not see them (stated, not hidden: the class token still gathers the whole image).
+    On text it is a 1-D window over the tokens, padding excluded.
+    ``linear``: kernelized attention with ``feature`` (elu1 | relu | sigmoid), optionally
+    causal with per-head ``decay``; the softmax scale is not used.
+    """
+    kind: str = "neighborhood"
+    kernel_size: list[int] | int = 7
+    dilation: list[int] | int = 1
+    causal: bool = False
+    feature: str = "elu1"
+    decay: list[float] | float | None = None
+    grid: list[int] | None = None        # ViT patch grid (set by the swap)
+    prefix_tokens: int = 0               # ViT class/register tokens (set by the swap)
+
+    def validate(self) -> None:
+        if self.kind not in ("neighborhood", "linear"):
+            raise UserError(f"unknown attention swap '{self.kind}'", fix="use neighborhood or linear")
+        if self.kind == "linear":
+            from deploykit.plugins.linear_attention import FEATURE_MAPS
+
+            if self.feature not in FEATURE_MAPS:
+                raise UserError(f"unknown feature map '{self.feature}'", fix=f"use one of {', '.join(FEATURE_MAPS)}")
+
+    def apply(self, q, k, v, mask, scale: float) -> torch.Tensor:
+        b, _, t, _ = q.shape
+        valid = key_validity(mask, b, t, q.device)
+        if self.kind == "linear":
+            from deploykit.plugins.linear_attention.onnx_function import linear_attention_op
+
+            return linear_attention_op(q, k, v, feature=self.feature, causal=self.causal, decay=self.decay,
+                                       key_mask=valid)
+        from deploykit.plugins.neighborhood_attention.onnx_function import na_op
+
+        if self.grid is None:
+            return na_op(q, k, v, self.kernel_size, self.dilation, self.causal, scale=scale, key_mask=valid)
+        p = self.prefix_tokens
+        gx, gy = self.grid
+        patches = [x[:, :, p:].reshape(b, x.shape[1], gx, gy, x.shape[-1]) for x in (q, k, v)]
+        out = na_op(*patches, self.kernel_size, self.dilation, self.causal, scale=scale)
+        out = out.reshape(b, q.shape[1], gx * gy, v.shape[-1])
+        if p == 0:
+            return out
+        prefix = torch.softmax(q[:, :, :p] @ k.transpose(-1, -2) * scale, dim=-1) @ v     # dense rows for prefix
+        return torch.cat([prefix, out], dim=2)
+
+
 # ----------------------------------------------------------------------------- the shared core
 class AttentionCore(nn.Module):
     """``softmax(q k^T * scale + mask) v`` with an optional clipped softmax and head gate."""
@@ -178,6 +241,7 @@ class AttentionCore(nn.Module):
         self.num_heads, self.head_dim, self.d_model, self.scale = num_heads, head_dim, d_model, scale
         self.softmax_spec: SoftmaxSpec | None = None
         self.gate: HeadGate | None = None
+        self.mixer: MixerSpec | None = None          # neighborhood / linear attention instead of dense softmax
 
     def set_softmax(self, spec: SoftmaxSpec) -> None:
         spec.validate()
@@ -186,9 +250,16 @@ class AttentionCore(nn.Module):
     def set_gate(self, spec: GateSpec) -> None:
         self.gate = HeadGate(spec, self.num_heads, self.head_dim, self.d_model)
 
+    def set_mixer(self, spec: MixerSpec) -> None:
+        if self.softmax_spec is not None:
+            raise UserError("clipped softmax and an attention swap do not combine (the swapped ops use their own "
+                            "normalisation)", fix="list either clipped-softmax or the attention swap")
+        self.mixer = spec
+
     def describe(self) -> dict[str, Any]:
         return {"softmax": asdict(self.softmax_spec) if self.softmax_spec else None,
-                "gate": {"kind": self.gate.kind, "scale": self.gate.scale} if self.gate else None}
+                "gate": {"kind": self.gate.kind, "scale": self.gate.scale} if self.gate else None,
+                "mixer": asdict(self.mixer) if self.mixer else None}
 
     def probabilities(self, scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         spec = self.softmax_spec
@@ -205,10 +276,13 @@ class AttentionCore(nn.Module):
     def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None, dropout: nn.Module | None = None) -> torch.Tensor:
         """``x`` (B, T, d_model): the block input (for the gate); q, k, v (B, H, T, d); -> (B, H, T, d)."""
-        probs = self.probabilities(torch.matmul(q, k.transpose(-1, -2)) * self.scale, mask)
-        if dropout is not None:
-            probs = dropout(probs)
-        context = torch.matmul(probs, v)
+        if self.mixer is not None:
+            context = self.mixer.apply(q, k, v, mask, self.scale)
+        else:
+            probs = self.probabilities(torch.matmul(q, k.transpose(-1, -2)) * self.scale, mask)
+            if dropout is not None:
+                probs = dropout(probs)
+            context = torch.matmul(probs, v)
         if self.gate is not None:
             gate = self.gate(x)
             context = context * (gate * self.gate.scale if self.gate.scale != 1.0 else gate)
@@ -343,6 +417,21 @@ def apply_gated_attention(root: nn.Module, spec: GateSpec, *, seed: int | None =
     finally:
         if seed is not None:
             torch.random.set_rng_state(generator_state)
+    return len(modules)
+
+
+def apply_attention_swap(root: nn.Module, spec: MixerSpec) -> int:
+    spec.validate()
+    modules = _swap_all(root)
+    patch_embed = getattr(root, "patch_embed", None)
+    for m in modules:
+        m_spec = MixerSpec(**asdict(spec))
+        if isinstance(m, TimmAttention) and spec.kind == "neighborhood":
+            if patch_embed is None or not hasattr(patch_embed, "grid_size"):
+                raise UserError("a 2-D neighborhood needs the ViT's patch grid", fix="use a timm VisionTransformer")
+            m_spec.grid = [int(g) for g in patch_embed.grid_size]
+            m_spec.prefix_tokens = int(getattr(root, "num_prefix_tokens", 0))
+        m.core.set_mixer(m_spec)
     return len(modules)
 
 

@@ -7,6 +7,8 @@ Each entry is a mapping with ``name`` and the transform's settings::
       - {name: clipped-softmax, alpha: 3.2, length_normalised: true}
       - {name: gated-attention, gate: per-head, init: 0.25}       # from scratch
       - {name: gated-attention, gate: per-head, init: 0.25, fine_tune: true}
+      - {name: neighborhood-attention, kernel_size: 7}       # 1-D window (text) / 2-D (ViT patch grid)
+      - {name: linear-attention, feature: elu1}
 
 Transforms compose: a clipped *and* gated model lists both. They run on the torch module
 before any checkpoint is loaded, so a checkpoint trained with a transform (gate weights
@@ -45,9 +47,20 @@ def _gated(root: nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
     return {"modules": count, "gate": spec.kind, "init": spec.init, "fine_tune": spec.fine_tune}
 
 
+def _swap(kind: str):
+    def run(root: nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
+        from deploykit.recipes.attention import MixerSpec, apply_attention_swap
+
+        spec = MixerSpec(kind=kind, **{k: v for k, v in settings.items() if k != "name"})
+        return {"modules": apply_attention_swap(root, spec), **{k: v for k, v in settings.items() if k != "name"}}
+    return run
+
+
 TRANSFORMS: dict[str, tuple[Callable[[nn.Module, dict[str, Any]], dict[str, Any]], set[str]]] = {
     "clipped-softmax": (_clipped, {"zeta", "gamma", "alpha", "seq_len", "length_normalised"}),
     "gated-attention": (_gated, {"gate", "init", "fine_tune", "seed"}),
+    "neighborhood-attention": (_swap("neighborhood"), {"kernel_size", "dilation", "causal"}),
+    "linear-attention": (_swap("linear"), {"feature", "causal", "decay"}),
 }
 
 

@@ -341,3 +341,45 @@ def test_outliers_and_train_commands(tmp_path):
               "--set", "model.options.transforms=[{name: gated-attention}]", cwd=tmp_path)
     summary = json.loads((tmp_path / "ckpt.train.json").read_text())
     assert summary["steps"] == 3 and (tmp_path / "ckpt.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- attention swaps
+def test_full_window_neighborhood_swap_equals_dense_attention():
+    # No class token: a 2-D window as large as the 4 x 4 patch grid sees every patch, which
+    # is dense attention. The swap keeps all weights, so the outputs must agree.
+    extra = {"kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 4, "class_token": False, "global_pool": "avg"}}
+    dense = tiny_vit(**extra)
+    swapped = tiny_vit([{"name": "neighborhood-attention", "kernel_size": 4}], **extra)
+    images = dense.example_feeds(batch=3)
+    np.testing.assert_allclose(swapped.run_torch(images), dense.run_torch(images), atol=1e-5)  # fp32 sum order
+    narrow = tiny_vit([{"name": "neighborhood-attention", "kernel_size": 3}], **extra)
+    assert np.abs(narrow.run_torch(images) - dense.run_torch(images)).max() > 1e-3
+
+
+def test_swapped_models_export_custom_nodes_that_ort_runs(tmp_path, tiny_bundle):
+    import onnx
+
+    from deploykit.export import export_onnx
+    from deploykit.models import load_model
+
+    vit = tiny_vit([{"name": "neighborhood-attention", "kernel_size": 2, "dilation": [1, 2]}])  # 4 x 4 grid
+    result = export_onnx(vit, tmp_path / "vit.onnx")          # parity vs torch on ORT, inside
+    assert result.parity["max_abs_diff"] < 1e-5              # fp32 kernels differ in summation order
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "vit.onnx")).graph.node if n.domain == "deploykit"]
+    assert ops == ["NeighborhoodAttention2D"] * 2
+    bert = load_model(tiny_bundle.source, {"max_length": 64, "transforms": [{"name": "linear-attention"}]})
+    assert export_onnx(bert, tmp_path / "bert.onnx").parity["max_abs_diff"] < 1e-5
+    # Linear attention drops padded keys exactly: a sentence's embedding ignores the padding after it.
+    feeds = tiny_bundle.preprocessor(["padding must not change this sentence"])
+    n = int(feeds["attention_mask"].sum())
+    np.testing.assert_allclose(bert.run_torch({k: v[:, :n] for k, v in feeds.items()}),
+                               bert.run_torch({k: v[:, :n + 9] for k, v in feeds.items()}), atol=1e-6)
+
+
+def test_attention_swap_settings_are_checked():
+    with pytest.raises(UserError, match="does not take"):
+        tiny_vit([{"name": "neighborhood-attention", "window": 3}])
+    with pytest.raises(UserError, match="feature map"):
+        tiny_vit([{"name": "linear-attention", "feature": "softplus"}])
+    with pytest.raises(UserError, match="do not combine"):
+        tiny_vit([{"name": "clipped-softmax", "gamma": -0.01}, {"name": "linear-attention"}])
