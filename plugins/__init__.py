@@ -7,7 +7,17 @@ tested against.
 
 from __future__ import annotations
 
-DOMAIN = "deploykit"
+DOMAIN = "deploykit"                 # ONNX domain of every deploykit node
+PLUGIN_NAMESPACE = "deploykit"       # the TensorRT plugin namespace the nodes name
+
+
+def script_env():
+    """(onnxscript, the opset-18 ops, the deploykit opset) for writing ONNX functions."""
+    import onnxscript
+    from onnxscript import opset18 as op
+    from onnxscript.values import Opset
+
+    return onnxscript, op, Opset(DOMAIN, 1)
 
 
 def function_protos() -> list:

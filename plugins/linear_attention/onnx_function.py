@@ -22,19 +22,14 @@ from typing import Sequence
 import onnx
 import torch
 
+from deploykit.plugins import DOMAIN, PLUGIN_NAMESPACE, script_env
 from deploykit.plugins.linear_attention.reference import EPS, FEATURE_MAPS, linear_attention
 
-DOMAIN = "deploykit"
 OP = "LinearAttention"
-PLUGIN_NAMESPACE = "deploykit"
 
 
 def _functions():
-    import onnxscript
-    from onnxscript import opset18 as op
-    from onnxscript.values import Opset
-
-    dk = Opset(DOMAIN, 1)
+    onnxscript, op, dk = script_env()
 
     @onnxscript.script(dk, default_opset=op)
     def FeatureMap(x, feature_map: int):

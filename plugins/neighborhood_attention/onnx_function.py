@@ -20,20 +20,15 @@ from typing import Sequence
 import onnx
 import torch
 
+from deploykit.plugins import DOMAIN, PLUGIN_NAMESPACE, script_env
 from deploykit.plugins.neighborhood_attention.reference import _per_axis, check_window, neighborhood_attention
 
-DOMAIN = "deploykit"
 OP_1D = "NeighborhoodAttention1D"
 OP_2D = "NeighborhoodAttention2D"
-PLUGIN_NAMESPACE = "deploykit"
 
 
 def _functions():
-    import onnxscript
-    from onnxscript import opset18 as op
-    from onnxscript.values import Opset
-
-    dk = Opset(DOMAIN, 1)
+    onnxscript, op, dk = script_env()
 
     @onnxscript.script(dk, default_opset=op)
     def AxisWindow(length, kernel, dilation, causal):
