@@ -187,7 +187,8 @@ class MixerSpec:
     timm ViT the patch tokens attend over the 2-D patch grid; the class (and register)
     tokens are prefix tokens that keep dense attention over every token, and patch tokens
     do not see them (stated, not hidden: the class token still gathers the whole image).
-    On text it is a 1-D window over the tokens, padding excluded.
+    On text it is a 1-D window placed on each sentence's own length (padding never
+    changes a sentence's output).
     ``linear``: kernelized attention with ``feature`` (elu1 | relu | sigmoid), optionally
     causal with per-head ``decay``; the softmax scale is not used.
     """

@@ -367,13 +367,15 @@ def test_swapped_models_export_custom_nodes_that_ort_runs(tmp_path, tiny_bundle)
     assert result.parity["max_abs_diff"] < 1e-5              # fp32 kernels differ in summation order
     ops = [n.op_type for n in onnx.load(str(tmp_path / "vit.onnx")).graph.node if n.domain == "deploykit"]
     assert ops == ["NeighborhoodAttention2D"] * 2
-    bert = load_model(tiny_bundle.source, {"max_length": 64, "transforms": [{"name": "linear-attention"}]})
-    assert export_onnx(bert, tmp_path / "bert.onnx").parity["max_abs_diff"] < 1e-5
-    # Linear attention drops padded keys exactly: a sentence's embedding ignores the padding after it.
-    feeds = tiny_bundle.preprocessor(["padding must not change this sentence"])
-    n = int(feeds["attention_mask"].sum())
-    np.testing.assert_allclose(bert.run_torch({k: v[:, :n] for k, v in feeds.items()}),
-                               bert.run_torch({k: v[:, :n + 9] for k, v in feeds.items()}), atol=1e-6)
+    feeds = tiny_bundle.preprocessor(["padding must not change this sentence", "short"])
+    n = int(feeds["attention_mask"][0].sum())
+    for swap in ({"name": "linear-attention"}, {"name": "neighborhood-attention", "kernel_size": 5}):
+        bert = load_model(tiny_bundle.source, {"max_length": 64, "transforms": [swap]})
+        assert export_onnx(bert, tmp_path / "bert.onnx").parity["max_abs_diff"] < 1e-5
+        # Padded keys drop out exactly and windows sit on each sentence's own length: an
+        # embedding ignores the padding after it (the 3-token "short" row is shorter than k).
+        np.testing.assert_allclose(bert.run_torch({k: v[:, :n] for k, v in feeds.items()}),
+                                   bert.run_torch({k: v[:, :n + 9] for k, v in feeds.items()}), atol=1e-6)
 
 
 def test_attention_swap_settings_are_checked():

@@ -174,3 +174,8 @@ def test_key_mask_input_matches_reference():
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
         if name == "na1d":
             assert np.all(got[1, :, 10] == 0)
+            # A batch shorter than the window (2 < k = 3), rows of 2 and 1 tokens.
+            q, k, v = (torch.randn(2, 2, 2, 4) for _ in range(3))
+            short = torch.tensor([[True, True], [True, False]])
+            got = session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "key_mask": short.numpy()})[0]
+            np.testing.assert_allclose(got, ref_fn(q, k, v, short).numpy(), rtol=1e-5, atol=1e-5)

@@ -102,13 +102,29 @@ def test_relative_position_bias_matches_pairwise_definition():
     torch.testing.assert_close(out, dense_attention(q, k, v, mask, bias[None]), rtol=0, atol=TOL)
 
 
-def test_key_mask_removes_padded_keys():
-    q, k, v = rand(2, 2, 12, 4, seed=8), rand(2, 2, 12, 4, seed=9), rand(2, 2, 12, 4, seed=10)
-    key_mask = torch.ones(2, 12, dtype=torch.bool)
-    key_mask[1, 9:] = False
-    out = neighborhood_attention(q, k, v, 5, key_mask=key_mask)
-    mask = dense_mask((12,), 5)[None, None] & key_mask[:, None, None, :]
-    torch.testing.assert_close(out, dense_attention(q, k, v, mask), rtol=0, atol=TOL)
+@pytest.mark.parametrize("kernel,dilation,causal", [(5, 1, False), (4, 2, False), (3, 3, True)])
+def test_padded_rows_get_the_windows_of_their_own_length(kernel, dilation, causal):
+    """1-D key_mask = right padding: each row is NATTEN on its unpadded length, so its output
+    does not depend on the padding; rows shorter than k * d see their whole group."""
+    q, k, v = rand(3, 2, 12, 4, seed=8), rand(3, 2, 12, 4, seed=9), rand(3, 2, 12, 4, seed=10)
+    lengths = [12, 9, 3]                         # 3 < k * d for every case here but (5, 1)
+    key_mask = torch.arange(12)[None, :] < torch.tensor(lengths)[:, None]
+    out = neighborhood_attention(q, k, v, kernel, dilation, causal, key_mask=key_mask)
+    for row, n in enumerate(lengths):
+        mask = dense_mask((12,), kernel, dilation, causal, length=n)
+        expected = dense_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], mask)
+        torch.testing.assert_close(out[row:row + 1], expected, rtol=0, atol=TOL)
+        if n * 1 >= kernel * dilation:           # a full-length window: exactly NATTEN on the unpadded row
+            alone = neighborhood_attention(q[row:row + 1, :, :n], k[row:row + 1, :, :n], v[row:row + 1, :, :n],
+                                           kernel, dilation, causal)
+            torch.testing.assert_close(out[row:row + 1, :, :n], alone, rtol=0, atol=TOL)
+        assert torch.all(out[row, :, n:] == 0)   # padded queries output 0
+
+
+def test_key_mask_must_be_right_padding():
+    q = rand(1, 1, 6, 4)
+    with pytest.raises(UserError, match="right padding"):
+        neighborhood_attention(q, q, q, 3, key_mask=torch.tensor([[False, True, True, True, True, True]]))
 
 
 def test_llm_sliding_window_is_causal_band():

@@ -8,9 +8,10 @@ name and namespace). Names avoid every op TensorRT imports (e.g. ``Attention``).
 The decomposition follows reference.py: per axis, the window of each query is computed
 from the *dynamic* length (Range/Mod/Div/Min/Max), the ``prod(k)`` neighbour keys and
 values are gathered (O(N*k) memory, never N x N), and softmax runs over the neighbours.
-``key_mask`` (True = a real token) is always an input: padded keys leave every window, and
-a query whose window holds no real key outputs zeros, as in reference.py. Models without
-padding pass all-True (the exporter does it for them).
+``key_mask`` (True = a real token) is always an input; models without padding pass
+all-True (the exporter does it for them). In 1-D it marks right padding and each row's
+windows are placed on its own length (gathered per row with GatherND), as in reference.py;
+in 2-D it removes keys from the windows.
 """
 
 from __future__ import annotations
@@ -31,28 +32,32 @@ def _functions():
     onnxscript, op, dk = script_env()
 
     @onnxscript.script(dk, default_opset=op)
-    def AxisWindow(length, kernel, dilation, causal):
-        """(index, valid) of shape (L, k) for one axis: NATTEN's rules (see reference.py)."""
+    def AxisWindow(length, real_length, kernel, dilation, causal):
+        """(index, valid) for one axis of ``length`` positions whose first ``real_length`` are
+        real: (L, k), or (B, L, k) when real_length is (B, 1). NATTEN's rules (reference.py)."""
         zero = op.Constant(value_int=0)
         one = op.Constant(value_int=1)
         i = op.Range(zero, length, one)
         g = op.Mod(i, dilation)
         j = op.Div(i, dilation)
-        group_len = op.Div(length - g + dilation - one, dilation)
-        centred = op.Min(op.Max(j - op.Div(kernel, op.Constant(value_int=2)), zero), group_len - kernel)
-        start = op.Where(causal, j - kernel + one, centred)
-        m = op.Unsqueeze(start, op.Constant(value_ints=[1])) + op.Unsqueeze(op.Range(zero, kernel, one),
-                                                                            op.Constant(value_ints=[0]))
-        valid = op.Or(op.Not(causal), op.GreaterOrEqual(m, zero))
-        index = op.Unsqueeze(g, op.Constant(value_ints=[1])) + op.Max(m, zero) * dilation
+        group_len = op.Max(op.Div(real_length - g + dilation - one, dilation), zero)
+        width = op.Min(group_len, kernel)                  # a group shorter than k: all of it
+        centred = op.Min(op.Max(j - op.Div(kernel, op.Constant(value_int=2)), zero), group_len - width)
+        start = op.Where(causal, op.Expand(j - kernel + one, op.Shape(centred)), centred)
+        last = op.Constant(value_ints=[-1])
+        t = op.Range(zero, kernel, one)
+        m = op.Unsqueeze(start, last) + t
+        valid = op.Or(op.And(causal, op.GreaterOrEqual(m, zero)),          # (ORT has no boolean Where)
+                      op.And(op.Not(causal), op.Less(t, op.Unsqueeze(width, last))))
+        m = op.Min(op.Max(m, zero), op.Unsqueeze(op.Max(group_len - one, zero), last))
+        index = op.Min(op.Unsqueeze(g, last) + m * dilation, length - one)
         return index, valid
 
     @onnxscript.script(dk, default_opset=op)
-    def AttendNeighbours(q, keys, values, valid, flat, key_mask, scale: float):
-        """q (B, H, N, D), keys/values (B, H, N, K, D), valid and flat (N, K), key_mask (B, N) -> (B, H, N, Dv)."""
+    def AttendNeighbours(q, keys, values, allowed, scale: float):
+        """q (B, H, N, D), keys/values (B, H, N, K, D), allowed (B, N, K) -> (B, H, N, Dv)."""
         scores = op.MatMul(op.Unsqueeze(q, op.Constant(value_ints=[3])), op.Transpose(keys, perm=[0, 1, 2, 4, 3]))
         scores = scores * op.CastLike(op.Constant(value_float=scale), q)            # (B, H, N, 1, K)
-        allowed = op.And(op.Unsqueeze(valid, op.Constant(value_ints=[0])), op.Gather(key_mask, flat, axis=1))
         allowed = op.Unsqueeze(allowed, op.Constant(value_ints=[1, 3]))            # (B, 1, N, 1, K)
         scores = op.Where(allowed, scores, op.CastLike(op.Constant(value_float=float("-inf")), q))
         probs = op.Where(allowed, op.Softmax(scores, axis=-1), op.CastLike(op.Constant(value_float=0.0), q))
@@ -66,11 +71,27 @@ def _functions():
         kernel = op.Squeeze(op.Gather(op.Constant(value_ints=kernel_size), first), first)
         dil = op.Squeeze(op.Gather(op.Constant(value_ints=dilation), first), first)
         causal = op.Cast(op.Squeeze(op.Gather(op.Constant(value_ints=is_causal), first), first), to=9)
-        length = op.Squeeze(op.Gather(op.Shape(q), op.Constant(value_ints=[2])), first)
-        index, valid = AxisWindow(length, kernel, dil, causal)
-        keys = op.Gather(k, index, axis=2)
-        values = op.Gather(v, index, axis=2)
-        return AttendNeighbours(q, keys, values, valid, index, key_mask, scale=scale)
+        shape = op.Shape(q)
+        length = op.Squeeze(op.Gather(shape, op.Constant(value_ints=[2])), first)
+        # Right padding: each row's windows are placed on its own length (reference.py).
+        real = op.ReduceSum(op.Cast(key_mask, to=7), op.Constant(value_ints=[1]), keepdims=1)    # (B, 1)
+        index, valid = AxisWindow(length, real, kernel, dil, causal)                              # (B, L, k)
+        batch = op.Slice(shape, first, op.Constant(value_ints=[1]))
+        flat = op.Reshape(index, op.Concat(batch, op.Constant(value_ints=[-1]), axis=0))          # (B, L*k)
+        rows = op.Unsqueeze(flat, op.Constant(value_ints=[2]))
+        window = op.Shape(index)
+        keys = op.GatherND(op.Transpose(k, perm=[0, 2, 1, 3]), rows, batch_dims=1)                 # (B, L*k, H, D)
+        values = op.GatherND(op.Transpose(v, perm=[0, 2, 1, 3]), rows, batch_dims=1)
+        heads = op.Slice(shape, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+        keys = op.Transpose(op.Reshape(keys, op.Concat(window, heads, op.Constant(value_ints=[-1]), axis=0)),
+                            perm=[0, 3, 1, 2, 4])                                                 # (B, H, L, k, D)
+        values = op.Transpose(op.Reshape(values, op.Concat(window, heads, op.Constant(value_ints=[-1]), axis=0)),
+                              perm=[0, 3, 1, 2, 4])
+        allowed = op.And(valid, op.Reshape(op.GatherElements(key_mask, flat, axis=1), window))
+        out = AttendNeighbours(q, keys, values, allowed, scale=scale)
+        # padded queries output 0, as in reference.py
+        return op.Where(op.Unsqueeze(key_mask, op.Constant(value_ints=[1, 3])), out,
+                        op.CastLike(op.Constant(value_float=0.0), out))
 
     @onnxscript.script(dk, default_opset=op)
     def NeighborhoodAttention2D(q, k, v, key_mask, kernel_size: Sequence[int], dilation: Sequence[int],
@@ -83,9 +104,9 @@ def _functions():
         shape = op.Shape(q)
         nx = op.Squeeze(op.Gather(shape, op.Constant(value_ints=[2])), a0)
         ny = op.Squeeze(op.Gather(shape, op.Constant(value_ints=[3])), a0)
-        ix, vx = AxisWindow(nx, op.Squeeze(op.Gather(kernels, a0), a0), op.Squeeze(op.Gather(dils, a0), a0),
+        ix, vx = AxisWindow(nx, nx, op.Squeeze(op.Gather(kernels, a0), a0), op.Squeeze(op.Gather(dils, a0), a0),
                             op.Squeeze(op.Gather(causals, a0), a0))
-        iy, vy = AxisWindow(ny, op.Squeeze(op.Gather(kernels, a1), a0), op.Squeeze(op.Gather(dils, a1), a0),
+        iy, vy = AxisWindow(ny, ny, op.Squeeze(op.Gather(kernels, a1), a0), op.Squeeze(op.Gather(dils, a1), a0),
                             op.Squeeze(op.Gather(causals, a1), a0))
         # (X, 1, kx, 1) * Y + (1, Y, 1, ky) -> (X, Y, kx, ky) -> (X*Y, kx*ky), row-major like reference.py
         flat = op.Unsqueeze(ix, op.Constant(value_ints=[1, 3])) * ny + op.Unsqueeze(iy, op.Constant(value_ints=[0, 2]))
@@ -100,7 +121,8 @@ def _functions():
         keys = op.Gather(op.Reshape(k, seq), flat, axis=2)
         values = op.Gather(op.Reshape(v, vseq), flat, axis=2)
         mask = op.Reshape(key_mask, op.Concat(op.Slice(shape, a0, a1), op.Constant(value_ints=[-1]), axis=0))
-        out = AttendNeighbours(op.Reshape(q, seq), keys, values, valid, flat, mask, scale=scale)
+        allowed = op.And(op.Unsqueeze(valid, a0), op.Gather(mask, flat, axis=1))                   # (B, N, K)
+        out = AttendNeighbours(op.Reshape(q, seq), keys, values, allowed, scale=scale)
         out_shape = op.Concat(op.Slice(shape, a0, op.Constant(value_ints=[4])), op.Slice(
             op.Shape(v), op.Constant(value_ints=[4]), op.Constant(value_ints=[5])), axis=0)
         return op.Reshape(out, out_shape)

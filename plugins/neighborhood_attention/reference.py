@@ -20,7 +20,10 @@ The LLM-style causal sliding window of ``w`` tokens is the 1-D causal case with 
 ``d = 1`` (:func:`sliding_window_attention`).
 
 Layout: ``q, k, v`` are ``(batch, heads, *spatial, head_dim)``; ``key_mask`` (optional,
-``(batch, *spatial)`` bool, True = a real token) removes padded keys from every window.
+``(batch, *spatial)`` bool, True = a real token). In 1-D it marks right padding and the
+windows are placed on each row's own length (NATTEN on the unpadded row; a row shorter
+than ``k * d`` sees its whole dilation group; padded queries output 0). In 2-D it only
+removes keys from the windows.
 The computation gathers each query's ``prod(k)`` neighbours: O(N * k) memory, never N x N.
 """
 
@@ -54,15 +57,17 @@ def check_window(length: int, kernel: int, dilation: int, axis: int = 0) -> None
 
 
 def window_indices(length: int, kernel: int, dilation: int = 1, causal: bool = False,
-                   device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   device=None, strict: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For one axis: ``(index, valid, offset)``, each ``(length, kernel)``.
 
     ``index[i, t]`` is the position of query ``i``'s ``t``-th key (clamped to a real
     position where ``valid`` is False, i.e. causal windows shorter than ``k``);
     ``offset[i, t] = (key - query) // dilation + kernel - 1`` indexes the relative
-    position bias.
+    position bias. ``strict=False`` admits a group shorter than ``k`` (a short padded row):
+    its queries then see the whole group, ``valid`` marking the ``min(k, L_g)`` real slots.
     """
-    check_window(length, kernel, dilation)
+    if strict:
+        check_window(length, kernel, dilation)
     i = torch.arange(length, device=device)
     group, j = i % dilation, i // dilation
     group_len = (length - group + dilation - 1) // dilation              # ceil((L - g) / d)
@@ -70,12 +75,13 @@ def window_indices(length: int, kernel: int, dilation: int = 1, causal: bool = F
     if causal:
         m = j[:, None] - (kernel - 1) + t[None, :]                          # [j - k + 1, j]
         valid = m >= 0
-        m = m.clamp(min=0)
     else:
+        k_eff = group_len.clamp(max=kernel)
         start = (j - kernel // 2).clamp(min=0)
-        start = torch.minimum(start, group_len - kernel)
+        start = torch.minimum(start, group_len - k_eff)
         m = start[:, None] + t[None, :]
-        valid = torch.ones(length, kernel, dtype=torch.bool, device=device)
+        valid = t[None, :] < k_eff[:, None]
+    m = torch.minimum(m.clamp(min=0), (group_len - 1)[:, None])
     index = group[:, None] + m * dilation
     offset = m - j[:, None] + kernel - 1
     return index, valid, offset
@@ -99,6 +105,8 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
                         fix="drop rpb or use a non-causal axis")
     b, h, d = q.shape[0], q.shape[1], q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
+    if ndim == 1 and key_mask is not None:
+        return _padded_rows(q, k, v, kernels[0], dilations[0], causals[0], rpb, key_mask, scale)
     per_axis = [window_indices(n, kk, dd, cc, q.device) for n, kk, dd, cc in zip(spatial, kernels, dilations, causals)]
     flat_index, valid, offsets = _combine_axes(per_axis, spatial)
     n_total = flat_index.shape[0]
@@ -117,6 +125,29 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)       # a row with no valid key outputs 0
     out = torch.einsum("bhnk,bhnkd->bhnd", probs, values)
     return out.reshape(*q.shape[:-1], v.shape[-1])
+
+
+def _padded_rows(q, k, v, kernel, dilation, causal, rpb, key_mask, scale):
+    """1-D with a key mask: each row is a right-padded sequence of ``key_mask.sum()`` tokens,
+    and its windows are NATTEN's *on that length*, so a row's output never depends on the
+    padding after it. A row shorter than ``k * d`` sees its whole group; padded queries get 0."""
+    lengths = key_mask.sum(-1)
+    prefix = torch.arange(key_mask.shape[-1], device=key_mask.device)[None, :] < lengths[:, None]
+    if not torch.equal(prefix, key_mask.bool()):
+        raise UserError("neighborhood attention: a 1-D key_mask must mark each row's first tokens (right padding)",
+                        fix="pad sequences on the right")
+    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    for row, n in enumerate(lengths.tolist()):
+        if n == 0:
+            continue
+        index, valid, offset = window_indices(n, kernel, dilation, causal, q.device, strict=False)
+        keys, values = k[row, :, index], v[row, :, index]                     # (H, n, k, D)
+        scores = torch.einsum("hnd,hnkd->hnk", q[row, :, :n], keys) * scale
+        if rpb is not None:
+            scores = scores + rpb[:, offset]
+        probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+        out[row, :, :n] = torch.einsum("hnk,hnkd->hnd", probs, values)
+    return out
 
 
 def _combine_axes(per_axis, spatial):
@@ -149,10 +180,13 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return neighborhood_attention(q, k, v, window, 1, True, key_mask=key_mask, scale=scale)
 
 
-def dense_mask(spatial: Sequence[int], kernel_size, dilation=1, is_causal=False) -> torch.Tensor:
+def dense_mask(spatial: Sequence[int], kernel_size, dilation=1, is_causal=False,
+               length: int | None = None) -> torch.Tensor:
     """The (N, N) boolean mask of the same windows, written pair by pair from the rules.
 
     O(N^2): for tests and small inputs only. It does not share code with the gather path.
+    ``length`` (1-D): the row's real length; windows are built on it and padded positions
+    neither see nor are seen.
     """
     ndim = len(spatial)
     kernels = _per_axis(kernel_size, ndim, "kernel_size")
@@ -163,18 +197,22 @@ def dense_mask(spatial: Sequence[int], kernel_size, dilation=1, is_causal=False)
         if i % dd != n % dd:
             return False
         j, m = i // dd, n // dd
+        if i >= length or n >= length:
+            return False
         group_len = len(range(i % dd, length, dd))
         if causal:
             return j - kk + 1 <= m <= j
-        start = min(max(j - kk // 2, 0), group_len - kk)
-        return start <= m < start + kk
+        width = min(kk, group_len)                     # a group shorter than k: all of it
+        start = min(max(j - kk // 2, 0), group_len - width)
+        return start <= m < start + width
 
-    for axis, (length, kk, dd) in enumerate(zip(spatial, kernels, dilations)):
-        check_window(length, kk, dd, axis)
+    if length is None:
+        for axis, (n_axis, kk, dd) in enumerate(zip(spatial, kernels, dilations)):
+            check_window(n_axis, kk, dd, axis)
     positions = list(itertools.product(*[range(n) for n in spatial]))
     mask = torch.zeros(len(positions), len(positions), dtype=torch.bool)
     for a, qi in enumerate(positions):
         for c, ki in enumerate(positions):
-            mask[a, c] = all(axis_allowed(x, y, n, kk, dd, cc)
+            mask[a, c] = all(axis_allowed(x, y, n if length is None else length, kk, dd, cc)
                              for x, y, n, kk, dd, cc in zip(qi, ki, spatial, kernels, dilations, causals))
     return mask
