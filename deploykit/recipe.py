@@ -55,6 +55,7 @@ class StudySpec:
     each variant is trained (if ``train.enabled``), measured for activation outliers,
     exported, quantized with every preset in ``presets`` and scored on the evaluation split.
     """
+    title: str = "variants compared"
     variants: dict[str, Any] = field(default_factory=dict)
     presets: list[str] = field(default_factory=lambda: ["paper-w8a8", "gpu-trt"])
     outlier_samples: int | None = None       # None: the whole evaluation split

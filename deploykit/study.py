@@ -129,7 +129,7 @@ def run_study(rec: Recipe, run_dir: Path):
     report.update({
         "run": rec.name, "artifacts": artifacts, "accuracy": accuracy, "latency": {},
         "data": splits.summary(),
-        "study": {"kind": "outliers", "task": base.task, "reference": "teacher (untransformed model)" if distill
+        "study": {"title": rec.study.title, "task": base.task, "reference": "teacher (untransformed model)" if distill
                   else "labels / the variant's own torch FP32", "presets": rec.study.presets,
                   "table": table, "variants": variants},
         "acceptance": acceptance, "recipe_settings": rec.to_dict(), "timings_s": timings,
@@ -239,7 +239,7 @@ def study_section(report: dict[str, Any], out: Path, inputs: tuple[Path, ...]) -
     study = report["study"]
     header, rows = format_study_table(study["table"], study["presets"])
     metric = study["table"][0]["metric"] if study["table"] else ""
-    md = ["## Study: outlier-suppressing attention", "",
+    md = [f"## Study: {study.get('title', 'variants compared')}", "",
           f"Metric: {metric} (reference: {study['reference']}; for top-1, 'agree' is the share of "
           "predictions equal to the variant's own FP32). ∞-norm: the maximum over layers of the "
           "per-sequence max |x| averaged over the evaluation set; kurtosis averaged over layers (FFN output and "

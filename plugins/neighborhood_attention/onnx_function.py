@@ -56,13 +56,14 @@ def _functions():
     @onnxscript.script(dk, default_opset=op)
     def AttendNeighbours(q, keys, values, allowed, scale: float):
         """q (B, H, N, D), keys/values (B, H, N, K, D), allowed (B, N, K) -> (B, H, N, Dv)."""
-        scores = op.MatMul(op.Unsqueeze(q, op.Constant(value_ints=[3])), op.Transpose(keys, perm=[0, 1, 2, 4, 3]))
-        scores = scores * op.CastLike(op.Constant(value_float=scale), q)            # (B, H, N, 1, K)
-        allowed = op.Unsqueeze(allowed, op.Constant(value_ints=[1, 3]))            # (B, 1, N, 1, K)
+        # Mul + ReduceSum rather than N batched (1 x D)(D x K) MatMuls: measured faster on ORT CPU.
+        scaled = op.Unsqueeze(q * op.CastLike(op.Constant(value_float=scale), q), op.Constant(value_ints=[3]))
+        scores = op.ReduceSum(scaled * keys, op.Constant(value_ints=[-1]), keepdims=0)      # (B, H, N, K)
+        allowed = op.Unsqueeze(allowed, op.Constant(value_ints=[1]))                       # (B, 1, N, K)
         scores = op.Where(allowed, scores, op.CastLike(op.Constant(value_float=float("-inf")), q))
         probs = op.Where(allowed, op.Softmax(scores, axis=-1), op.CastLike(op.Constant(value_float=0.0), q))
-        out = op.MatMul(probs, values)
-        return op.Squeeze(out, op.Constant(value_ints=[3]))
+        return op.ReduceSum(op.Unsqueeze(probs, op.Constant(value_ints=[-1])) * values, op.Constant(value_ints=[3]),
+                            keepdims=0)
 
     @onnxscript.script(dk, default_opset=op)
     def NeighborhoodAttention1D(q, k, v, key_mask, kernel_size: Sequence[int], dilation: Sequence[int],
