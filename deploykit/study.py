@@ -10,6 +10,7 @@ setting and in deploykit's deployment presets. Artifacts per variant go to
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +20,7 @@ from deploykit.data import DataSpec, DataSplits, make_splits, save_split
 from deploykit.errors import UserError
 from deploykit.io import read_json, write_json, write_npz
 from deploykit.progress import say, stage
-from deploykit.quantize import QuantConfig, calibrate
+from deploykit.quantize import calibrate
 from deploykit.recipe import Recipe, evaluate_acceptance
 
 OUTLIER_PLOT = "outliers.png"
@@ -98,7 +99,8 @@ def run_study(rec: Recipe, run_dir: Path):
         models = {"fp32": fp32}
         calibration = {}
         for preset in rec.study.presets:
-            config = QuantConfig(**{**_plain(rec.quantize), "preset": preset})
+            config = copy.deepcopy(rec.quantize)
+            config.preset = preset
             config.tune.enabled = False
             if preset != (rec.quantize.preset or preset):
                 config.method = None          # each preset's own range method
@@ -141,12 +143,6 @@ def run_study(rec: Recipe, run_dir: Path):
         say(f"  acceptance {a['check']} {a['threshold']}: {a['value']} -> {'pass' if a['passed'] else 'FAIL'}")
     say(f"[bold]report:[/] {report_path} and {run_dir / 'report.md'}")
     return RunResult(run_dir, report_path, read_json(report_path), all(a["passed"] for a in acceptance))
-
-
-def _plain(config: QuantConfig) -> dict[str, Any]:
-    import copy
-
-    return {f: copy.deepcopy(getattr(config, f)) for f in config.__dataclass_fields__}
 
 
 def study_table(variants: dict[str, Any], accuracy: dict[str, dict[str, float]], task: str,

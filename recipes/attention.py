@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -256,11 +255,6 @@ class AttentionCore(nn.Module):
             raise UserError("clipped softmax and an attention swap do not combine (the swapped ops use their own "
                             "normalisation)", fix="list either clipped-softmax or the attention swap")
         self.mixer = spec
-
-    def describe(self) -> dict[str, Any]:
-        return {"softmax": asdict(self.softmax_spec) if self.softmax_spec else None,
-                "gate": {"kind": self.gate.kind, "scale": self.gate.scale} if self.gate else None,
-                "mixer": asdict(self.mixer) if self.mixer else None}
 
     def probabilities(self, scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         spec = self.softmax_spec
