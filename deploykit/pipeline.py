@@ -228,7 +228,7 @@ def outliers_model(source: str, out_dir: Path, *, data: str, spec: DataSpec, sam
 def train_model(recipe: str | Path, out: Path, *, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train the recipe's model (with its transforms) per its ``train`` section; write ``out``."""
     from deploykit.models import load_model
-    from deploykit.train import train, teacher_copy
+    from deploykit.train import distillation_teacher, train
 
     rec = load_recipe(recipe, overrides)
     rec.train.validate(rec.path)
@@ -239,10 +239,7 @@ def train_model(recipe: str | Path, out: Path, *, overrides: list[str] | None = 
     if spec.training == 0:
         spec.training = -1
     splits = make_splits(bundle, spec)
-    teacher = None
-    if rec.train.mode == "distill":
-        plain = {k: v for k, v in rec.model.options.items() if k not in ("transforms", "checkpoint")}
-        teacher = teacher_copy(load_model(rec.model.source, plain))
+    teacher = distillation_teacher(rec.model.source, rec.model.options).module if rec.train.mode == "distill" else None
     result = train(bundle, splits.training, rec.train, teacher=teacher, checkpoint=out,
                    description=f"train {rec.name}")
     summary = {"recipe": rec.path, "transforms": bundle.info.get("transforms", []), **result.summary(),
@@ -389,18 +386,12 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
     training = None
     if rec.train.enabled:
         from deploykit.study import train_variant
-        from deploykit.train import teacher_copy
 
-        teacher = None
-        if rec.train.mode == "distill":
-            teacher = teacher_copy(load_model(rec.model.source, {k: v for k, v in rec.model.options.items()
-                                                                 if k not in ("transforms", "checkpoint")}))
-        training = train_variant(bundle, rec, splits, run_dir, teacher=teacher)
+        training = train_variant(bundle, rec, splits, run_dir)
         lap("train")
     fp32_path, int8_path = run_dir / "model.onnx", run_dir / "model.int8.onnx"
     with stage("export"):
-        parity_feeds = [dict(next(_batches(splits.evaluation, 8))), dict(next(_batches(splits.evaluation, 1)))]
-        exported = export_onnx(bundle, fp32_path, opset=rec.export.opset, parity_feeds=parity_feeds)
+        exported = export_onnx(bundle, fp32_path, opset=rec.export.opset, parity_feeds=parity_feeds(splits.evaluation))
         write_json(fp32_path.with_suffix(".export.json"), {"model": bundle.source, **exported.summary()})
     say(f"  parity vs torch: max |diff| {exported.parity['max_abs_diff']:.3g}")
     lap("export")
@@ -460,7 +451,8 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
     return RunResult(run_dir, report_path, read_json(report_path), accepted)
 
 
-def _batches(split: Split, size: int):
+def parity_feeds(split: Split) -> list[dict[str, np.ndarray]]:
+    """Two real batches (8 rows, then 1) to check an export against torch with."""
     from deploykit.data import iterate_batches
 
-    return iterate_batches(split.feeds, size)
+    return [dict(next(iterate_batches(split.feeds, size))) for size in (8, 1)]

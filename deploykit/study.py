@@ -36,8 +36,9 @@ def variant_options(rec: Recipe, transforms: list[dict[str, Any]] | None) -> dic
 
 
 def train_variant(bundle, rec: Recipe, splits: DataSplits, out_dir: Path, *, teacher=None) -> dict[str, Any] | None:
-    """Train ``bundle`` per ``rec.train`` on the training split; None when there is nothing to do."""
-    from deploykit.train import train
+    """Train ``bundle`` per ``rec.train`` on the training split; None when there is nothing to do.
+    Distillation uses ``teacher`` (a module), or builds :func:`deploykit.train.distillation_teacher`."""
+    from deploykit.train import distillation_teacher, train
 
     spec = rec.train
     if not spec.enabled:
@@ -48,6 +49,8 @@ def train_variant(bundle, rec: Recipe, splits: DataSplits, out_dir: Path, *, tea
     if spec.mode == "distill" and not bundle.info.get("transforms"):
         # The student would start equal to its teacher: zero loss, zero gradient, nothing to learn.
         return {"skipped": "distillation of an untransformed model from itself is the identity"}
+    if spec.mode == "distill" and teacher is None:
+        teacher = distillation_teacher(rec.model.source, rec.model.options).module
     result = train(bundle, splits.training, spec, teacher=teacher, checkpoint=out_dir / "model.safetensors",
                    description=f"train {out_dir.name}")
     return result.summary()
@@ -57,22 +60,24 @@ def run_study(rec: Recipe, run_dir: Path):
     from deploykit.export import export_onnx
     from deploykit.models import load_model
     from deploykit.outliers import measure_outliers, plot_outliers, print_outliers
-    from deploykit.pipeline import RunResult, _batches, new_report, reference_outputs, save_report
+    from deploykit.pipeline import RunResult, new_report, parity_feeds, reference_outputs, save_report
     from deploykit.runners import OrtRunner
-    from deploykit.train import teacher_copy
+    from deploykit.train import distillation_teacher
     from deploykit.verify import verify
 
     timings: dict[str, float] = {}
     say(f"[bold]deploykit run[/] {rec.name} (study of {len(rec.study.variants)} variants) -> {run_dir}")
     t0 = time.perf_counter()
     with stage(f"load model {rec.model.source}"):
-        base = load_model(rec.model.source, variant_options(rec, None))
+        # The untransformed model: it fixes the data (preprocessing) and, when distilling,
+        # is the teacher every variant matches and is scored against.
+        base = distillation_teacher(rec.model.source, rec.model.options)
     with stage(f"data: {rec.data.source} (seed {rec.data.seed})"):
         splits = make_splits(base, DataSpec(**asdict(rec.data)))
         data_paths = {name: save_split(split, run_dir / "data") for name, split in splits.parts()
                       if name != "training"}
     distill = rec.train.enabled and rec.train.mode == "distill"
-    teacher = teacher_copy(base) if distill else None
+    teacher = base.module if distill else None
     teacher_ref = None
     if distill:
         with stage("teacher outputs (the untransformed model)"):
@@ -93,9 +98,8 @@ def run_study(rec: Recipe, run_dir: Path):
                                     samples=rec.study.outlier_samples, description=f"outliers {name}")
         print_outliers(outliers, title=f"{name}: activation outliers per layer")
         fp32 = vdir / "model.onnx"
-        parity_feeds = [dict(next(_batches(splits.evaluation, 8))), dict(next(_batches(splits.evaluation, 1)))]
         with stage(f"export {name}"):
-            exported = export_onnx(bundle, fp32, opset=rec.export.opset, parity_feeds=parity_feeds)
+            exported = export_onnx(bundle, fp32, opset=rec.export.opset, parity_feeds=parity_feeds(splits.evaluation))
         models = {"fp32": fp32}
         calibration = {}
         for preset in rec.study.presets:
@@ -138,7 +142,7 @@ def run_study(rec: Recipe, run_dir: Path):
     })
     plot_outliers({k: v["outliers"] for k, v in variants.items()}, run_dir / OUTLIER_PLOT)
     report_path = save_report(run_dir / "report.json", report)
-    _print_table(table)
+    _print_table(table, rec.study.presets, rec.study.title)
     for a in acceptance:
         say(f"  acceptance {a['check']} {a['threshold']}: {a['value']} -> {'pass' if a['passed'] else 'FAIL'}")
     say(f"[bold]report:[/] {report_path} and {run_dir / 'report.md'}")
@@ -192,17 +196,15 @@ def format_study_table(table: list[dict[str, Any]], presets: list[str]) -> tuple
     return header, rows
 
 
-def _print_table(table: list[dict[str, Any]]) -> None:
+def _print_table(table: list[dict[str, Any]], presets: list[str], title: str) -> None:
     from deploykit.progress import console, is_quiet
 
     if is_quiet() or not table:
         return
     from rich.table import Table
 
-    presets = [k for k in table[0] if k not in ("variant", "max_inf_norm", "avg_kurtosis", "metric", "fp32", "fp32_nn")
-               and not k.endswith(("_nn", "_agree"))]
     header, rows = format_study_table(table, presets)
-    out = Table(title=f"outlier study ({table[0]['metric']})")
+    out = Table(title=f"{title} ({table[0]['metric']})")
     for h in header:
         out.add_column(h, justify="left" if h == "variant" else "right")
     for r in rows:

@@ -14,7 +14,6 @@ The checkpoint is a safetensors file of the same module ``model.options.checkpoi
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -187,10 +186,13 @@ def save_checkpoint(bundle: ModelBundle, path: str | Path) -> Path:
     return path
 
 
-def teacher_copy(bundle: ModelBundle) -> torch.nn.Module:
-    """A frozen copy of the model as it is now (before transforms): the distillation teacher."""
-    teacher = copy.deepcopy(bundle.module)
-    teacher.eval()
-    for p in teacher.parameters():
+def distillation_teacher(source: str, options: dict[str, Any]):
+    """The model of ``source`` *without* its transforms or checkpoint, frozen: the bundle
+    distillation matches (and whose outputs a distilled model is scored against)."""
+    from deploykit.models import load_model
+
+    bundle = load_model(source, {k: v for k, v in options.items() if k not in ("transforms", "checkpoint")})
+    bundle.module.eval()
+    for p in bundle.module.parameters():
         p.requires_grad_(False)
-    return teacher
+    return bundle

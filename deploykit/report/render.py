@@ -107,8 +107,7 @@ def validate_report(data: dict, *, path: str | Path | None = None) -> None:
             fail(f"environment['{key}']", f"must be a string{'' if key == 'python' else ' or null'}, "
                                           f"got {type(env[key]).__name__}")
 
-    for key in ("data", "export", "calibration", "bench", "timings_s", "distributions", "study", "training",
-                "outliers"):
+    for key in ("data", "export", "calibration", "bench", "timings_s", "distributions", "study", "training"):
         if key in data:
             need_dict(data[key], f"'{key}'")
     for stage, seconds in data.get("timings_s", {}).items():
