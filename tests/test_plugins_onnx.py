@@ -99,6 +99,7 @@ def test_linear_attention_node_and_function(kwargs):
     model = export(Linear(**kwargs), (2, 3, 40, 8), {0: "batch", 2: "n"})
     node, attrs = custom_node(model)
     assert node.op_type == "LinearAttention" and attrs["plugin_namespace"] == b"deploykit"
+    assert {f.name for f in model.functions} == {"LinearAttention", "FeatureMap"}   # only what it calls
     assert attrs["is_causal"] == int(kwargs.get("causal", False))
     for n in (40, 1, 17, 77):                     # below, at and across chunk boundaries
         q, k, v = (torch.randn(2, 3, n, 8) for _ in range(3))
@@ -154,8 +155,12 @@ def test_key_mask_input_matches_reference():
     fns = {
         "na1d": (lambda q, k, v, m: na_op(q, k, v, 3, 1, False, key_mask=m),
                  lambda q, k, v, m: neighborhood_attention(q, k, v, 3, key_mask=m)),
+        "na1d-dilated": (lambda q, k, v, m: na_op(q, k, v, 3, 2, False, key_mask=m),
+                         lambda q, k, v, m: neighborhood_attention(q, k, v, 3, 2, key_mask=m)),
         "linear": (lambda q, k, v, m: linear_attention_op(q, k, v, causal=True, chunk_size=4, key_mask=m),
                    lambda q, k, v, m: linear_attention(q, k, v, causal=True, chunk_size=4, key_mask=m)),
+        "linear-noncausal": (lambda q, k, v, m: linear_attention_op(q, k, v, key_mask=m),
+                             lambda q, k, v, m: linear_attention(q, k, v, key_mask=m)),
     }
     for name, (op_fn, ref_fn) in fns.items():
         q, k, v = (torch.randn(2, 2, 12, 4) for _ in range(3))
@@ -179,3 +184,36 @@ def test_key_mask_input_matches_reference():
             short = torch.tensor([[True, True], [True, False]])
             got = session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "key_mask": short.numpy()})[0]
             np.testing.assert_allclose(got, ref_fn(q, k, v, short).numpy(), rtol=1e-5, atol=1e-5)
+        if name == "na1d-dilated":
+            # Rows of 5 and 2 tokens, shorter than k * d = 6: each sees its whole dilation group.
+            q, k, v = (torch.randn(2, 2, 5, 4) for _ in range(3))
+            short = torch.arange(5)[None, :] < torch.tensor([[5], [2]])
+            got = session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "key_mask": short.numpy()})[0]
+            np.testing.assert_allclose(got, ref_fn(q, k, v, short).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_2d_key_mask_removes_keys_as_the_reference_does():
+    import contextlib
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    def op_fn(q, k, v, m):
+        return na_op(q, k, v, (3, 3), key_mask=m)
+
+    q, k, v = (torch.randn(2, 2, 6, 7, 4) for _ in range(3))
+    mask = torch.ones(2, 6, 7, dtype=torch.bool)
+    mask[1, 3:, :] = False
+    mask[0, :, 5:] = False
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(Masked(op_fn), (q, k, v, mask), dynamo=True,
+                                    input_names=["q", "k", "v", "key_mask"], opset_version=18,
+                                    dynamic_shapes=({0: "b", 2: "x", 3: "y"},) * 3 + ({0: "b", 1: "x", 2: "y"},))
+    model = program.model_proto
+    attach_functions(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "key_mask": mask.numpy()})[0]
+    expected = neighborhood_attention(q, k, v, (3, 3), key_mask=mask).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

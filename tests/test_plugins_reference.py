@@ -121,6 +121,15 @@ def test_padded_rows_get_the_windows_of_their_own_length(kernel, dilation, causa
         assert torch.all(out[row, :, n:] == 0)   # padded queries output 0
 
 
+def test_2d_key_mask_only_removes_keys():
+    q, k, v = rand(2, 2, 6, 7, 4, seed=30), rand(2, 2, 6, 7, 4, seed=31), rand(2, 2, 6, 7, 4, seed=32)
+    key_mask = torch.ones(2, 6, 7, dtype=torch.bool)
+    key_mask[1, 3:, :] = False
+    mask = dense_mask((6, 7), 3)[None, None] & key_mask.reshape(2, 1, 1, 42)
+    out = neighborhood_attention(q, k, v, 3, key_mask=key_mask)
+    torch.testing.assert_close(out, dense_attention(q, k, v, mask), rtol=0, atol=TOL)
+
+
 def test_key_mask_must_be_right_padding():
     q = rand(1, 1, 6, 4)
     with pytest.raises(UserError, match="right padding"):
