@@ -27,7 +27,7 @@ def test_every_quantized_matmul_is_ranked_worst_first_with_module_names(tiny_onn
     float_model = float_counterpart(onnx.load(str(tiny_onnx)), smoothed_int8.with_name("model.int8.ranges.json"))
     split = Split("d", {k: v[:16] for k, v in tiny_splits.evaluation.feeds.items()}, "x")
     errors = node_errors(float_model, qdq, split)
-    assert {e.node for e in errors} == {n.name for n, _ in quantized_nodes(qdq)}
+    assert {e.node for e in errors} == {n.name for n, _, _ in quantized_nodes(qdq)}
     assert sum(1 for n in qdq.graph.node if n.op_type == "MatMul") == len(errors)
     snrs = [e.added_snr_db for e in errors]
     assert snrs == sorted(snrs)

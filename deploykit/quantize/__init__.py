@@ -11,7 +11,9 @@ Presets name the target's INT8 form:
 
 ``gpu-trt``  symmetric int8 activations (zero point 0) x per-channel int8 weights on
              MatMul/Gemm inputs; optionally residual Adds and LayerNorm inputs. TensorRT
-             fuses DQ -> MatMul (-> bias Add) into int8 GEMMs.
+             fuses DQ -> MatMul (-> bias Add) into int8 GEMMs. deploykit's attention ops
+             (neighborhood, linear) get Q -> op -> DQ, their INT8 plugin form
+             (``deploykit.quantize.plugin_int8``).
 ``cpu-ort``  asymmetric uint8 activations x per-channel int8 weights on MatMul/Gemm: what
              ONNX Runtime's x86 integer kernels run fastest.
 ``paper-w8a8``  the setting of Bondarenko et al. (2023), to compare like with like: symmetric
@@ -43,20 +45,23 @@ from deploykit.data import Split
 from deploykit.errors import UserError
 from deploykit.io import atomic_path, refuse_overwriting_inputs, write_json
 from deploykit.onnx_utils import get_metadata, load_onnx, set_metadata
+from deploykit.plugins import DOMAIN, INT8_FORMS
+from deploykit.quantize.plugin_int8 import fold_into_plugins
 from deploykit.quantize.graph import constant_names, is_float, iterate_activations, value_types
 
 ACTIVATION_TYPES = ("int8", "uint8")
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu-trt": {"activation_type": "int8", "activation_symmetric": True, "op_types": ["MatMul", "Gemm"],
-                "method": "percentile", "per_channel": True},
+                "method": "percentile", "per_channel": True, "plugin_int8": True},
     "cpu-ort": {"activation_type": "uint8", "activation_symmetric": False, "op_types": ["MatMul", "Gemm"],
-                "method": "percentile", "per_channel": True},
+                "method": "percentile", "per_channel": True, "plugin_int8": False},
     # Q/DQ on the inputs of MatMul (LayerNorm, GELU and softmax outputs, Q/K/V), Softmax (its
     # input), LayerNormalization (residual sums) and Add, plus the *outputs* of Adds: the
     # bias Add closes every Linear, so each Linear output is rounded once, as in the paper.
     "paper-w8a8": {"activation_type": "uint8", "activation_symmetric": False,
                    "op_types": ["MatMul", "Gemm", "Add", "Softmax", "LayerNormalization"],
-                   "output_op_types": ["Add"], "method": "running-minmax", "per_channel": False},
+                   "output_op_types": ["Add"], "method": "running-minmax", "per_channel": False,
+                   "plugin_int8": False},
 }
 
 
@@ -95,6 +100,7 @@ class QuantConfig:
     per_channel: bool | None = None            # None: the preset's
     activation_type: str | None = None         # None: the preset's (int8 | uint8)
     activation_symmetric: bool | None = None   # None: the preset's
+    plugin_int8: bool | None = None            # Q -> op -> DQ around deploykit attention ops (None: the preset's)
     batch_size: int = 16
     sentinel_abs: float = 1e30
     smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
@@ -118,6 +124,9 @@ class QuantConfig:
             raise UserError(f"unknown calibration method '{self.method}'", fix=f"use one of {', '.join(METHODS)}")
         if self.activation_type is not None and self.activation_type not in ACTIVATION_TYPES:
             raise UserError(f"unknown activation type '{self.activation_type}'", fix="use int8 or uint8")
+        if self.plugin_int8 and (self.activation_type != "int8" or not self.activation_symmetric):
+            raise UserError("quantize.plugin_int8 needs symmetric int8 activations (a plugin's INT8 form)",
+                            fix="use the gpu-trt preset, or set plugin_int8: false")
         if self.op_types is not None and not self.op_types:
             raise UserError("quantize.op_types is empty", fix="list the op types to quantize, e.g. [MatMul, Gemm]")
         if self.batch_size < 1:
@@ -165,9 +174,13 @@ def select_nodes(model: onnx.ModelProto, config: QuantConfig) -> list[onnx.NodeP
                             "use node names of the ONNX graph (e.g. as shown by Netron or onnx.load)")
     extra = {n.name for n in _residual_adds(model)} if config.residual_adds else set()
     op_types = set(config.op_types or []) | ({"LayerNormalization"} if config.layernorm else set())
+    if config.plugin_int8:
+        op_types |= set(INT8_FORMS)
     chosen = []
     for node in model.graph.node:
         if node.op_type not in op_types and node.name not in extra:
+            continue
+        if node.op_type in INT8_FORMS and node.domain != DOMAIN:
             continue
         if node.name in config.nodes_to_exclude:
             continue
@@ -292,8 +305,9 @@ def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: l
              # Q/DQ on the inputs of the ops that run in INT8, not on their outputs (ORT's
              # default adds both): TensorRT's placement, and no extra rounding of e.g. the
              # outlier-heavy FFN output before the residual Add.
-             "OpTypesToExcludeOutputQuantization": [t for t in op_types
-                                                    if t not in (config.output_op_types or [])]},
+             # deploykit's attention ops keep their output pair: it becomes Q -> op -> DQ.
+             "OpTypesToExcludeOutputQuantization": [t for t in op_types if t not in (config.output_op_types or [])
+                                                    and t not in INT8_FORMS]},
         )
         quantizer.quantize_model()
     finally:
@@ -301,6 +315,8 @@ def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: l
     quantizer.model.topological_sort()  # what ORT's own save step does before writing
     result = quantizer.model.model
     _restore_float_inputs(result, keep_float)
+    if config.plugin_int8:
+        fold_into_plugins(result)
     return result
 
 
@@ -342,6 +358,7 @@ class CalibrationResult:
     data_sha256: str
     smoothing: list[dict[str, Any]] = field(default_factory=list)
     tuning: dict[str, Any] | None = None
+    plugin_int8_nodes: list[str] = field(default_factory=list)   # attention ops in their INT8 form
 
     def summary(self) -> dict[str, Any]:
         c = self.config
@@ -358,6 +375,7 @@ class CalibrationResult:
             "calibrated_tensors": len(self.ranges), "masked_tensors": self.masked_tensors,
             "quantized_nodes": len(self.quantized_nodes), "float_nodes": self.float_nodes,
             "fallback_nodes": self.fallback_nodes, "float_fallback_count": len(self.fallback_nodes),
+            "plugin_int8": c.plugin_int8, "plugin_int8_nodes": self.plugin_int8_nodes,
             "qdq": self.qdq_counts, "seconds": round(self.seconds, 2), "data_sha256": self.data_sha256,
         }
         if self.tuning is not None:
@@ -393,13 +411,16 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
         prepared = prepare(inferred, split, config, alpha=config.smoothquant.alpha, threads=threads, where=model_path)
     ranges = prepared.ranges(config.method, config.percentile)   # the tuned choice, if tuning ran
     quantized = build_qdq(prepared, ranges, fallback)
-    set_metadata(quantized, {**get_metadata(model), "variant": "int8",
+    custom = sorted({n.op_type for n in quantized.graph.node if n.domain == DOMAIN})
+    plugin_nodes = sorted(n.name for n in quantized.graph.node
+                          if n.domain == DOMAIN and n.op_type in INT8_FORMS.values())
+    set_metadata(quantized, {**get_metadata(model), "variant": "int8", **({"custom_ops": custom} if custom else {}),
                              "version": deploykit.__version__,
                              "calibration": {"preset": config.preset, "method": config.method,
                                              "smoothquant_alpha": config.smoothquant.alpha,
                                              "float_fallback": len(fallback),
                                              "data_sha256": split.sha256, "samples": split.count}})
-    onnx.checker.check_model(quantized)
+    onnx.checker.check_model(quantized, full_check=bool(custom))   # full: types through the local functions
     with atomic_path(out_path, inputs=(model_path,)) as tmp_path:
         onnx.save_model(quantized, str(tmp_path))
     qdq = {op: sum(1 for n in quantized.graph.node if n.op_type == op) for op in ("QuantizeLinear", "DequantizeLinear")}
@@ -410,7 +431,7 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
                                quantized_nodes=quantized_nodes, float_nodes=float_nodes, fallback_nodes=fallback,
                                masked_tensors=prepared.masked_tensors, qdq_counts=qdq,
                                seconds=time.perf_counter() - start, data_sha256=split.sha256,
-                               smoothing=prepared.smoothing, tuning=tuning)
+                               smoothing=prepared.smoothing, tuning=tuning, plugin_int8_nodes=plugin_nodes)
     write_json(ranges_path, {"model": str(model_path), "quantized_model": str(out_path),
                              "data": {"sha256": split.sha256, "samples": split.count},
                              "config": config.summary(), "smoothing": prepared.smoothing,

@@ -29,7 +29,7 @@ import onnx
 from deploykit.data import Split, iterate_batches
 from deploykit.errors import UserError
 from deploykit.progress import track
-from deploykit.quantize.graph import augmented_session, cpu_session, producers
+from deploykit.quantize.graph import augmented_session, consumers, cpu_session, producers
 
 
 @dataclass
@@ -63,14 +63,28 @@ def torch_module(node: onnx.NodeProto) -> str | None:
     return modules[-1] if op.startswith(("linear", "conv")) else f"{modules[-1]} ({op})"
 
 
-def quantized_nodes(qdq: onnx.ModelProto) -> list[tuple[onnx.NodeProto, dict[str, str]]]:
-    """(node, {dequantized input -> the float tensor its QuantizeLinear reads}) for every
-    non-Q/DQ node that reads a DequantizeLinear output."""
+def quantized_nodes(qdq: onnx.ModelProto) -> list[tuple[onnx.NodeProto, dict[str, str], str]]:
+    """(node, {dequantized input -> the float tensor its QuantizeLinear reads}, float output)
+    for every non-Q/DQ node that reads a DequantizeLinear output, and for every attention op
+    in its INT8 form (int8 inputs straight from QuantizeLinear; its float output is the
+    DequantizeLinear after it, named as the FP32 graph names the op's output)."""
+    from deploykit.plugins import DOMAIN, INT8_FORMS
+
     prod = producers(qdq)
+    users = consumers(qdq)
     inits = {i.name for i in qdq.graph.initializer}
+    int8_forms = set(INT8_FORMS.values())
     out = []
     for node in qdq.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if node.domain == DOMAIN and node.op_type in int8_forms:
+            after = users.get(node.output[0], [])
+            if len(after) != 1 or after[0].op_type != "DequantizeLinear":
+                continue
+            mapping = {name: prod[name].input[0] for name in node.input[:3]}
+            mapping.update({name: name for name in node.input[3:] if name and name not in inits})
+            out.append((node, mapping, after[0].output[0]))
             continue
         mapping = {}
         plain = []
@@ -83,11 +97,14 @@ def quantized_nodes(qdq: onnx.ModelProto) -> list[tuple[onnx.NodeProto, dict[str
             q = prod.get(dq.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
                 mapping[name] = q.input[0]
-            else:
+            elif dq.input[0] in inits:
                 mapping[name] = ""           # a weight: stays inside the extracted subgraph
+            else:
+                mapping = {}                 # reads an int8 op's output: that op is the unit
+                break
         if mapping:
             mapping.update({name: name for name in plain})
-            out.append((node, mapping))
+            out.append((node, mapping, node.output[0]))
     return out
 
 
@@ -125,11 +142,11 @@ def node_errors(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, split:
                         fix="pass the INT8 Q/DQ model written by deploykit calibrate")
     float_names = {n for out in float_model.graph.node for n in out.output}
     needed_float: dict[str, None] = {}
-    for node, mapping in qnodes:
+    for node, mapping, output in qnodes:
         for src in mapping.values():
             if src:
                 needed_float.setdefault(src, None)
-        needed_float.setdefault(node.output[0], None)
+        needed_float.setdefault(output, None)
     missing = [n for n in needed_float if n not in float_names and n not in {i.name for i in float_model.graph.input}]
     if missing:
         raise UserError(f"the float model lacks tensors the quantized model reads ({missing[:3]}...)",
@@ -137,12 +154,12 @@ def node_errors(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, split:
                             "(with its .ranges.json next to the INT8 model if it was smoothed)")
     extractor = Extractor(qdq_model)
     singles = []
-    for node, mapping in qnodes:
+    for node, mapping, output in qnodes:
         inputs = sorted({src for src in mapping.values() if src})
         # unoptimized: ORT would otherwise fuse the Q/DQ away into integer kernels
-        singles.append(cpu_session(extractor.extract_model(inputs, [node.output[0]]), threads, optimize=False))
+        singles.append(cpu_session(extractor.extract_model(inputs, [output]), threads, optimize=False))
     float_session = augmented_session(float_model, list(needed_float), threads)
-    qdq_session = augmented_session(qdq_model, [n.output[0] for n, _ in qnodes], threads)
+    qdq_session = augmented_session(qdq_model, [output for _, _, output in qnodes], threads)
     f_outs = [o.name for o in float_session.get_outputs()]
     q_outs = [o.name for o in qdq_session.get_outputs()]
     f_inputs = [i.name for i in float_session.get_inputs()]
@@ -154,13 +171,13 @@ def node_errors(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, split:
         fvals = dict(zip(f_outs, float_session.run(f_outs, run_feeds)))
         fvals.update(run_feeds)
         qvals = dict(zip(q_outs, qdq_session.run(q_outs, run_feeds)))
-        for k, ((node, _), sess) in enumerate(zip(qnodes, singles)):
-            ref = fvals[node.output[0]]
+        for k, ((_, _, output), sess) in enumerate(zip(qnodes, singles)):
+            ref = fvals[output]
             single = sess.run(None, {i.name: fvals[i.name] for i in sess.get_inputs()})[0]
             added[k].add(ref, single)
-            accumulated[k].add(ref, qvals[node.output[0]])
+            accumulated[k].add(ref, qvals[output])
     errors = [NodeError(node.name, node.op_type, torch_module(node), a.snr_db(), a.cosine(), c.snr_db(), c.cosine())
-              for (node, _), a, c in zip(qnodes, added, accumulated)]
+              for (node, _, _), a, c in zip(qnodes, added, accumulated)]
     return sorted(errors, key=lambda e: (e.added_snr_db, e.node))
 
 

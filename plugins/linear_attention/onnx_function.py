@@ -111,7 +111,20 @@ def _functions():
             out = num / (den + epsilon)
         return out
 
-    return [FeatureMap, LinearAttention]
+    # INT8 form (Q -> op -> DQ), as NeighborhoodAttention1DInt8: int8 q, k, v and output, scales
+    # shared with the Q/DQ nodes around it.
+    @onnxscript.script(dk, default_opset=op)
+    def LinearAttentionInt8(q, k, v, key_mask, q_scale, k_scale, v_scale, y_scale, feature_map: int,
+                            is_causal: int, normalize: int, decay: Sequence[float], chunk_size: int, eps: float,
+                            plugin_namespace: str):
+        zero = op.Cast(op.Constant(value_int=0), to=3)
+        y = LinearAttention(op.DequantizeLinear(q, q_scale, zero), op.DequantizeLinear(k, k_scale, zero),
+                            op.DequantizeLinear(v, v_scale, zero), key_mask, feature_map=feature_map,
+                            is_causal=is_causal, normalize=normalize, decay=decay, chunk_size=chunk_size, eps=eps,
+                            plugin_namespace=plugin_namespace)
+        return op.QuantizeLinear(y, y_scale, zero)
+
+    return [FeatureMap, LinearAttention, LinearAttentionInt8]
 
 
 def function_protos() -> list[onnx.FunctionProto]:

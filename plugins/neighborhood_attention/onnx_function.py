@@ -128,7 +128,36 @@ def _functions():
             op.Shape(v), op.Constant(value_ints=[4]), op.Constant(value_ints=[5])), axis=0)
         return op.Reshape(out, out_shape)
 
-    return [AxisWindow, AttendNeighbours, NeighborhoodAttention1D, NeighborhoodAttention2D]
+    # INT8 forms (Q -> op -> DQ): q, k, v arrive as symmetric int8 from their QuantizeLinear, the
+    # output leaves as int8 for its DequantizeLinear; the scales are the very initializers those
+    # Q/DQ nodes use. ORT runs DQ -> float op -> Q, equal to the Q/DQ graph it replaces; a
+    # TensorRT plugin takes the int8 tensors directly. The zero points are explicit: ORT's
+    # QDQ propagation copies a DequantizeLinear as a Q/DQ pair, and a QuantizeLinear without
+    # a zero point is uint8 (negative values would clip to 0).
+    @onnxscript.script(dk, default_opset=op)
+    def NeighborhoodAttention1DInt8(q, k, v, key_mask, q_scale, k_scale, v_scale, y_scale,
+                                    kernel_size: Sequence[int], dilation: Sequence[int], is_causal: Sequence[int],
+                                    scale: float, plugin_namespace: str):
+        zero = op.Cast(op.Constant(value_int=0), to=3)
+        y = NeighborhoodAttention1D(op.DequantizeLinear(q, q_scale, zero), op.DequantizeLinear(k, k_scale, zero),
+                                    op.DequantizeLinear(v, v_scale, zero), key_mask, kernel_size=kernel_size,
+                                    dilation=dilation, is_causal=is_causal, scale=scale,
+                                    plugin_namespace=plugin_namespace)
+        return op.QuantizeLinear(y, y_scale, zero)
+
+    @onnxscript.script(dk, default_opset=op)
+    def NeighborhoodAttention2DInt8(q, k, v, key_mask, q_scale, k_scale, v_scale, y_scale,
+                                    kernel_size: Sequence[int], dilation: Sequence[int], is_causal: Sequence[int],
+                                    scale: float, plugin_namespace: str):
+        zero = op.Cast(op.Constant(value_int=0), to=3)
+        y = NeighborhoodAttention2D(op.DequantizeLinear(q, q_scale, zero), op.DequantizeLinear(k, k_scale, zero),
+                                    op.DequantizeLinear(v, v_scale, zero), key_mask, kernel_size=kernel_size,
+                                    dilation=dilation, is_causal=is_causal, scale=scale,
+                                    plugin_namespace=plugin_namespace)
+        return op.QuantizeLinear(y, y_scale, zero)
+
+    return [AxisWindow, AttendNeighbours, NeighborhoodAttention1D, NeighborhoodAttention2D,
+            NeighborhoodAttention1DInt8, NeighborhoodAttention2DInt8]
 
 
 def function_protos() -> list[onnx.FunctionProto]:
