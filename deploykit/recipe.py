@@ -48,6 +48,17 @@ class BenchSpec(BenchConfig):
 
 
 @dataclass
+class LayerLatencySpec:
+    """Time one attention layer of each variant's kind (dense, or its swap) on ORT CPU."""
+    enabled: bool = False
+    lengths: list[int] = field(default_factory=lambda: [128, 512, 2048, 8192])
+    heads: int = 12
+    head_dim: int = 32
+    iterations: int = 10
+    threads: int | None = None
+
+
+@dataclass
 class StudySpec:
     """Compare model variants built, trained and quantized the same way (e.g. the outlier study).
 
@@ -59,6 +70,7 @@ class StudySpec:
     variants: dict[str, Any] = field(default_factory=dict)
     presets: list[str] = field(default_factory=lambda: ["paper-w8a8", "gpu-trt"])
     outlier_samples: int | None = None       # None: the whole evaluation split
+    layer_latency: LayerLatencySpec = field(default_factory=LayerLatencySpec)
 
 
 @dataclass

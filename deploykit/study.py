@@ -25,6 +25,7 @@ from deploykit.recipe import Recipe, evaluate_acceptance
 
 OUTLIER_PLOT = "outliers.png"
 LOSS_PLOT = "training_loss.png"
+LAYER_PLOT = "attention_layer_latency.png"
 
 
 def variant_options(rec: Recipe, transforms: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -129,6 +130,9 @@ def run_study(rec: Recipe, run_dir: Path):
         timings[name] = round(time.perf_counter() - t, 2)
         write_json(vdir / "variant.json", variants[name])
 
+    # One layer's cost by sequence length: a study-level figure, not a model latency, so it
+    # lives in the study section (report.json "latency" is the whole model by batch size).
+    layer = measure_layer_latency(rec) if rec.study.layer_latency.enabled else None
     table = study_table(variants, accuracy, base.task, rec.study.presets, distill)
     acceptance = evaluate_acceptance(rec.acceptance, accuracy)
     report = new_report(base.source, rec.path, rec.target)
@@ -137,7 +141,7 @@ def run_study(rec: Recipe, run_dir: Path):
         "data": splits.summary(),
         "study": {"title": rec.study.title, "task": base.task, "reference": "teacher (untransformed model)" if distill
                   else "labels / the variant's own torch FP32", "presets": rec.study.presets,
-                  "table": table, "variants": variants},
+                  "table": table, "variants": variants, **({"layer_latency": layer} if layer else {})},
         "acceptance": acceptance, "recipe_settings": rec.to_dict(), "timings_s": timings,
     })
     plot_outliers({k: v["outliers"] for k, v in variants.items()}, run_dir / OUTLIER_PLOT)
@@ -147,6 +151,64 @@ def run_study(rec: Recipe, run_dir: Path):
         say(f"  acceptance {a['check']} {a['threshold']}: {a['value']} -> {'pass' if a['passed'] else 'FAIL'}")
     say(f"[bold]report:[/] {report_path} and {run_dir / 'report.md'}")
     return RunResult(run_dir, report_path, read_json(report_path), all(a["passed"] for a in acceptance))
+
+
+def measure_layer_latency(rec: Recipe) -> dict[str, Any]:
+    """One attention layer per distinct variant kind, timed on ORT CPU at each length."""
+    import onnxruntime as ort
+
+    from deploykit.bench.attention_layer import build_layer, layer_op, time_layer
+    from deploykit.runners import default_threads
+
+    spec = rec.study.layer_latency
+    threads = spec.threads or default_threads()
+    out: dict[str, Any] = {"setup": {"heads": spec.heads, "head_dim": spec.head_dim, "batch": 1,
+                                     "threads": threads, "iterations": spec.iterations,
+                                     "onnxruntime": ort.__version__},
+                           "ops": {}, "variants": {}}
+    for name, transforms in rec.study.variants.items():
+        # A ViT's neighborhood swap windows the 2-D patch grid; text models a 1-D sequence.
+        op = layer_op(variant_options(rec, transforms).get("transforms"),
+                      ndim=2 if rec.model.source.startswith("timm:") else 1)
+        with stage(f"attention layer latency: {name} ({op['kind']})"):
+            model = build_layer(op, spec.heads, spec.head_dim)
+            rows = time_layer(model, op, spec.lengths, spec.heads, spec.head_dim, threads=threads,
+                              iterations=spec.iterations)
+        out["ops"][name] = op
+        out["variants"][name] = {str(n): row for n, row in rows.items()}
+    return out
+
+
+def layer_latency_lines(layer: dict[str, Any]) -> list[str]:
+    lengths = list(next(iter(layer["variants"].values())).keys()) if layer["variants"] else []
+    s = layer["setup"]
+    md = ["### One attention layer, ORT CPU", "",
+          f"Median latency of one layer (q, k, v inputs, batch 1, {s['heads']} heads × {s['head_dim']}, "
+          f"{s['threads']} threads, ONNX Runtime {s['onnxruntime']}); dense is softmax(QKᵀ)V.", "",
+          "| variant | op | " + " | ".join(f"N={n}" for n in lengths) + " |",
+          "|---|---|" + "---:|" * len(lengths)]
+    for name, rows in layer["variants"].items():
+        op = layer["ops"][name]
+        detail = op["kind"] + (f" k={op['kernel_size']}" if op["kind"] == "neighborhood" else "") + \
+            (" 2-D" if op.get("ndim") == 2 else "") + (" causal" if op.get("causal") else "")
+        md.append(f"| {name} | {detail} | " + " | ".join(f"{rows[n]['p50_ms']:.2f} ms" for n in lengths) + " |")
+    return md + [""]
+
+
+def plot_layer_latency(layer: dict[str, Any], dest: Path, inputs: tuple[Path, ...] = ()) -> Path:
+    from deploykit.report.render import _figure, _save
+
+    fig, ax = _figure(6.5, 4.0)
+    for name, rows in layer["variants"].items():
+        xs = [row["seq_len"] for row in rows.values()]
+        ax.plot(xs, [row["p50_ms"] for row in rows.values()], marker="o", label=f"{name} ({layer['ops'][name]['kind']})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel("one layer, p50 (ms, log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return _save(fig, dest, inputs)
 
 
 def study_table(variants: dict[str, Any], accuracy: dict[str, dict[str, float]], task: str,
@@ -245,6 +307,10 @@ def study_section(report: dict[str, Any], out: Path, inputs: tuple[Path, ...]) -
     md += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     md.append("")
+    if study.get("layer_latency"):
+        md += layer_latency_lines(study["layer_latency"])
+        plot_layer_latency(study["layer_latency"], out / LAYER_PLOT, inputs)
+        md += [f"![One attention layer by sequence length]({LAYER_PLOT})", ""]
     plot_outliers({k: v["outliers"] for k, v in study["variants"].items()}, out / OUTLIER_PLOT, inputs)
     md += [f"![Outliers per layer]({OUTLIER_PLOT})", ""]
     if plot_losses(study["variants"], out / LOSS_PLOT, inputs):

@@ -385,3 +385,24 @@ def test_attention_swap_settings_are_checked():
         tiny_vit([{"name": "linear-attention", "feature": "softplus"}])
     with pytest.raises(UserError, match="do not combine"):
         tiny_vit([{"name": "clipped-softmax", "gamma": -0.01}, {"name": "linear-attention"}])
+
+
+def test_study_layer_latency_per_variant_kind(tmp_path):
+    """Each variant's own attention kind is timed; a 2-D window runs on a square grid."""
+    from deploykit.recipe import load_recipe
+    from deploykit.study import layer_latency_lines, measure_layer_latency, plot_layer_latency
+
+    rec = load_recipe("swap-attention-vit-digits", ["study.layer_latency.lengths=[16, 60]",
+                                                    "study.layer_latency.heads=2", "study.layer_latency.head_dim=8",
+                                                    "study.layer_latency.iterations=2"])
+    layer = measure_layer_latency(rec)
+    assert {k: v["kind"] for k, v in layer["ops"].items()} == {
+        "dense": "dense", "neighborhood-3x3": "neighborhood", "linear-elu1": "linear"}
+    assert layer["ops"]["neighborhood-3x3"]["kernel_size"] == 3
+    assert [r["seq_len"] for r in layer["variants"]["dense"].values()] == [16, 60]
+    assert [r["seq_len"] for r in layer["variants"]["neighborhood-3x3"].values()] == [16, 64]   # 4x4, 8x8 grids
+    for rows in layer["variants"].values():
+        for row in rows.values():
+            assert 0 < row["p50_ms"] <= row["p99_ms"] and row["batch"] == 1
+    assert "| neighborhood-3x3 | neighborhood k=3 2-D |" in "\n".join(layer_latency_lines(layer))
+    assert plot_layer_latency(layer, tmp_path / "layer.png").stat().st_size > 1000
