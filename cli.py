@@ -353,6 +353,46 @@ def bench(
                  spec=DataSpec(source=data, calibration=calibration, evaluation=evaluation, seed=seed))
 
 
+def _range(text: str | None, name: str) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        lo, opt, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--{name} must be MIN,OPT,MAX (three integers), got '{text}'",
+                        fix=f"e.g. --{name} 1,8,32") from None
+    return lo, opt, hi
+
+
+@app.command()
+@_guard
+def build(
+    model: Annotated[Path, typer.Argument(help="ONNX model (FP32 or Q/DQ INT8) to build.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Engine file (default: <model>.engine).")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="Recipe whose shapes set the optimization profile.")] = None,
+    batch: Annotated[Optional[str], typer.Option(help="Batch range MIN,OPT,MAX (default 1,8,32).")] = None,
+    seq: Annotated[Optional[str], typer.Option(help="Sequence range MIN,OPT,MAX (default 1,128,128).")] = None,
+    timing_cache: Annotated[Optional[Path], typer.Option(help="Timing cache (read if present, then updated).")] = None,
+    workspace_mib: Annotated[int, typer.Option(help="Builder workspace limit in MiB.")] = 4096,
+    aot: Annotated[bool, typer.Option("--aot/--jit", help="AOT plugin kernels in the engine (no Python needed to "
+                                                          "run it) or the Python plugin implementations.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print TensorRT's whole log.")] = False,
+) -> None:
+    """ONNX -> TensorRT engine (strongly typed, explicit Q/DQ, deploykit plugins); needs TensorRT and a GPU."""
+    from deploykit.engine import ShapeRanges, build_engine
+
+    ranges = ShapeRanges()
+    if recipe is not None:
+        from deploykit.recipe import load_recipe
+
+        ranges = ShapeRanges.from_recipe(load_recipe(recipe))
+    ranges = ShapeRanges(batch=_range(batch, "batch") or ranges.batch, sequence=_range(seq, "seq") or ranges.sequence)
+    result = build_engine(model, out or model.with_suffix(".engine"), ranges=ranges, timing_cache=timing_cache,
+                          workspace_mib=workspace_mib, aot=aot, verbose=verbose)
+    print(f"engine: {result.engine} (TensorRT {result.info['tensorrt']}, {result.info['gpu']}, "
+          f"sm {result.info['compute_capability']}, {result.info['build_seconds']} s); log: {result.log}")
+
+
 @app.command()
 @_guard
 def report(

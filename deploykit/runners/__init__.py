@@ -1,7 +1,7 @@
 """Runners: one ``infer(feeds) -> output`` API per backend.
 
-Backends: ``ort-cpu``, ``ort-cuda`` (ONNX Runtime execution providers) and ``torch`` (eager
-FP32 baseline). Thread counts are always set explicitly so latency figures are comparable.
+Backends: ``ort-cpu``, ``ort-cuda`` (ONNX Runtime execution providers), ``torch`` (eager
+FP32 baseline) and ``tensorrt`` (an engine from ``deploykit build``; ``deploykit.engine``). Thread counts are always set explicitly so latency figures are comparable.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from deploykit.errors import UserError
 
-BACKENDS = ("ort-cpu", "ort-cuda", "torch")
+BACKENDS = ("ort-cpu", "ort-cuda", "torch", "tensorrt")
 
 
 def default_threads() -> int:
@@ -110,6 +110,7 @@ def make_runner(backend: str, *, model_path: str | Path | None = None, bundle=No
     if backend in ("ort-cpu", "ort-cuda"):
         return OrtRunner(model_path, provider=backend.split("-", 1)[1], threads=threads)
     if backend == "tensorrt":
-        raise UserError("the tensorrt backend is not available in this version of deploykit",
-                        fix="use ort-cpu, ort-cuda or torch; deploykit doctor shows what this machine has")
+        from deploykit.engine import TrtRunner
+
+        return TrtRunner(model_path)
     raise UserError(f"unknown backend '{backend}'", fix=f"use one of {', '.join(BACKENDS)}")
