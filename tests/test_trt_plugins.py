@@ -174,3 +174,17 @@ def test_aot_falls_back_to_a_tactic_within_default_shared_memory(monkeypatch):
         q, q.like(), q.like(), mask, outputs=(q.like(),), tactic=1, **_na_attrs([7], [1], [0]))
     assert params.shared_mem <= DEFAULT_SHARED_LIMIT and b".target sm_86" in ptx
     assert qdp_stub.value(params.grid_x) in {-(-300 // t.block_m) for t in nk.TACTICS}   # gridded for its tile
+
+
+@pytest.mark.parametrize("cc", [80, 86, 87, 89, 90])
+def test_aot_impl_targets_every_supported_gpu(monkeypatch, cc):
+    """The plugin's own aot_impl (not only the kernel module) emits PTX for each target:
+    A100 / A10-class / Jetson Orin / Ada / Hopper."""
+    pytest.importorskip("triton", reason="the AOT implementation compiles Triton kernels")
+    registry = qdp_stub.import_plugins(monkeypatch, *MODULES.values())
+    monkeypatch.setenv("DEPLOYKIT_CUDA_CC", str(cc))
+    q = qdp_stub.TensorDesc(qdp_stub.DataType.HALF, (1, 2, "N", 64))
+    mask = qdp_stub.TensorDesc(qdp_stub.DataType.BOOL, (1, "N"))
+    name, ptx, params, _ = registry["aot_impl"]["deploykit::NeighborhoodAttention1D"](
+        q, q.like(), q.like(), mask, outputs=(q.like(),), tactic=1, **_na_attrs([7], [1], [0]))
+    assert f".target sm_{cc}".encode() in ptx and b".entry " + name in ptx
