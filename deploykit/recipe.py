@@ -62,15 +62,26 @@ class LayerLatencySpec:
 class StudySpec:
     """Compare model variants built, trained and quantized the same way (e.g. the outlier study).
 
-    ``variants`` maps a name to the transforms added on top of ``model.options.transforms``;
-    each variant is trained (if ``train.enabled``), measured for activation outliers,
-    exported, quantized with every preset in ``presets`` and scored on the evaluation split.
+    ``variants`` maps a name to the transforms added on top of ``model.options.transforms``
+    (a list), or to ``{transforms: [...], stages: [...]}`` for staged fine-tuning; each
+    variant is trained (if ``train.enabled``), measured for activation outliers, exported,
+    quantized with every preset in ``presets`` and scored on the evaluation split.
+
+    With ``base`` (a variant's name) that variant is trained first with ``train``; every other
+    variant starts from its trained weights (the transforms are applied to them) and is
+    fine-tuned with ``fine_tune``, distilling from it: compression recipes (binarization,
+    sparsity, head pruning) that need a trained full-precision model to start from.
+    ``compression: true`` adds sizes, operation counts, sparsity and ORT CPU latency per variant.
     """
     title: str = "variants compared"
     variants: dict[str, Any] = field(default_factory=dict)
     presets: list[str] = field(default_factory=lambda: ["paper-w8a8", "gpu-trt"])
     outlier_samples: int | None = None       # None: the whole evaluation split
     layer_latency: LayerLatencySpec = field(default_factory=LayerLatencySpec)
+    base: str | None = None
+    fine_tune: TrainSpec = field(default_factory=lambda: TrainSpec(enabled=True, mode="distill", epochs=5.0,
+                                                                   lr=3e-4, weight_decay=0.0, warmup=0.05))
+    compression: bool = False
 
 
 @dataclass
@@ -198,14 +209,42 @@ def _check_model(rec: Recipe, where: str) -> None:
     from deploykit.recipes.transforms import check_transforms
 
     check_transforms(rec.model.options.get("transforms"), where)
-    for name, transforms in rec.study.variants.items():
-        check_transforms(transforms or [], where)
+    for name, value in rec.study.variants.items():
+        transforms, stages = variant_spec(value, name, where)
+        check_transforms(transforms, where)
+    if rec.study.base is not None and rec.study.base not in rec.study.variants:
+        raise UserError(f"study.base '{rec.study.base}' is not one of the variants", path=where,
+                        fix=f"use one of {', '.join(rec.study.variants)}")
+    if rec.study.base is not None:
+        rec.study.fine_tune.validate(where)
     for preset in rec.study.presets:
         if preset not in PRESETS:
             raise UserError(f"unknown preset '{preset}' in study.presets", path=where,
                             fix=f"use {', '.join(PRESETS)}")
     if rec.train.enabled:
         rec.train.validate(where)
+
+
+STAGES = ("attention", "all")
+
+
+def variant_spec(value: Any, name: str = "", where: str | None = None) -> tuple[list[Any], list[str]]:
+    """(transforms, stages) of a study variant: a list of transforms, or a mapping with
+    ``transforms`` and ``stages`` (fine-tuning stages, e.g. [attention, all] for BiViT's
+    attention-first schedule)."""
+    if value is None:
+        return [], []
+    if isinstance(value, list):
+        return value, []
+    if isinstance(value, dict) and set(value) <= {"transforms", "stages"}:
+        stages = list(value.get("stages") or [])
+        bad = [s for s in stages if s not in STAGES]
+        if bad:
+            raise UserError(f"study variant '{name}' has unknown stages {bad}", path=where,
+                            fix=f"use stages from {', '.join(STAGES)}")
+        return list(value.get("transforms") or []), stages
+    raise UserError(f"study variant '{name}' must be a list of transforms or {{transforms, stages}}", path=where,
+                    fix="write e.g. binary: {transforms: [{name: binary-attention}], stages: [attention, all]}")
 
 
 def _check_acceptance(acceptance: dict[str, str], where: str) -> None:

@@ -21,7 +21,7 @@ from deploykit.errors import UserError
 from deploykit.io import read_json, write_json, write_npz
 from deploykit.progress import say, stage
 from deploykit.quantize import calibrate
-from deploykit.recipe import Recipe, evaluate_acceptance
+from deploykit.recipe import Recipe, evaluate_acceptance, variant_spec
 
 OUTLIER_PLOT = "outliers.png"
 LOSS_PLOT = "training_loss.png"
@@ -57,6 +57,147 @@ def train_variant(bundle, rec: Recipe, splits: DataSplits, out_dir: Path, *, tea
     return result.summary()
 
 
+def fine_tune_variant(bundle, rec: Recipe, splits: DataSplits, out_dir: Path, *, teacher,
+                      stages: list[str]) -> dict[str, Any]:
+    """Fine-tune a variant that starts from the study's base weights: distillation from the
+    base with ``study.fine_tune``, stage by stage (the budget split evenly) when ``stages``
+    is given (BiViT: binary attention first, then everything)."""
+    from deploykit.train import train
+
+    spec = copy.deepcopy(rec.study.fine_tune)
+    if splits.training is None:
+        raise UserError("study.base needs a training split", path=rec.path,
+                        fix="set data.training (a count, or -1 for every sample the other splits leave)")
+    runs = []
+    for i, stage_name in enumerate(stages or [None]):
+        if stage_name is not None:
+            from deploykit.recipes.binarize import set_binarization_stage
+
+            set_binarization_stage(bundle.module, stage_name)
+        part = copy.deepcopy(spec)
+        part.epochs = spec.epochs / max(1, len(stages))
+        last = i == max(0, len(stages) - 1)
+        result = train(bundle, splits.training, part, teacher=teacher,
+                       checkpoint=out_dir / "model.safetensors" if last else None,
+                       description=f"fine-tune {out_dir.name}" + (f" ({stage_name})" if stage_name else ""))
+        runs.append({"stage": stage_name, **result.summary()})
+    out = dict(runs[-1])
+    out["stages"] = runs
+    out["seconds"] = round(sum(r["seconds"] for r in runs), 1)
+    out["steps"] = sum(r["steps"] for r in runs)
+    out["losses"] = [v for r in runs for v in r["losses"]]
+    return out
+
+
+def resolve_data_transforms(rec: Recipe, options: dict[str, Any], splits: DataSplits) -> tuple[dict, list]:
+    """Transforms whose settings come from data (head pruning ranked by importance): computed
+    on the calibration split from the base weights (with the variant's earlier transforms)
+    and written into the variant's transforms as an explicit ``heads`` list, so the variant
+    (and its checkpoint) rebuilds without data."""
+    transforms = list(options.get("transforms") or [])
+    derived = []
+    for i, t in enumerate(transforms):
+        if t.get("name") != "head-pruning" or "heads" in t or t.get("importance", "gradient") == "weight-norm":
+            continue
+        from deploykit.models import load_model
+        from deploykit.sparsity import plan_head_pruning
+
+        before = load_model(rec.model.source, {**options, "transforms": transforms[:i]})
+        entry = plan_head_pruning(before, splits.calibration, prune=t.get("prune"), ratio=t.get("ratio"),
+                                  importance=t.get("importance", "gradient"))
+        transforms[i] = {"name": "head-pruning", "heads": entry["heads"]}
+        derived.append({**entry, "ranked_on": f"calibration split ({splits.calibration.count} samples)"})
+    return ({**options, "transforms": transforms} if derived else options), derived
+
+
+def write_binary_onnx(fp32: Path, dest: Path) -> Path:
+    """The FP32 export with every binary weight stored as int8 ±1 + a per-channel scale through
+    DequantizeLinear (bit-exact: ``deploykit.compression.binarize_initializers`` checks it)."""
+    import onnx
+
+    from deploykit.compression import binarize_initializers
+    from deploykit.io import atomic_path
+
+    model = onnx.load(str(fp32))
+    converted = binarize_initializers(model)
+    if not converted:
+        raise UserError("the model has binary-weights transforms but no binary weight in its export", path=fp32,
+                        fix="check the transform's targets")
+    onnx.checker.check_model(model, full_check=True)
+    with atomic_path(dest, inputs=(fp32,)) as tmp:
+        onnx.save(model, str(tmp))
+    return dest
+
+
+def compression_figures(bundle, models: dict[str, Path], splits: DataSplits, rec: Recipe) -> dict[str, Any]:
+    """Per variant: parameters, packed bytes, BOPs / FLOPs / OPs (OPs = BOPs/64 + FLOPs, for one
+    example), weight sparsity (2:4 layers), attention sparsity or density (binary and top-k
+    attention, recorded on evaluation samples) and the ONNX files (latency: interleaved_latency)."""
+    import contextlib
+
+    import torch
+
+    from deploykit.bench import bench_feeds
+    from deploykit.compression import model_stats, onnx_file_stats
+    from deploykit.data import iterate_batches
+    from deploykit.recipes.binarize import attention_density, binary_attention_modules, recording_attention
+    from deploykit.recipes.sparsify import topk_modules
+    from deploykit.sparsity import attention_sparsity, check_2_4, parameter_counts, record_attention_sparsity
+    from deploykit.sparsity import weight_sparsity
+
+    module = bundle.module
+    example = bench_feeds(splits.evaluation, 1, rec.bench.seq_len)
+    out: dict[str, Any] = {"model": model_stats(module, tuple(example[k] for k in bundle.input_names))}
+    out["weights"] = weight_sparsity(module)
+    try:
+        out["heads"] = parameter_counts(module)
+    except UserError:               # no deploykit attention module (an untransformed model)
+        pass
+    binary = bool(binary_attention_modules(module))
+    topk = not binary and any(m is not None for m in topk_modules(module))
+    if binary or topk:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(recording_attention(module) if binary else record_attention_sparsity(module))
+            stack.enter_context(torch.no_grad())
+            samples = {k: v[:64] for k, v in splits.evaluation.feeds.items()}
+            for feeds in iterate_batches(samples, 32):
+                module(*[torch.from_numpy(feeds[k]) for k in bundle.input_names])
+        out["attention"] = attention_density(module) if binary else attention_sparsity(module)
+    out["files"] = {k: onnx_file_stats(p) for k, p in models.items()}
+    out["onnx_2_4"] = {k: v for k, v in check_2_4(models["fp32"]).items() if k != "initializers"}
+    return out
+
+
+def interleaved_latency(models: dict[str, dict[str, Path]], splits: DataSplits, rec: Recipe,
+                        rounds: int = 5) -> dict[str, dict[str, Any]]:
+    """ORT CPU latency of every variant's models at batch 1 and the largest bench batch, timed
+    in ``rounds`` interleaved rounds (variant A, B, C, ..., then again) and summarised by the
+    median over rounds: drift of a shared machine then hits every variant alike instead of
+    whichever ran during it. ``{variant: {"<model>@ort-cpu/b<batch>": entry}}``."""
+    import statistics
+
+    from deploykit.bench import BenchConfig, bench_feeds, time_runner
+    from deploykit.progress import track
+    from deploykit.runners import OrtRunner
+
+    config = BenchConfig(batches=sorted({1, max(rec.bench.batches)}), seq_len=rec.bench.seq_len, warmup=2,
+                         iterations=10, min_seconds=0.3, max_seconds=5.0)
+    runners = {(v, key): OrtRunner(path) for v, paths in models.items() for key, path in paths.items()}
+    feeds = {b: bench_feeds(splits.evaluation, b, config.seq_len) for b in config.batches}
+    samples: dict[tuple, list[dict[str, Any]]] = {}
+    jobs = [(r, v, key, b) for r in range(rounds) for (v, key) in runners for b in config.batches]
+    for _, v, key, b in track(jobs, total=len(jobs), description="latency (interleaved rounds)"):
+        samples.setdefault((v, key, b), []).append(time_runner(runners[(v, key)], feeds[b], config))
+    out: dict[str, dict[str, Any]] = {}
+    for (v, key, b), runs in samples.items():
+        entry = {k: statistics.median(r[k] for r in runs) for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms",
+                                                                    "throughput_per_s")}
+        entry.update(batch=b, rounds=len(runs), iterations=sum(r["iterations"] for r in runs),
+                     threads=runs[0]["threads"], p50_ms_rounds=[round(r["p50_ms"], 4) for r in runs])
+        out.setdefault(v, {})[f"{key}@ort-cpu/b{b}"] = entry
+    return out
+
+
 def run_study(rec: Recipe, run_dir: Path):
     from deploykit.export import export_onnx
     from deploykit.models import load_model
@@ -89,12 +230,35 @@ def run_study(rec: Recipe, run_dir: Path):
     accuracy: dict[str, dict[str, float]] = {}
     variants: dict[str, Any] = {}
     artifacts: dict[str, str] = {f"data_{k}": str(v) for k, v in data_paths.items()}
-    for name, transforms in rec.study.variants.items():
+    base_checkpoint = None
+    deployed: dict[str, dict[str, Path]] = {}       # per variant, the models timed for the compression table
+    order = list(rec.study.variants)
+    if rec.study.base is not None:           # the base trains first; the others start from it
+        order.remove(rec.study.base)
+        order.insert(0, rec.study.base)
+    for name in order:
+        transforms, stages = variant_spec(rec.study.variants[name], name, rec.path)
         t = time.perf_counter()
         vdir = run_dir / name
         say(f"[bold]variant {name}[/]: {transforms or 'no transform'}")
-        bundle = load_model(rec.model.source, variant_options(rec, transforms))
-        trained = train_variant(bundle, rec, splits, vdir, teacher=teacher)
+        options = variant_options(rec, transforms)
+        if base_checkpoint is not None:
+            options["base_checkpoint"] = base_checkpoint
+            options, derived = resolve_data_transforms(rec, options, splits)
+            bundle = load_model(rec.model.source, options)
+            base_teacher = distillation_teacher(rec.model.source, {k: v for k, v in options.items()
+                                                                    if k != "transforms"}).module
+            trained = fine_tune_variant(bundle, rec, splits, vdir, teacher=base_teacher, stages=stages)
+            if derived:
+                trained = {**(trained or {}), "derived_transforms": derived}
+        else:
+            bundle = load_model(rec.model.source, options)
+            trained = train_variant(bundle, rec, splits, vdir, teacher=teacher)
+        if name == rec.study.base:
+            if not (trained and trained.get("checkpoint")):
+                raise UserError(f"study.base '{name}' must be trained to give the other variants a start",
+                                path=rec.path, fix="set train.enabled: true")
+            base_checkpoint = trained["checkpoint"]
         outliers = measure_outliers(bundle, splits.evaluation, batch_size=rec.verify.batch_size,
                                     samples=rec.study.outlier_samples, description=f"outliers {name}")
         print_outliers(outliers, title=f"{name}: activation outliers per layer")
@@ -102,6 +266,9 @@ def run_study(rec: Recipe, run_dir: Path):
         with stage(f"export {name}"):
             exported = export_onnx(bundle, fp32, opset=rec.export.opset, parity_feeds=parity_feeds(splits.evaluation))
         models = {"fp32": fp32}
+        if any(t.get("name") in ("binary-weights",) for t in bundle.info.get("transforms", [])):
+            with stage(f"binary weights as int8 ±1 + per-channel scales {name}"):
+                models["binary"] = write_binary_onnx(fp32, vdir / "model.binary.onnx")
         calibration = {}
         for preset in rec.study.presets:
             config = copy.deepcopy(rec.quantize)
@@ -124,29 +291,46 @@ def run_study(rec: Recipe, run_dir: Path):
         artifacts.update({f"{name}:{k}": str(p) for k, p in models.items()})
         if trained and trained.get("checkpoint"):
             artifacts[f"{name}:checkpoint"] = trained["checkpoint"]
+        if rec.study.compression:
+            with stage(f"compression figures {name}"):
+                compression = compression_figures(bundle, models, splits, rec)
+            deployed[name] = {k: p for k, p in models.items() if k in ("fp32", "binary")}
         variants[name] = {"transforms": bundle.info.get("transforms", []), "train": trained,
+                          **({"compression": compression} if rec.study.compression else {}),
                           "outliers": outliers.to_dict(), "export_parity": exported.parity["max_abs_diff"],
                           "calibration": calibration, "seconds": round(time.perf_counter() - t, 1)}
         timings[name] = round(time.perf_counter() - t, 2)
         write_json(vdir / "variant.json", variants[name])
 
+    if rec.study.compression:
+        with stage("latency of every variant (ORT CPU, interleaved rounds)"):
+            timed = interleaved_latency(deployed, splits, rec)
+        for name, rows in timed.items():
+            variants[name]["compression"]["latency"] = rows
+            write_json(run_dir / name / "variant.json", variants[name])
+    latency = {f"{name}:{key}": row for name, info in variants.items()
+               for key, row in (info.get("compression") or {}).get("latency", {}).items()}
     # One layer's cost by sequence length: a study-level figure, not a model latency, so it
     # lives in the study section (report.json "latency" is the whole model by batch size).
     layer = measure_layer_latency(rec) if rec.study.layer_latency.enabled else None
     table = study_table(variants, accuracy, base.task, rec.study.presets, distill)
+    compressed = compression_table(variants, accuracy, base.task, rec.study.base) if rec.study.compression else []
     acceptance = evaluate_acceptance(rec.acceptance, accuracy)
     report = new_report(base.source, rec.path, rec.target)
     report.update({
-        "run": rec.name, "artifacts": artifacts, "accuracy": accuracy, "latency": {},
+        "run": rec.name, "artifacts": artifacts, "accuracy": accuracy, "latency": latency,
         "data": splits.summary(),
         "study": {"title": rec.study.title, "task": base.task, "reference": "teacher (untransformed model)" if distill
                   else "labels / the variant's own torch FP32", "presets": rec.study.presets,
-                  "table": table, "variants": variants, **({"layer_latency": layer} if layer else {})},
+                  "table": table, "variants": variants, **({"layer_latency": layer} if layer else {}),
+                  **({"compression_table": compressed} if compressed else {})},
         "acceptance": acceptance, "recipe_settings": rec.to_dict(), "timings_s": timings,
     })
     plot_outliers({k: v["outliers"] for k, v in variants.items()}, run_dir / OUTLIER_PLOT)
     report_path = save_report(run_dir / "report.json", report)
     _print_table(table, rec.study.presets, rec.study.title)
+    for line in compression_lines(compressed)[2:]:
+        say(line)
     for a in acceptance:
         say(f"  acceptance {a['check']} {a['threshold']}: {a['value']} -> {'pass' if a['passed'] else 'FAIL'}")
     say(f"[bold]report:[/] {report_path} and {run_dir / 'report.md'}")
@@ -209,6 +393,71 @@ def plot_layer_latency(layer: dict[str, Any], dest: Path, inputs: tuple[Path, ..
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return _save(fig, dest, inputs)
+
+
+def compression_table(variants: dict[str, Any], accuracy: dict[str, dict[str, float]], task: str,
+                      base: str | None) -> list[dict[str, Any]]:
+    """One row per variant: accuracy (the deployed ONNX: int8 ±1 weights where binary, else FP32)
+    and its change from the base, parameters, packed bytes, operations, sparsity, latency."""
+    metric = "top1" if task == "image-classification" else "cosine_mean"
+    rows = []
+    ref = None
+    for name, info in variants.items():
+        c = info.get("compression")
+        if not c:
+            continue
+        deployed = "binary" if "binary" in c["files"] else "fp32"
+        value = accuracy.get(f"{name}:{deployed}", {}).get(metric)
+        if name == base:
+            ref = value
+        att = c.get("attention") or {}
+        lat = c["latency"]
+        rows.append({
+            "variant": name, "deployed": deployed, "metric": metric, "value": value,
+            "parameters": c["model"]["parameters"], "packed_bytes": c["model"]["packed_bytes"],
+            "onnx_bytes": c["files"][deployed]["file_bytes"], "bops": c["model"]["bops"],
+            "flops": c["model"]["flops"], "ops": c["model"]["ops"],
+            "linear_sparsity": c["weights"]["linear_sparsity"], "two_four_layers": c["weights"]["two_four_layers"],
+            "attention_density": att.get("density") if "density" in att else (
+                None if att.get("mean") is None else 1.0 - att["mean"]),
+            "p50_ms_b1": lat.get(f"{deployed}@ort-cpu/b1", {}).get("p50_ms"),
+            "p50_ms_bmax": max((v for k, v in lat.items() if k.startswith(f"{deployed}@")),
+                               key=lambda v: v["batch"])["p50_ms"],
+            "bmax": max(v["batch"] for k, v in lat.items() if k.startswith(f"{deployed}@")),
+        })
+    for row in rows:
+        row["delta"] = None if ref is None or row["value"] is None else row["value"] - ref
+    return rows
+
+
+def compression_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+
+    def f(v, spec):
+        return "—" if v is None else format(v, spec)
+
+    pct = rows[0]["metric"] == "top1"
+    bmax = rows[0]["bmax"]
+    md = ["### Compression", "",
+          "Accuracy of the deployed ONNX model (binary weights as int8 ±1 + per-channel scales; "
+          "the others FP32) and its change from the base; packed = 1 bit per binary weight + 4 bytes "
+          "per other parameter; OPs = BOPs/64 + FLOPs (multiply-accumulates, one example); attention "
+          "density = kept share of the attention probabilities; ORT CPU p50 latency.", "",
+          f"| variant | {rows[0]['metric']} | Δ | parameters | packed KiB | ONNX KiB | MOPs (BOPs M / FLOPs M) | "
+          f"linear sparsity (2:4 layers) | attention density | p50 b1 | p50 b{bmax} |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        value = f(None if r["value"] is None else (100 * r["value"] if pct else r["value"]), ".1f" if pct else ".4f")
+        delta = f(None if r["delta"] is None else (100 * r["delta"] if pct else r["delta"]), "+.1f" if pct else "+.4f")
+        md.append(f"| {r['variant']} | {value}{'%' if pct and r['value'] is not None else ''} | {delta} | "
+                  f"{r['parameters']:,} | {r['packed_bytes'] / 1024:.1f} | {r['onnx_bytes'] / 1024:.1f} | "
+                  f"{r['ops'] / 1e6:.2f} ({r['bops'] / 1e6:.2f} / {r['flops'] / 1e6:.2f}) | "
+                  f"{100 * r['linear_sparsity']:.1f}% ({r['two_four_layers']}) | "
+                  f"{f(None if r['attention_density'] is None else 100 * r['attention_density'], '.1f')}"
+                  f"{'%' if r['attention_density'] is not None else ''} | "
+                  f"{f(r['p50_ms_b1'], '.2f')} ms | {f(r['p50_ms_bmax'], '.2f')} ms |")
+    return md + [""]
 
 
 def study_table(variants: dict[str, Any], accuracy: dict[str, dict[str, float]], task: str,
@@ -307,6 +556,7 @@ def study_section(report: dict[str, Any], out: Path, inputs: tuple[Path, ...]) -
     md += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     md.append("")
+    md += compression_lines(study.get("compression_table") or [])
     if study.get("layer_latency"):
         md += layer_latency_lines(study["layer_latency"])
         plot_layer_latency(study["layer_latency"], out / LAYER_PLOT, inputs)

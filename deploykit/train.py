@@ -124,6 +124,9 @@ def train(bundle: ModelBundle, split: Split, spec: TrainSpec, *, teacher: torch.
                 m.eval()
     if teacher is not None:
         teacher.eval()
+    # Modules that follow the optimisation (``on_train_step(step, total)``), called after
+    # every optimizer step.
+    step_hooks = [m.on_train_step for m in module.modules() if callable(getattr(m, "on_train_step", None))]
     step = 0
     try:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -156,6 +159,8 @@ def train(bundle: ModelBundle, split: Split, spec: TrainSpec, *, teacher: torch.
                         torch.nn.utils.clip_grad_norm_(module.parameters(), spec.grad_clip)
                     optimizer.step()
                     scheduler.step()
+                    for hook in step_hooks:         # e.g. a gradual sparsity schedule, masks re-applied
+                        hook(step + 1, total)
                     window.append(float(loss.detach()))
                     step += 1
                     if len(window) == log_every or step == total:

@@ -242,6 +242,10 @@ class AttentionCore(nn.Module):
         self.softmax_spec: SoftmaxSpec | None = None
         self.gate: HeadGate | None = None
         self.mixer: MixerSpec | None = None          # neighborhood / linear attention instead of dense softmax
+        # Replaces softmax(scores): e.g. BiViT's binary attention (recipes/binarize.py) or
+        # top-k attention (recipes/sparsify.py). A callable ``(masked_scores, mask) -> probs``
+        # (an nn.Module when it has parameters or statistics to keep).
+        self.prob_fn = None
 
     def set_softmax(self, spec: SoftmaxSpec) -> None:
         spec.validate()
@@ -250,7 +254,18 @@ class AttentionCore(nn.Module):
     def set_gate(self, spec: GateSpec) -> None:
         self.gate = HeadGate(spec, self.num_heads, self.head_dim, self.d_model)
 
+    def set_probabilities(self, fn) -> None:
+        """Use ``fn(masked_scores, mask) -> probs`` instead of the softmax (one at a time)."""
+        if self.mixer is not None or self.softmax_spec is not None or self.prob_fn is not None:
+            raise UserError("binary / top-k attention replaces the softmax, so it does not combine with clipped "
+                            "softmax, an attention swap or another probability transform",
+                            fix="list one of them in model.options.transforms")
+        self.prob_fn = fn
+
     def set_mixer(self, spec: MixerSpec) -> None:
+        if self.prob_fn is not None:
+            raise UserError("an attention swap does not combine with binary / top-k attention",
+                            fix="list either the swap or the probability transform")
         if self.softmax_spec is not None:
             raise UserError("clipped softmax and an attention swap do not combine (the swapped ops use their own "
                             "normalisation)", fix="list either clipped-softmax or the attention swap")
@@ -261,6 +276,8 @@ class AttentionCore(nn.Module):
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool \
                 else scores + mask
+        if self.prob_fn is not None:
+            return self.prob_fn(scores, mask)
         if spec is None:
             return torch.softmax(scores, dim=-1)
         gamma = spec.fixed_gamma()

@@ -64,6 +64,17 @@ TRANSFORMS: dict[str, tuple[Callable[[nn.Module, dict[str, Any]], dict[str, Any]
 }
 
 
+def _register_compression() -> None:
+    from deploykit.recipes.binarize import TRANSFORMS as binarize
+    from deploykit.recipes.sparsify import TRANSFORMS as sparsify
+
+    TRANSFORMS.update(binarize)
+    TRANSFORMS.update(sparsify)
+
+
+_register_compression()
+
+
 def check_transforms(transforms: Any, where: str = "") -> list[dict[str, Any]]:
     if transforms is None:
         return []

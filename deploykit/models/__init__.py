@@ -46,16 +46,23 @@ def canonical_source(source: str) -> str:
 def load_model(source: str, options: dict[str, Any] | None = None) -> ModelBundle:
     """Build the model of ``source``; ``options['transforms']`` (recipe transforms such as
     clipped-softmax / gated-attention) are applied before ``options['checkpoint']`` loads, so a
-    checkpoint trained with transforms loads into the transformed model."""
+    checkpoint trained with transforms loads into the transformed model.
+
+    ``options['base_checkpoint']`` loads into the model *before* the transforms: a trained
+    full-precision model that a transform (binarization, sparsity, head pruning) then
+    changes and fine-tuning recovers."""
     options = dict(options or {})
     transforms = options.pop("transforms", None)
-    if transforms:
-        from deploykit.recipes.transforms import apply_transforms, check_transforms
-
-        transforms = check_transforms(transforms)
+    base_checkpoint = options.pop("base_checkpoint", None)
+    if transforms or base_checkpoint:
         checkpoint = options.pop("checkpoint", None)
         bundle = _load_base(source, options)
-        bundle.info["transforms"] = apply_transforms(bundle.module, transforms)
+        if base_checkpoint:
+            load_checkpoint(bundle, base_checkpoint)
+        if transforms:
+            from deploykit.recipes.transforms import apply_transforms, check_transforms
+
+            bundle.info["transforms"] = apply_transforms(bundle.module, check_transforms(transforms))
         bundle.module.eval()
         if checkpoint:
             load_checkpoint(bundle, checkpoint)

@@ -15,6 +15,9 @@ import numpy as np
 from deploykit.errors import UserError
 
 BACKENDS = ("ort-cpu", "ort-cuda", "torch", "tensorrt")
+# ONNX Runtime fuses a weight-only DequantizeLinear -> MatMul into MatMulNBits, by default
+# computed on int8-quantized activations (an approximation); level 1 computes in fp32.
+ORT_EXACT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
 
 
 def default_threads() -> int:
@@ -63,6 +66,11 @@ class OrtRunner:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Weight-only int8 (binary weights as int8 +-1 + scales) computes in fp32, not on
+        # int8-quantized activations: the graph's own semantics (ORT's default for its fused
+        # MatMulNBits is an approximation). Models with activation Q/DQ are not affected.
+        for key, value in ORT_EXACT_SESSION_CONFIG.items():
+            options.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad files
