@@ -58,13 +58,13 @@ def train_variant(bundle, rec: Recipe, splits: DataSplits, out_dir: Path, *, tea
 
 
 def fine_tune_variant(bundle, rec: Recipe, splits: DataSplits, out_dir: Path, *, teacher,
-                      stages: list[str]) -> dict[str, Any]:
-    """Fine-tune a variant that starts from the study's base weights: distillation from the
-    base with ``study.fine_tune``, stage by stage (the budget split evenly) when ``stages``
-    is given (BiViT: binary attention first, then everything)."""
+                      stages: list[str], spec) -> dict[str, Any]:
+    """Fine-tune a variant by distillation from ``teacher`` (the study's base, or the
+    pretrained model) with ``spec``, stage by stage (the budget split evenly) when
+    ``stages`` is given (BiViT: binary attention first, then everything)."""
     from deploykit.train import train
 
-    spec = copy.deepcopy(rec.study.fine_tune)
+    spec = copy.deepcopy(spec)
     if splits.training is None:
         raise UserError("study.base needs a training split", path=rec.path,
                         fix="set data.training (a count, or -1 for every sample the other splits leave)")
@@ -244,16 +244,21 @@ def run_study(rec: Recipe, run_dir: Path):
         options = variant_options(rec, transforms)
         if base_checkpoint is not None:
             options["base_checkpoint"] = base_checkpoint
-            options, derived = resolve_data_transforms(rec, options, splits)
-            bundle = load_model(rec.model.source, options)
+        options, derived = resolve_data_transforms(rec, options, splits)
+        bundle = load_model(rec.model.source, options)
+        if base_checkpoint is not None:
             base_teacher = distillation_teacher(rec.model.source, {k: v for k, v in options.items()
                                                                     if k != "transforms"}).module
-            trained = fine_tune_variant(bundle, rec, splits, vdir, teacher=base_teacher, stages=stages)
-            if derived:
-                trained = {**(trained or {}), "derived_transforms": derived}
+            trained = fine_tune_variant(bundle, rec, splits, vdir, teacher=base_teacher, stages=stages,
+                                        spec=rec.study.fine_tune)
+        elif stages and rec.train.enabled and bundle.info.get("transforms"):
+            trained = fine_tune_variant(bundle, rec, splits, vdir, stages=stages, spec=rec.train,
+                                        teacher=teacher if teacher is not None else distillation_teacher(
+                                            rec.model.source, rec.model.options).module)
         else:
-            bundle = load_model(rec.model.source, options)
             trained = train_variant(bundle, rec, splits, vdir, teacher=teacher)
+        if derived:
+            trained = {**(trained or {}), "derived_transforms": derived}
         if name == rec.study.base:
             if not (trained and trained.get("checkpoint")):
                 raise UserError(f"study.base '{name}' must be trained to give the other variants a start",
@@ -408,7 +413,7 @@ def compression_table(variants: dict[str, Any], accuracy: dict[str, dict[str, fl
             continue
         deployed = "binary" if "binary" in c["files"] else "fp32"
         value = accuracy.get(f"{name}:{deployed}", {}).get(metric)
-        if name == base:
+        if name == (base or next(iter(variants))):
             ref = value
         att = c.get("attention") or {}
         lat = c["latency"]
