@@ -18,6 +18,7 @@ from deploykit.compression import (
     onnx_file_stats,
 )
 from deploykit.errors import UserError
+from test_attention_recipes import tiny_vit  # the tiny ViT every transform test builds
 from deploykit.recipes.binarize import (
     BinaryAttention,
     BinaryLinear,
@@ -29,20 +30,9 @@ from deploykit.recipes.binarize import (
     set_binarization_stage,
 )
 
-TINY_VIT = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "seed": 0,
-            "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0}}
 FULL = [{"name": "binary-attention"}, {"name": "binary-weights", "targets": "all"},
         {"name": "binary-activations", "targets": "all"}]
 FLOOR = torch.finfo(torch.float32).min
-
-
-def tiny_vit(transforms=None, **extra):
-    from deploykit.models import load_model
-
-    options = {**TINY_VIT, **extra}
-    if transforms:
-        options["transforms"] = transforms
-    return load_model("timm:vit_tiny_patch16_224", options)
 
 
 def ort_session(path, config=None):

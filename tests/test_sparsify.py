@@ -12,6 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from deploykit.errors import UserError
+from test_attention_recipes import TINY_VIT, tiny_vit  # the tiny ViT every transform test builds
 from deploykit.recipes.attention import attention_modules
 from deploykit.recipes.sparsify import Sparse24Linear, TopKAttention, mask_2_4, prune_heads, step_sparsity
 from deploykit.sparsity import (
@@ -25,18 +26,7 @@ from deploykit.sparsity import (
     weight_sparsity,
 )
 
-TINY_VIT = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "seed": 0,
-            "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 4}}
 FMIN = torch.finfo(torch.float32).min
-
-
-def tiny_vit(transforms=None, **extra):
-    from deploykit.models import load_model
-
-    options = {**TINY_VIT, **extra}
-    if transforms:
-        options["transforms"] = transforms
-    return load_model("timm:vit_tiny_patch16_224", options)
 
 
 def tiny_bert(bundle, transforms):
