@@ -377,9 +377,21 @@ def build(
     aot: Annotated[bool, typer.Option("--aot/--jit", help="AOT plugin kernels in the engine (no Python needed to "
                                                           "run it) or the Python plugin implementations.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print TensorRT's whole log.")] = False,
+    target: Annotated[Optional[str], typer.Option(help="Deployment target the engine is for (deploykit "
+                                                       "targets); refuses a model or GPU that does not fit.")] = None,
 ) -> None:
     """ONNX -> TensorRT engine (strongly typed, explicit Q/DQ, deploykit plugins); needs TensorRT and a GPU."""
     from deploykit.engine import ShapeRanges, build_engine
+
+    if target is not None:
+        from deploykit.targets import check_model, get_target
+
+        chosen = get_target(target)
+        if chosen.runtime.name != "tensorrt":
+            raise UserError(f"target '{target}' runs {chosen.runtime.name}, not TensorRT engines",
+                            fix="ship its ONNX model instead (no engine to build)")
+        for note in check_model(model, chosen):
+            print(f"note: {note}")
 
     ranges = ShapeRanges()
     if recipe is not None:
@@ -388,9 +400,47 @@ def build(
         ranges = ShapeRanges.from_recipe(load_recipe(recipe))
     ranges = ShapeRanges(batch=_range(batch, "batch") or ranges.batch, sequence=_range(seq, "seq") or ranges.sequence)
     result = build_engine(model, out or model.with_suffix(".engine"), ranges=ranges, timing_cache=timing_cache,
-                          workspace_mib=workspace_mib, aot=aot, verbose=verbose)
+                          workspace_mib=workspace_mib, aot=aot, verbose=verbose, target=target)
     print(f"engine: {result.engine} (TensorRT {result.info['tensorrt']}, {result.info['gpu']}, "
           f"sm {result.info['compute_capability']}, {result.info['build_seconds']} s); log: {result.log}")
+
+
+@app.command()
+@_guard
+def targets(
+    check: Annotated[Optional[Path], typer.Option(help="ONNX model to check against --target.")] = None,
+    target: Annotated[Optional[str], typer.Option(help="Target name (see the list).")] = None,
+    targets_file: Annotated[Optional[Path], typer.Option(help="Your own targets (extends the built-in ones).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """The deployment targets (GPUs, Jetsons, edge CPUs), or whether a model fits one (--check)."""
+    from deploykit.targets import check_model, get_target, load_targets
+
+    if check is not None or target is not None:
+        if check is None or target is None:
+            raise UserError("--check and --target go together", fix="e.g. deploykit targets --check m.onnx "
+                                                                     "--target jetson-orin")
+        chosen = get_target(target, targets_file)
+        notes = check_model(check, chosen)
+        print(f"{check}: fits target {chosen.name} ({chosen.description})")
+        for note in notes:
+            print(f"  note: {note}")
+        return
+    table = load_targets(targets_file)
+    if as_json:
+        print(json.dumps({k: v.to_dict() for k, v in table.items()}, indent=2))
+        return
+    from rich.table import Table
+
+    from deploykit.progress import console
+
+    out = Table(title="deploykit targets")
+    for col in ("target", "runtime", "sm", "arch", "precisions", "2:4", "memory", "preset", "source"):
+        out.add_column(col)
+    for t in table.values():
+        out.add_row(t.name, t.runtime.describe(), t.compute_capability or "—", t.arch, " ".join(t.precisions),
+                    "yes" if t.sparse_2_4 else "no", f"{t.memory_gib:g} GiB", t.preset, t.source)
+    console.print(out)
 
 
 @app.command()

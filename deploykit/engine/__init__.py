@@ -169,7 +169,7 @@ def _logger(trt, lines: list[str], verbose: bool):
 
 def build_engine(onnx_path: str | Path, out_path: str | Path, *, ranges: ShapeRanges | None = None,
                  timing_cache: str | Path | None = None, workspace_mib: int = 4096, aot: bool = True,
-                 verbose: bool = False) -> BuildResult:
+                 verbose: bool = False, target: str | None = None) -> BuildResult:
     """Build ``out_path`` (.engine) from ``onnx_path``; see the module docstring."""
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     if not onnx_path.is_file():
@@ -182,6 +182,11 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, ranges: ShapeRa
 
     sparse = check_2_4(model)
     env = require_tensorrt(onnx_path)          # nothing TensorRT is touched before this passes
+    if target is not None:                     # an engine only runs on the GPU and TensorRT it was built with
+        from deploykit.targets import check_engine, get_target
+
+        check_engine({"compute_capability": env.compute_capability, "tensorrt": env.version, "gpu": env.gpu},
+                     get_target(target), onnx_path)
 
     import importlib
 
@@ -222,7 +227,7 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, ranges: ShapeRa
             "flags": {"strongly_typed": bool(flags), "aot_plugins": aot, "sparse_weights": bool(sparse["compliant"])},
             "sparse_2_4_weights": sparse["compliant_names"],
             "profile": {k: [list(s) for s in v] for k, v in profile.items()},
-            "plugins": plugin_ops, "onnx": str(onnx_path),
+            "plugins": plugin_ops, "onnx": str(onnx_path), "target": target,
             "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
             "workspace_mib": workspace_mib, "timing_cache": str(cache_path), "build_seconds": round(seconds, 2),
             "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
