@@ -66,7 +66,7 @@ def fine_tune_variant(bundle, rec: Recipe, splits: DataSplits, out_dir: Path, *,
 
     spec = copy.deepcopy(spec)
     if splits.training is None:
-        raise UserError("study.base needs a training split", path=rec.path,
+        raise UserError("fine-tuning a study variant needs a training split", path=rec.path,
                         fix="set data.training (a count, or -1 for every sample the other splits leave)")
     runs = []
     for i, stage_name in enumerate(stages or [None]):
