@@ -98,11 +98,33 @@ def _split_indices(n: int, spec: DataSpec, where: str) -> list[np.ndarray | None
 _SPLIT_NAMES = ("calibration", "evaluation", "tuning", "training")
 
 
-def _check_feeds(feeds: dict[str, np.ndarray], bundle: ModelBundle, where: str) -> None:
+def _check_feeds(feeds: dict[str, np.ndarray], bundle: ModelBundle, where: str | Path) -> None:
+    """Names, dtypes, ranks, fixed sizes and finiteness of saved feeds against the model's
+    inputs (a wrong file must fail here in one line, not deep inside torch or ORT)."""
     missing = [n for n in bundle.input_names if n not in feeds]
     if missing:
         raise UserError(f"the feeds lack input(s) {missing}; they have {sorted(feeds)}", path=where,
                         fix=f"save arrays named {bundle.input_names}")
+    expected = bundle.example_feeds(batch=2, seq=16)
+    sizes = {int(feeds[n].shape[0]) for n in bundle.input_names if feeds[n].ndim}
+    for name in bundle.input_names:
+        got, want = feeds[name], expected[name]
+        dynamic = set(bundle.dynamic_axes.get(name, {}))
+        fixed = [(axis, size) for axis, size in enumerate(want.shape) if axis not in dynamic and axis > 0]
+        if got.dtype != want.dtype:
+            raise UserError(f"input '{name}' is {got.dtype}, the model takes {want.dtype}", path=where,
+                            fix=f"save '{name}' as {want.dtype}")
+        if got.ndim != want.ndim or any(got.shape[axis] != size for axis, size in fixed):
+            shape = ["N" if a == 0 or a in dynamic else s for a, s in enumerate(want.shape)]
+            raise UserError(f"input '{name}' has shape {tuple(got.shape)}, the model takes "
+                            f"({', '.join(map(str, shape))})", path=where,
+                            fix="save feeds prepared for this model (e.g. a run's data/evaluation.npz)")
+        if got.dtype.kind == "f" and not np.isfinite(got).all():
+            raise UserError(f"input '{name}' holds NaN or inf values", path=where,
+                            fix="save finite inputs (NaN/inf would poison calibration ranges and metrics)")
+    if len(sizes) > 1 or 0 in sizes:
+        raise UserError(f"the feeds hold {sorted(sizes)} samples per input", path=where,
+                        fix="save the same, non-zero number of samples for every input")
 
 
 def make_splits(bundle: ModelBundle, spec: DataSpec) -> DataSplits:
@@ -177,7 +199,7 @@ def save_split(split: Split, folder: str | Path) -> Path:
     return path
 
 
-def load_split(path: str | Path, input_names: list[str]) -> Split:
+def load_split(path: str | Path, input_names: list[str], bundle: ModelBundle | None = None) -> Split:
     """Read a split saved by :func:`save_split` (or any .npz holding the model's feeds)."""
     path = Path(path)
     arrays = read_npz(path, what="feeds file")
@@ -187,6 +209,8 @@ def load_split(path: str | Path, input_names: list[str]) -> Split:
         raise UserError(f"the feeds lack input(s) {missing}; they have {sorted(arrays)}", path=path,
                         fix=f"save arrays named {input_names}")
     feeds = {n: arrays[n] for n in input_names}
+    if bundle is not None:
+        _check_feeds(feeds, bundle, path)
     meta_path = path.with_suffix(".json")
     meta = read_json(meta_path) if meta_path.is_file() else {}
     return Split(meta.get("name", path.stem), feeds, meta.get("sha256") or sha256_arrays(feeds),

@@ -83,6 +83,16 @@ def model_source_for(onnx_path: Path, source: str | None) -> str:
     return recorded
 
 
+def model_for(onnx_path: Path, source: str | None, options: dict[str, Any] | None):
+    """The torch model an ONNX file came from: ``source`` / ``options`` when given, else the
+    source and options recorded in it at export (img_size, checkpoint, transforms, ...)."""
+    from deploykit.models import load_model
+
+    if not source and not options:
+        options = get_metadata(load_onnx(onnx_path, load_weights=False)).get("options") or {}
+    return load_model(model_source_for(onnx_path, source), options)
+
+
 def variant_names(onnx_paths: list[Path]) -> list[str]:
     """Report names for models: the variant recorded at export/calibration (fp32, int8, ...),
     or the file stem where several models in one call share that variant."""
@@ -100,7 +110,7 @@ def variant_names(onnx_paths: list[Path]) -> list[str]:
 def stage_split(bundle, data: str, which: str, spec: DataSpec) -> Split:
     """The calibration or evaluation set: a saved .npz used whole, or the seeded split of a source."""
     if data.endswith(".npz"):
-        return load_split(data, bundle.input_names)
+        return load_split(data, bundle.input_names, bundle)
     splits = make_splits(bundle, DataSpec(source=data, calibration=spec.calibration,
                                           evaluation=spec.evaluation, seed=spec.seed))
     return getattr(splits, which)
@@ -125,15 +135,13 @@ def export_model(source: str, out: Path, *, options: dict[str, Any] | None = Non
 def calibrate_model(model_path: Path, out: Path, *, source: str | None, data: str, spec: DataSpec,
                     config: QuantConfig, options: dict[str, Any] | None = None,
                     default_preset: str = "gpu-trt") -> dict[str, Any]:
-    from deploykit.models import load_model
-
     preset = config.preset or (default_preset if default_preset in PRESETS else "gpu-trt")
     config.resolved(preset)  # validate before any work
     refuse_overwriting_inputs(out, (model_path,))
-    bundle = load_model(model_source_for(model_path, source), options)
+    bundle = model_for(model_path, source, options)
     tuning = config.tune.enabled
     if data.endswith(".npz"):
-        split = load_split(data, bundle.input_names)
+        split = load_split(data, bundle.input_names, bundle)
         tuning_split = None
         if tuning:
             raise UserError("tuning needs a data source to split, not a saved .npz", path=data,
@@ -161,14 +169,13 @@ def calibrate_model(model_path: Path, out: Path, *, source: str | None, data: st
 def debug_quant(fp32_path: Path, int8_path: Path, out_dir: Path, *, source: str | None, data: str, spec: DataSpec,
                 samples: int = 64, top: int = 20, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per-node quantization error of ``int8_path`` against its float counterpart, worst first."""
-    from deploykit.models import load_model
     from deploykit.quantize.debug import float_counterpart, node_errors, plot_node_errors
 
     if samples < 1:
         raise UserError("--samples must be at least 1", fix="e.g. --samples 64")
     float_model = float_counterpart(load_onnx(fp32_path), int8_path.with_name(int8_path.stem + ".ranges.json"))
     qdq = load_onnx(int8_path)
-    bundle = load_model(model_source_for(fp32_path, source), options)
+    bundle = model_for(fp32_path, source, options)
     split = stage_split(bundle, data, "evaluation", spec)
     split = Split(split.name, {k: v[:samples] for k, v in split.feeds.items()}, split.sha256)
     with stage(f"debug-quant {int8_path} vs {fp32_path} ({split.count} samples)"):
@@ -258,11 +265,9 @@ def reference_outputs(bundle, split: Split, batch_size: int) -> np.ndarray:
 def verify_models(models: list[Path], report: Path, *, source: str | None, data: str, spec: DataSpec,
                   reference: Path | None = None, batch_size: int = 32, backend: str = "ort-cpu",
                   options: dict[str, Any] | None = None) -> dict[str, Any]:
-    from deploykit.models import load_model
-
     if not models:
         raise UserError("no ONNX model given", fix="pass one or more .onnx files")
-    bundle = load_model(model_source_for(models[0], source), options)
+    bundle = model_for(models[0], source, options)
     split = stage_split(bundle, data, "evaluation", spec)
     if reference is not None:
         ref = read_npz(reference, what="reference file").get("output")
@@ -293,12 +298,11 @@ def bench_models(models: list[Path], report: Path, *, source: str | None, data: 
     if not models and not torch_baseline:
         raise UserError("nothing to benchmark", fix="pass .onnx files and/or keep the torch baseline")
     if models:
-        model_source = model_source_for(models[0], source)
+        bundle = model_for(models[0], source, options)
     elif source:
-        model_source = source
+        bundle = load_model(source, options)
     else:
         raise UserError("the torch baseline alone needs the model source", fix="pass --model")
-    bundle = load_model(model_source, options)
     split = stage_split(bundle, data, "evaluation", spec)
     threads = config.threads or default_threads()
     latency = _bench_all(bundle, split, models, backends, config, threads, torch_baseline)

@@ -89,6 +89,7 @@ def export_onnx(bundle: ModelBundle, out_path: str | Path, *, opset: int = 18,
         "version": deploykit.__version__, "source": bundle.source, "name": bundle.name, "task": bundle.task,
         "input_names": bundle.input_names, "output_name": bundle.output_name, "info": bundle.info,
         "variant": "fp32", **({"custom_ops": custom_ops} if custom_ops else {}),
+        **({"options": bundle.options} if bundle.options else {}),
     })
     onnx.checker.check_model(model, full_check=True)
     with atomic_path(out_path) as tmp:

@@ -52,6 +52,16 @@ def load_model(source: str, options: dict[str, Any] | None = None) -> ModelBundl
     full-precision model that a transform (binarization, sparsity, head pruning) then
     changes and fine-tuning recovers."""
     options = dict(options or {})
+    bundle = _load_model(source, options)
+    # Recorded in the export, so a later stage given only the ONNX file rebuilds this very
+    # model (checkpoint paths made absolute: the stage may run from another directory).
+    bundle.options = {k: (str(Path(v).resolve()) if k in ("checkpoint", "base_checkpoint") and v else v)
+                      for k, v in options.items()}
+    return bundle
+
+
+def _load_model(source: str, options: dict[str, Any]) -> ModelBundle:
+    options = dict(options)
     transforms = options.pop("transforms", None)
     base_checkpoint = options.pop("base_checkpoint", None)
     if transforms or base_checkpoint:

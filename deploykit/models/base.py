@@ -73,6 +73,7 @@ class ModelBundle:
     preprocessor: TextPreprocessor | ImagePreprocessor
     dim_max: dict[str, int] = field(default_factory=dict)   # upper bounds of symbolic dims
     info: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)   # what load_model was given (recorded at export)
 
     def example_feeds(self, batch: int = 2, seq: int = 16) -> dict[str, np.ndarray]:
         """Small synthetic feeds of the right names, dtypes and ranks (for tracing)."""
