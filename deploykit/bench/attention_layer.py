@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import statistics
-import time
 import warnings
 from typing import Any
 
@@ -81,24 +79,29 @@ def layer_feeds(op: dict[str, Any], n: int, heads: int, dim: int, seed: int = 0)
 
 def time_layer(model, op: dict[str, Any], lengths: list[int], heads: int, dim: int, *, threads: int | None = None,
                iterations: int = 10, warmup: int = 2) -> dict[int, dict[str, float]]:
-    """{N: {"seq_len", "p50_ms", "p90_ms", "p99_ms", ...}} for each N in ``lengths``."""
+    """{N: {"seq_len", "p50_ms", "p90_ms", "p99_ms", ...}} for each N in ``lengths``
+    (deploykit.bench's timing loop on the layer's ORT session)."""
+    from deploykit.bench import BenchConfig, time_runner
     from deploykit.quantize.graph import cpu_session
+    from deploykit.runners import default_threads
 
-    session = cpu_session(model, threads)
+    class LayerRunner:
+        def __init__(self):
+            self.session = cpu_session(model, threads)
+            self.threads = threads or default_threads()
+
+        def infer(self, feeds):
+            return self.session.run(None, feeds)
+
+    runner = LayerRunner()
+    config = BenchConfig(batches=[1], warmup=warmup, iterations=iterations, min_seconds=0.0, max_seconds=1e9)
     out = {}
     for n in lengths:
         feeds = layer_feeds(op, n, heads, dim)
-        for _ in range(warmup):
-            session.run(None, feeds)
-        times = []
-        for _ in range(iterations):
-            t = time.perf_counter()
-            session.run(None, feeds)
-            times.append((time.perf_counter() - t) * 1000)
+        timed = time_runner(runner, feeds, config)
         seq = int(np.prod(feeds["q"].shape[2:-1]))
-        p50 = statistics.median(times)
-        out[n] = {"seq_len": seq, "batch": 1, "p50_ms": round(p50, 3),
-                  "p90_ms": round(float(np.percentile(times, 90)), 3),
-                  "p99_ms": round(float(np.percentile(times, 99)), 3),
-                  "throughput_per_s": round(1000.0 / p50, 2), "tokens_per_s": round(seq * 1000.0 / p50, 1)}
+        p50 = timed["p50_ms"]
+        out[n] = {"seq_len": seq, "batch": 1, "p50_ms": round(p50, 3), "p90_ms": round(timed["p90_ms"], 3),
+                  "p99_ms": round(timed["p99_ms"], 3), "throughput_per_s": round(1000.0 / p50, 2),
+                  "tokens_per_s": round(seq * 1000.0 / p50, 1)}
     return out
