@@ -231,6 +231,7 @@ def run_study(rec: Recipe, run_dir: Path):
     variants: dict[str, Any] = {}
     artifacts: dict[str, str] = {f"data_{k}": str(v) for k, v in data_paths.items()}
     base_checkpoint = None
+    base_teacher = None
     deployed: dict[str, dict[str, Path]] = {}       # per variant, the models timed for the compression table
     order = list(rec.study.variants)
     if rec.study.base is not None:           # the base trains first; the others start from it
@@ -247,8 +248,9 @@ def run_study(rec: Recipe, run_dir: Path):
         options, derived = resolve_data_transforms(rec, options, splits)
         bundle = load_model(rec.model.source, options)
         if base_checkpoint is not None:
-            base_teacher = distillation_teacher(rec.model.source, {k: v for k, v in options.items()
-                                                                    if k != "transforms"}).module
+            if base_teacher is None:         # the trained base, frozen: one for every derived variant
+                base_teacher = distillation_teacher(rec.model.source, {k: v for k, v in options.items()
+                                                                        if k != "transforms"}).module
             trained = fine_tune_variant(bundle, rec, splits, vdir, teacher=base_teacher, stages=stages,
                                         spec=rec.study.fine_tune)
         elif stages and rec.train.enabled and bundle.info.get("transforms"):
