@@ -1,6 +1,6 @@
 """The deploykit command line (typer). Each command parses its arguments and calls one
 library function; a :class:`deploykit.errors.UserError` becomes one line on stderr and exit
-code 2, a failed acceptance check exit code 3."""
+code 2, a missed threshold (run, verify, device-verify) exit code 1."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from deploykit.errors import EXIT_ACCEPTANCE_FAILED, EXIT_USER_ERROR, UserError
 
 app = typer.Typer(
     name="deploykit",
-    help="Take a PyTorch transformer and ship it: export -> INT8 calibrate -> verify -> bench -> report.",
+    help="Take a PyTorch transformer and ship it: export -> INT8 calibrate -> build -> verify -> bench -> package.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -80,6 +80,9 @@ CalibOpt = Annotated[int, typer.Option("--calibration", help="Calibration sample
 EvalOpt = Annotated[int, typer.Option("--evaluation", help="Evaluation samples in the seeded split.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the calibration/evaluation split.")]
 ReportOpt = Annotated[Path, typer.Option("--report", "-r", help="report.json to create or update.")]
+TargetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--target", "-t", help="Deployment target (deploykit targets; repeatable): the model is checked against it "
+                           "before any work.")]
 
 
 @app.command()
@@ -115,16 +118,18 @@ def export(
     export_model(source, out, options=_options(option), opset=opset)
 
 
-def _criteria(items: list[str] | None) -> dict[str, str] | None:
+def _criteria(items: list[str] | None, *, dotted: bool = False) -> dict[str, str] | None:
     import re
 
     if not items:
         return None
     out = {}
+    name = r"[A-Za-z0-9_.@-]+" if dotted else r"[A-Za-z0-9_]+"
     for item in items:
-        match = re.match(r"^\s*([A-Za-z0-9_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$", item)
+        match = re.match(rf"^\s*({name})\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$", item)
         if not match:
-            raise UserError(f"--criterion '{item}' is not <metric><op><number>", fix="write e.g. cosine_mean>=0.995")
+            flag, example = ("--threshold", "int8.cosine_mean>=0.99") if dotted else ("--criterion", "cosine_mean>=0.995")
+            raise UserError(f"{flag} '{item}' is not <name><op><number>", fix=f"write e.g. {example}")
         out[match.group(1)] = f"{match.group(2)} {match.group(3)}"
     return out
 
@@ -188,6 +193,7 @@ def calibrate(
     tuning: Annotated[Optional[int], typer.Option(help="Tuning samples (a split disjoint from calibration "
                                                        "and evaluation).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Calibration batch size.")] = None,
+    target: TargetOpt = None,
 ) -> None:
     """Calibrate static INT8 and write explicit QuantizeLinear/DequantizeLinear (optionally
     with SmoothQuant and an accuracy-driven search)."""
@@ -222,7 +228,7 @@ def calibrate(
             setattr(spec, key, value)
     out = out or model.with_name(model.stem + ".int8.onnx")
     calibrate_model(model, out, source=source, data=spec.source, options=_options(option), spec=spec,
-                    config=config, default_preset=(rec.target if rec else "gpu-trt"))
+                    config=config, default_preset=(rec.preset() if rec else "gpu-trt"), targets=list(target or []))
 
 
 @app.command()
@@ -301,25 +307,52 @@ def debug_quant(
 @app.command()
 @_guard
 def verify(
-    models: Annotated[list[Path], typer.Argument(help="ONNX models to verify against torch FP32.")],
+    models: Annotated[list[Path], typer.Argument(help="ONNX models (FP32 and/or Q/DQ) to verify against torch FP32.")],
     source: ModelOpt = None,
     option: OptionOpt = None,
     data: DataOpt = "docstrings",
     calibration: CalibOpt = 256,
     evaluation: EvalOpt = 1000,
     seed: SeedOpt = 0,
+    inputs: Annotated[Optional[Path], typer.Option(help="Saved inputs (.npz): used if it exists (its hash is "
+                                                        "checked), else the evaluation split is saved there once.")] = None,
     reference: Annotated[Optional[Path], typer.Option(help="Saved torch outputs (reference.npz of a run).")] = None,
-    backend: Annotated[str, typer.Option(help="ort-cpu | ort-cuda")] = "ort-cpu",
+    backend: Annotated[Optional[list[str]], typer.Option(help="auto | torch | ort-cpu | ort-cuda | tensorrt "
+                                                              "(repeatable; default auto: every one usable here).")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="Take the thresholds (acceptance) from this recipe.")] = None,
+    threshold: Annotated[Optional[list[str]], typer.Option(help="A threshold, e.g. 'int8.cosine_mean>=0.99' or "
+                                                                "'int8@tensorrt.top1>=0.95' (repeatable).")] = None,
+    localize: Annotated[bool, typer.Option("--localize/--no-localize", help="Per-node error and an --exclude list "
+                                                                          "for a Q/DQ model that misses.")] = True,
+    target: TargetOpt = None,
     batch_size: Annotated[int, typer.Option(help="Inference batch size.")] = 32,
     report: ReportOpt = Path("report.json"),
 ) -> None:
-    """Accuracy of ONNX models vs the torch FP32 model on the evaluation set."""
+    """Every model on every usable backend (torch, ORT CPU/CUDA, TensorRT) against torch FP32 on the
+    same saved inputs: task metric, cosine, SNR, max abs; exit code 1 when a threshold is missed."""
     from deploykit.data import DataSpec
     from deploykit.pipeline import verify_models
+    from deploykit.recipe import _check_acceptance, load_recipe
 
-    verify_models(models, report, source=source, data=data, reference=reference, backend=backend,
-                  batch_size=batch_size, options=_options(option),
-                  spec=DataSpec(source=data, calibration=calibration, evaluation=evaluation, seed=seed))
+    rules: dict[str, str] = {}
+    ranges = None
+    if recipe is not None:
+        from deploykit.engine import ShapeRanges
+
+        rec = load_recipe(recipe)
+        rules.update(rec.acceptance)
+        ranges = ShapeRanges.from_recipe(rec)
+    for key, rule in (_criteria(threshold, dotted=True) or {}).items():
+        rules[key] = rule
+    _check_acceptance(rules, "--threshold")
+    result = verify_models(models, report, source=source, data=data, inputs=inputs, reference=reference,
+                           backends=list(backend or ["auto"]), batch_size=batch_size, options=_options(option),
+                           rules=rules, localize_failures=localize, targets=list(target or []), ranges=ranges,
+                           spec=DataSpec(source=data, calibration=calibration, evaluation=evaluation, seed=seed))
+    if not result["passed"]:
+        failed = [c["check"] for c in result["verification"]["checks"] if not c["passed"]]
+        print(f"deploykit: verification failed: {', '.join(failed)}; see {report}", file=sys.stderr)
+        raise typer.Exit(EXIT_ACCEPTANCE_FAILED)
 
 
 @app.command()
@@ -339,15 +372,24 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Warm-up runs per configuration.")] = 3,
     iterations: Annotated[int, typer.Option(help="Timed runs per configuration (at least).")] = 20,
     torch_baseline: Annotated[bool, typer.Option("--torch/--no-torch", help="Time eager torch FP32 too.")] = True,
+    target: Annotated[Optional[list[str]], typer.Option(
+        "--target", "-t", help="Emulate a deployment target's budget instead (batch 1, its threads, peak memory "
+                               "against its budget; repeatable); targets this machine cannot run are reported "
+                               "as not measurable here.")] = None,
     report: ReportOpt = Path("report.json"),
 ) -> None:
-    """Latency p50/p90/p99 and throughput per model, backend and batch size."""
+    """Latency p50/p90/p99 and throughput per model, backend and batch size (or per target: --target)."""
     from deploykit.bench import BenchConfig
     from deploykit.data import DataSpec
-    from deploykit.pipeline import bench_models
+    from deploykit.pipeline import bench_models, bench_models_on_targets
 
     config = BenchConfig(batches=list(batch or [1, 8, 32]), seq_len=seq, warmup=warmup, iterations=iterations,
                          threads=threads)
+    if target:
+        bench_models_on_targets(list(models or []), report, list(target), source=source, data=data, config=config,
+                                options=_options(option),
+                                spec=DataSpec(source=data, calibration=calibration, evaluation=evaluation, seed=seed))
+        return
     bench_models(list(models or []), report, source=source, data=data, backends=list(backend or ["ort-cpu"]),
                  config=config, torch_baseline=torch_baseline, options=_options(option),
                  spec=DataSpec(source=data, calibration=calibration, evaluation=evaluation, seed=seed))
@@ -403,6 +445,62 @@ def build(
                           workspace_mib=workspace_mib, aot=aot, verbose=verbose, target=target)
     print(f"engine: {result.engine} (TensorRT {result.info['tensorrt']}, {result.info['gpu']}, "
           f"sm {result.info['compute_capability']}, {result.info['build_seconds']} s); log: {result.log}")
+
+
+@app.command()
+@_guard
+def package(
+    run_dir: Annotated[Path, typer.Argument(help="Folder of a finished run (runs/<name>).")],
+    target: Annotated[str, typer.Option("--target", "-t", help="The deployment target (deploykit targets).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Bundle to write (default: "
+                                                                     "<run>/bundles/<run>-<target>.tar.gz).")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Verification inputs to carry (default: the whole "
+                                                        "evaluation split).")] = None,
+    targets_file: Annotated[Optional[Path], typer.Option(help="Your own targets file.")] = None,
+) -> None:
+    """One archive for a target: Q/DQ + FP32 ONNX, ranges (+ TensorRT calibration cache), plugin sources and PTX,
+    matching engines, verification inputs/expected outputs/thresholds, manifest with SHA-256s."""
+    from deploykit.package import package_run
+
+    result = package_run(run_dir, target, out, samples=samples, targets_file=targets_file)
+    print(f"{result.path} (sha256 {result.sha256})")
+
+
+@app.command()
+@_guard
+def unpack(
+    bundle: Annotated[Path, typer.Argument(help="Bundle archive (.tar.gz) from deploykit package.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="New folder to unpack into "
+                                                                     "(default: ./<bundle name>).")] = None,
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Refuse a bundle for any other target.")] = None,
+) -> None:
+    """Unpack a bundle safely: refuses unsafe members, hash mismatches and bundles for another target."""
+    from deploykit.package import unpack_bundle
+
+    print(unpack_bundle(bundle, out, target=target))
+
+
+@app.command("device-verify")
+@_guard
+def device_verify(
+    bundle: Annotated[Path, typer.Argument(help="Bundle archive or unpacked bundle folder.")],
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Refuse a bundle for any other target.")] = None,
+    variant: Annotated[Optional[list[str]], typer.Option(help="Variant to check (repeatable; default: all).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Threads (default: the target's).")] = None,
+    iterations: Annotated[int, typer.Option(help="Timed batch-1 runs per variant.")] = 20,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the result as JSON too.")] = None,
+    allow_other_arch: Annotated[bool, typer.Option("--allow-other-arch", help="Check the numerics on a machine "
+                                                                                "of another architecture.")] = False,
+) -> None:
+    """On the device: check the bundle's hashes and target, build the engine if needed, compare with the
+    expected outputs under the bundle's thresholds, time batch 1; exit code 1 on a miss."""
+    from deploykit.package import device_verify as run_device_verify
+
+    result = run_device_verify(bundle, target=target, out=out, variants=list(variant) if variant else None,
+                               threads=threads, iterations=iterations, allow_other_arch=allow_other_arch)
+    print(f"device-verify {result['name']}: {'PASS' if result['passed'] else 'FAIL'}")
+    if not result["passed"]:
+        raise typer.Exit(EXIT_ACCEPTANCE_FAILED)
 
 
 @app.command()

@@ -195,6 +195,7 @@ def save_split(split: Split, folder: str | Path) -> Path:
         arrays["labels"] = split.labels
     path = write_npz(folder / f"{split.name}.npz", arrays)
     write_json(folder / f"{split.name}.json", {"name": split.name, "sha256": split.sha256,
+                                                 "feeds_sha256": sha256_arrays(arrays),
                                                  "count": split.count, "samples": split.samples})
     return path
 
@@ -213,6 +214,12 @@ def load_split(path: str | Path, input_names: list[str], bundle: ModelBundle | N
         _check_feeds(feeds, bundle, path)
     meta_path = path.with_suffix(".json")
     meta = read_json(meta_path) if meta_path.is_file() else {}
+    recorded = meta.get("feeds_sha256")
+    if recorded:
+        actual = sha256_arrays({**arrays, **({"labels": labels} if labels is not None else {})})
+        if actual != recorded:
+            raise UserError(f"the feeds do not match the SHA-256 recorded in {meta_path.name} (changed after they "
+                            "were saved)", path=path, fix="use the saved inputs unchanged, or save them again")
     return Split(meta.get("name", path.stem), feeds, meta.get("sha256") or sha256_arrays(feeds),
                  samples=meta.get("samples"), labels=labels)
 

@@ -7,6 +7,7 @@ place, so a reader never sees a half-written file and a crash leaves the previou
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -27,17 +28,34 @@ def atomic_path(dest: str | Path, *, inputs: tuple[str | Path, ...] = ()) -> Ite
     """
     dest = Path(dest)
     refuse_overwriting_inputs(dest, inputs)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as exc:
+        raise _write_error(exc, dest) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp_path, dest)
+    except OSError as exc:
+        if exc.errno in _WRITE_ERRNOS:
+            raise _write_error(exc, dest) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# A full disk, a quota, a read-only or forbidden folder, a too-large file: the user's to fix.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _write_error(exc: OSError, dest: Path) -> UserError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return UserError(f"cannot write the output ({reason}); nothing was written", path=dest,
+                     fix="free disk space or write somewhere else (--out)")
 
 
 def _umask() -> int:

@@ -29,9 +29,9 @@ from deploykit.progress import say, stage
 from deploykit.quantize import PRESETS, QuantConfig, calibrate
 from deploykit.quantize.baselines import VARIANT as BASELINE_VARIANT
 from deploykit.quantize.baselines import make_baseline
-from deploykit.recipe import Recipe, evaluate_acceptance, load_recipe
-from deploykit.runners import BACKENDS, OrtRunner, TorchRunner, default_threads, make_runner
-from deploykit.verify import run_split, verify
+from deploykit.recipe import Recipe, load_recipe
+from deploykit.runners import BACKENDS, TorchRunner, default_threads, make_runner
+from deploykit.verify import VerifyResult, run_split, verify
 
 
 TARGET_OF_BACKEND = {"ort-cpu": "cpu-ort", "ort-cuda": "gpu-ort", "torch": "cpu-torch"}
@@ -134,9 +134,13 @@ def export_model(source: str, out: Path, *, options: dict[str, Any] | None = Non
 # ----------------------------------------------------------------------------- calibrate
 def calibrate_model(model_path: Path, out: Path, *, source: str | None, data: str, spec: DataSpec,
                     config: QuantConfig, options: dict[str, Any] | None = None,
-                    default_preset: str = "gpu-trt") -> dict[str, Any]:
+                    default_preset: str = "gpu-trt", targets: list[str] | None = None) -> dict[str, Any]:
+    from deploykit.targets import check_quant_config, get_target
+
     preset = config.preset or (default_preset if default_preset in PRESETS else "gpu-trt")
     config.resolved(preset)  # validate before any work
+    for name in targets or []:
+        check_quant_config(config, preset, get_target(name))
     refuse_overwriting_inputs(out, (model_path,))
     bundle = model_for(model_path, source, options)
     tuning = config.tune.enabled
@@ -154,6 +158,9 @@ def calibrate_model(model_path: Path, out: Path, *, source: str | None, data: st
     with stage(f"calibrate {model_path} ({preset}, {label}, {split.count} samples)"):
         result = calibrate(model_path, split, out, config, tuning_split=tuning_split, default_preset=preset)
     summary = result.summary()
+    for name, notes in check_targets([out], targets or []).items():
+        for note in notes:
+            say(f"  {name}: {note}")
     say(f"wrote {out}: {summary['qdq']['QuantizeLinear']} QuantizeLinear, {summary['quantized_nodes']} quantized "
         f"nodes, {len(result.float_nodes)} kept float ({len(result.fallback_nodes)} fallen back by tuning); "
         f"ranges in {result.ranges_path}")
@@ -262,28 +269,155 @@ def reference_outputs(bundle, split: Split, batch_size: int) -> np.ndarray:
     return run_split(TorchRunner(bundle), split, batch_size=batch_size, description="reference (torch fp32)")
 
 
+def is_qdq(path: Path) -> bool:
+    model = load_onnx(Path(path), load_weights=False)
+    return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def check_targets(models: list[Path], targets: list[str], where: str | None = None) -> dict[str, list[str]]:
+    """Check each model against each target (refuses what a target cannot run); the notes."""
+    from deploykit.targets import check_model, get_target
+
+    notes: dict[str, list[str]] = {}
+    for name in targets:
+        target = get_target(name)
+        for model in models:
+            for note in check_model(model, target):
+                notes.setdefault(name, []).append(f"{Path(model).name}: {note}")
+    return notes
+
+
+def verification_inputs(bundle, inputs: Path | None, data: str, spec: DataSpec) -> tuple[Split, Path | None]:
+    """The saved inputs every backend runs on: ``inputs`` if it exists (its recorded hash is
+    checked), else the evaluation split, saved to ``inputs`` once when a path is given."""
+    if inputs is not None and inputs.is_file():
+        return load_split(inputs, bundle.input_names, bundle), inputs
+    split = stage_split(bundle, data, "evaluation", spec)
+    if inputs is None:
+        return split, None
+    if inputs.suffix != ".npz":
+        raise UserError("saved inputs are an .npz file", path=inputs, fix="name it e.g. inputs.npz")
+    saved = Split(inputs.stem, split.feeds, split.sha256, samples=split.samples, labels=split.labels)
+    save_split(saved, inputs.parent)
+    say(f"saved the verification inputs to {inputs} ({split.count} samples)")
+    return split, inputs
+
+
+def backend_runners(variants: dict[str, Path], backends: list[str], *, threads: int | None = None,
+                    ranges=None) -> dict[str, Any]:
+    """``{"<variant>@<backend>": runner}`` for every ONNX variant on every non-torch backend.
+    TensorRT uses the engine next to the model, built here first when there is none."""
+    runners: dict[str, Any] = {}
+    for backend in backends:
+        for name, path in variants.items():
+            if backend == "torch":
+                continue
+            if backend == "tensorrt" and not Path(path).with_suffix(".engine").is_file():
+                from deploykit.engine import ShapeRanges, build_engine
+
+                with stage(f"build TensorRT engine for {path}"):
+                    build_engine(path, Path(path).with_suffix(".engine"), ranges=ranges or ShapeRanges())
+            runners[f"{name}@{backend}"] = make_runner(backend, model_path=path, threads=threads)
+    return runners
+
+
+def verify_backends(bundle, variants: dict[str, Path], reference: np.ndarray, split: Split, *, backends: list[str],
+                    rules: dict[str, str], batch_size: int = 32, localize_failures: bool = True,
+                    localize_samples: int = 64, ranges=None) -> dict[str, Any]:
+    """Every variant on every usable backend vs torch FP32, thresholds, and per-node localization
+    of a failing Q/DQ variant. Returns the report update (``parity``, ``verification``,
+    ``accuracy`` and ``distributions`` of the first ONNX backend, ``passed``)."""
+    from deploykit.verify import choose_backends, cross_verify, evaluate_checks, localize, parity_entry
+
+    run, skipped = choose_backends(backends)
+    for backend, reason in skipped.items():
+        say(f"  {backend}: skipped ({reason})")
+    parity: dict[str, Any] = {}
+    if "torch" in run:
+        parity["fp32@torch"] = parity_entry(bundle.task, reference, reference, split.labels)
+    onnx_backends = [b for b in run if b != "torch"]
+    result = VerifyResult()
+    if onnx_backends:
+        first = onnx_backends[0]
+        runners = backend_runners(variants, [first])
+        with stage(f"verify on {first}"):
+            result = verify({k.split("@")[0]: r for k, r in runners.items()}, reference, split, bundle.task,
+                            batch_size=batch_size)
+        for name in variants:
+            parity[f"{name}@{first}"] = {**result.accuracy[name], "samples": split.count}
+        others = backend_runners(variants, onnx_backends[1:], ranges=ranges)
+        if others:
+            with stage(f"verify on {', '.join(onnx_backends[1:])}"):
+                more, _ = cross_verify(others, reference, split, bundle.task, batch_size=batch_size)
+            parity.update(more)
+    checks = evaluate_checks(rules, parity)
+    localization: dict[str, Any] = {}
+    fp32 = next((p for n, p in variants.items() if not is_qdq(p)), None)
+    if localize_failures and fp32 is not None:
+        failed = dict.fromkeys(c["check"].rsplit(".", 1)[0] for c in checks if not c["passed"] and "@" in c["check"])
+        for key in failed:
+            name, backend = key.split("@", 1)
+            if name not in variants or not is_qdq(variants[name]):
+                continue
+            with stage(f"localize {key}: per-node error against {fp32.name}"):
+                found = localize(fp32, variants[name], split, samples=localize_samples)
+            if backend != "ort-cpu" and parity.get(f"{name}@ort-cpu") is not None:
+                found["note"] = (f"compare with {name}@ort-cpu: if ONNX Runtime passes, the difference is "
+                                 f"{backend}'s kernels or fusions; `polygraphy run {variants[name]} --trt --onnxrt "
+                                 "--trt-outputs mark all --onnx-outputs mark all` compares layer by layer")
+            localization[key] = found
+    verification = {"backends_run": run, "backends_skipped": skipped, "checks": checks,
+                    "localization": localization,
+                    "inputs_sha256": split.sha256, "samples": split.count}
+    return {"parity": parity, "verification": verification, "accuracy": result.accuracy,
+            "distributions": result.distributions, "passed": all(c["passed"] for c in checks)}
+
+
 def verify_models(models: list[Path], report: Path, *, source: str | None, data: str, spec: DataSpec,
-                  reference: Path | None = None, batch_size: int = 32, backend: str = "ort-cpu",
-                  options: dict[str, Any] | None = None) -> dict[str, Any]:
+                  reference: Path | None = None, batch_size: int = 32, backends: list[str] | None = None,
+                  options: dict[str, Any] | None = None, inputs: Path | None = None,
+                  rules: dict[str, str] | None = None, localize_failures: bool = True, localize_samples: int = 64,
+                  targets: list[str] | None = None, ranges=None) -> dict[str, Any]:
+    """``deploykit verify``: the models on every usable backend against torch FP32, on saved inputs."""
     if not models:
         raise UserError("no ONNX model given", fix="pass one or more .onnx files")
+    notes = check_targets(models, targets or [])
     bundle = model_for(models[0], source, options)
-    split = stage_split(bundle, data, "evaluation", spec)
+    split, inputs_path = verification_inputs(bundle, inputs, data, spec)
     if reference is not None:
         ref = read_npz(reference, what="reference file").get("output")
         if ref is None or ref.shape[0] != split.count:
-            raise UserError(f"the reference does not match the {split.count} evaluation samples", path=reference,
-                            fix="use the reference.npz written with this evaluation set, or omit --reference")
+            raise UserError(f"the reference does not match the {split.count} verification samples", path=reference,
+                            fix="use the reference.npz written with these inputs, or omit --reference")
     else:
         ref = reference_outputs(bundle, split, batch_size)
-    runners = {name: make_runner(backend, model_path=m) for name, m in zip(variant_names(models), models)}
-    with stage("verify"):
-        result = verify(runners, ref, split, bundle.task, batch_size=batch_size)
-    update = {"model": bundle.source, "artifacts": {f"{k}.onnx": str(m) for k, m in zip(runners, models)},
-              **result.report_part(), "data": {"evaluation": split.summary(), "source": data, "seed": spec.seed}}
-    _print_accuracy(result.accuracy)
-    update_report(report, update, model=bundle.source, target=TARGET_OF_BACKEND.get(backend, backend))
-    return update
+    variants = dict(zip(variant_names(models), models))
+    result = verify_backends(bundle, variants, ref, split, backends=list(backends or ["auto"]), rules=rules or {},
+                             batch_size=batch_size, localize_failures=localize_failures,
+                             localize_samples=localize_samples, ranges=ranges)
+    result["verification"].update({"inputs": str(inputs_path) if inputs_path else None,
+                                   "reference": str(reference) if reference else "torch fp32, computed here"})
+    _print_parity(result["parity"], result["verification"])
+    update = {"model": bundle.source, "artifacts": {f"{k}.onnx": str(m) for k, m in variants.items()},
+              "accuracy": result["accuracy"], "distributions": result["distributions"], "parity": result["parity"],
+              "verification": result["verification"], "acceptance": result["verification"]["checks"],
+              "data": {"evaluation": split.summary(), "source": str(inputs_path) if inputs_path else data,
+                       "seed": spec.seed},
+              **({"notes": [f"{t}: {n}" for t, ns in notes.items() for n in ns]} if notes else {})}
+    update_report(report, update, model=bundle.source, target=(targets or ["edge-cpu-x86"])[0])
+    return {**update, "passed": result["passed"]}
+
+
+def _print_parity(parity: dict[str, Any], verification: dict[str, Any]) -> None:
+    for key, metrics in parity.items():
+        shown = {k: v for k, v in metrics.items() if k != "samples" and v is not None}
+        say(f"  {key}: " + ", ".join(f"{k} {v:.5g}" for k, v in shown.items()))
+    for check in verification["checks"]:
+        say(f"  check {check['check']} {check['threshold']}: {check['value']} -> "
+            f"{'pass' if check['passed'] else 'FAIL'}")
+    for key, found in verification["localization"].items():
+        worst = ", ".join(f"{n['node']} ({n['added_snr_db']:.1f} dB)" for n in found["nodes"][:5])
+        say(f"  {key} worst nodes: {worst}; try: " + " ".join(f"--exclude {n}" for n in found["exclude"]))
 
 
 # ----------------------------------------------------------------------------- bench
@@ -310,6 +444,40 @@ def bench_models(models: list[Path], report: Path, *, source: str | None, data: 
     update = {"latency": latency, "bench": bench_settings(config, threads)}
     update_report(report, update, model=bundle.source, target=TARGET_OF_BACKEND.get(backends[0], backends[0]))
     return update
+
+
+def bench_models_on_targets(models: list[Path], report: Path, targets: list[str], *, source: str | None, data: str,
+                            spec: DataSpec, config: BenchConfig, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``deploykit bench --target``: each model within each target's budget, where measurable here."""
+    if not models:
+        raise UserError("no ONNX model given", fix="pass the .onnx files to time on the target")
+    notes = check_targets(models, targets)
+    bundle = model_for(models[0], source, options)
+    split = stage_split(bundle, data, "evaluation", spec)
+    section = bench_targets(dict(zip(variant_names(models), models)), split, targets, config)
+    update = {"targets": section,
+              **({"notes": [f"{t}: {n}" for t, ns in notes.items() for n in ns]} if notes else {})}
+    update_report(report, update, model=bundle.source, target=targets[0])
+    return update
+
+
+def bench_targets(models: dict[str, Path], split: Split, targets: list[str], config: BenchConfig) -> dict[str, Any]:
+    """Each target's budget emulated here where this machine can run it (batch 1, its threads,
+    peak memory); a reason for the rest ("not measurable here")."""
+    from deploykit.bench.edge import bench_on_target
+    from deploykit.targets import get_target
+
+    out = {}
+    with stage(f"targets: {', '.join(targets)}"):
+        for name in targets:
+            entry = bench_on_target(models, split, get_target(name), config)
+            out[name] = entry
+            if not entry["measurable"]:
+                say(f"  {name}: {entry['reason']}")
+            for variant, fig in entry["latency"].items():
+                say(f"  {name} {variant}: p50 {fig['p50_ms']:.2f} ms at batch 1 on {fig['threads']} threads, "
+                    f"peak RSS {fig['peak_rss_mib']:.0f} MiB of {entry['memory_budget_mib']:.0f}")
+    return out
 
 
 def _bench_all(bundle, split, models, backends, config, threads, torch_baseline) -> dict[str, Any]:
@@ -399,13 +567,14 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
         write_json(fp32_path.with_suffix(".export.json"), {"model": bundle.source, **exported.summary()})
     say(f"  parity vs torch: max |diff| {exported.parity['max_abs_diff']:.3g}")
     lap("export")
-    preset = rec.quantize.preset or (rec.target if rec.target in PRESETS else "gpu-trt")
+    preset = rec.preset()
     with stage(f"calibrate ({preset}, {'tuning' if tuning else rec.quantize.resolved(preset).method})"):
         cal = calibrate(fp32_path, splits.calibration, int8_path, rec.quantize, tuning_split=splits.tuning,
                         default_preset=preset)
     say(f"  {cal.qdq_counts['QuantizeLinear']} QuantizeLinear, {len(cal.quantized_nodes)} nodes quantized, "
         f"{len(cal.float_nodes)} kept float ({len(cal.fallback_nodes)} fallen back by tuning)")
     lap("calibrate")
+    target_notes = check_targets([fp32_path, int8_path], rec.targets)
     variants = {"fp32": fp32_path, "int8": int8_path}
     for kind in rec.baselines:
         with stage(f"baseline {kind}"):
@@ -417,36 +586,60 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
         reference = reference_outputs(bundle, splits.evaluation, rec.verify.batch_size)
         write_npz(run_dir / "reference.npz", {"output": reference})
     lap("reference")
-    with stage("verify"):
-        verified = verify({name: OrtRunner(path) for name, path in variants.items()}, reference,
-                          splits.evaluation, bundle.task, batch_size=rec.verify.batch_size)
-    _print_accuracy(verified.accuracy)
+    from deploykit.engine import ShapeRanges
+
+    verified = verify_backends(bundle, variants, reference, splits.evaluation, backends=rec.verify.backends,
+                               rules=rec.acceptance, batch_size=rec.verify.batch_size,
+                               localize_failures=rec.verify.localize, localize_samples=rec.verify.localize_samples,
+                               ranges=ShapeRanges.from_recipe(rec))
+    _print_parity(verified["parity"], verified["verification"])
     lap("verify")
     threads = rec.bench.threads or default_threads()
     latency = _bench_all(bundle, splits.evaluation, list(variants.values()), rec.bench.backends, rec.bench,
                          threads, rec.bench.torch_baseline)
     _print_latency(latency)
     lap("bench")
-    acceptance = evaluate_acceptance(rec.acceptance, verified.accuracy)
+    targets_section = bench_targets({k: v for k, v in variants.items() if k in ("fp32", "int8")},
+                                    splits.evaluation, rec.targets, rec.bench)
+    lap("targets")
     report = new_report(bundle.source, rec.path, rec.target)
     report.update({
         "run": rec.name,
         "artifacts": {**{name: str(path) for name, path in variants.items()},
                       "reference": str(run_dir / "reference.npz"), "calibration_ranges": str(cal.ranges_path),
                       **{f"data_{k}": str(v) for k, v in data_paths.items()}},
-        "accuracy": verified.accuracy,
-        "distributions": verified.distributions,
+        "accuracy": verified["accuracy"],
+        "distributions": verified["distributions"],
+        "parity": verified["parity"],
+        "verification": {**verified["verification"], "inputs": str(data_paths["evaluation"]),
+                         "reference": str(run_dir / "reference.npz")},
         "latency": latency,
+        "targets": targets_section,
         "data": splits.summary(),
         "export": {k: v for k, v in exported.summary().items() if k != "path"},
         "calibration": {k: v for k, v in cal.summary().items() if k not in ("path", "ranges")},
         **({"tuning": cal.tuning} if cal.tuning is not None else {}),
         "bench": bench_settings(rec.bench, threads),
-        "acceptance": acceptance,
+        "acceptance": verified["verification"]["checks"],
         **({"training": training} if training else {}),
         "recipe_settings": rec.to_dict(),
         "timings_s": timings,
+        **({"notes": [f"{t}: {n}" for t, ns in target_notes.items() for n in ns]} if target_notes else {}),
     })
+    acceptance = report["acceptance"]
+    report_path = save_report(run_dir / "report.json", report)
+    if rec.package.targets and not all(a["passed"] for a in acceptance):
+        say("  no bundle written: an acceptance check failed (a bundle ships only what passed)")
+    elif rec.package.targets:
+        from deploykit.package import package_run
+
+        bundles = {}
+        for name_ in rec.package.targets:
+            bundles[name_] = package_run(run_dir, name_, samples=rec.package.samples).summary()
+        lap("package")
+        report["bundles"] = bundles
+        report["artifacts"].update({f"bundle_{k}": v["path"] for k, v in bundles.items()})
+        report["timings_s"] = timings
     report_path = save_report(run_dir / "report.json", report)
     accepted = all(a["passed"] for a in acceptance)
     for a in acceptance:

@@ -39,6 +39,18 @@ class ExportSpec:
 @dataclass
 class VerifySpec:
     batch_size: int = 32
+    # Backends ``run`` and ``verify`` compare with torch FP32 (each where available here):
+    # torch, ort-cpu, ort-cuda, tensorrt. "auto": every one that is usable on this machine.
+    backends: list[str] = field(default_factory=lambda: ["auto"])
+    localize: bool = True           # per-node error and an --exclude list for a Q/DQ model that misses a threshold
+    localize_samples: int = 64
+
+
+@dataclass
+class PackageSpec:
+    """Edge bundles ``run`` writes at its end (``deploykit package`` for each target listed)."""
+    targets: list[str] = field(default_factory=list)
+    samples: int | None = None      # verification inputs carried in the bundle (None: the whole evaluation split)
 
 
 @dataclass
@@ -88,7 +100,9 @@ class StudySpec:
 class Recipe:
     name: str = DEFAULT_RECIPE
     description: str = ""
-    target: str = "cpu-ort"
+    # Deployment targets (deploykit targets): the first is the primary one; every stage checks
+    # the model against each (e.g. no FP8 for sm_87, no uint8 activations for TensorRT).
+    targets: list[str] = field(default_factory=lambda: ["edge-cpu-x86"])
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
@@ -97,9 +111,25 @@ class Recipe:
     study: StudySpec = field(default_factory=StudySpec)
     verify: VerifySpec = field(default_factory=VerifySpec)
     bench: BenchSpec = field(default_factory=BenchSpec)
+    package: PackageSpec = field(default_factory=PackageSpec)
     baselines: list[str] = field(default_factory=list)         # e.g. [ort-dynamic]: compared variants
-    acceptance: dict[str, str] = field(default_factory=dict)   # "<variant>.<metric>": ">= 0.99"
+    # "<variant>.<metric>": ">= 0.99" (on every backend the variant ran on) or
+    # "<variant>@<backend>.<metric>" (one backend)
+    acceptance: dict[str, str] = field(default_factory=dict)
     path: str | None = None
+
+    @property
+    def target(self) -> str:
+        """The primary deployment target."""
+        return self.targets[0]
+
+    def preset(self) -> str:
+        """The quantization preset: the recipe's, else the primary target's."""
+        if self.quantize.preset:
+            return self.quantize.preset
+        from deploykit.targets import get_target
+
+        return get_target(self.target).preset
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -201,7 +231,32 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = 
     _check_acceptance(recipe_obj.acceptance, str(path))
     _check_model(recipe_obj, str(path))
     _check_tune_criteria(recipe_obj.quantize.tune.criteria, str(path))
+    _check_targets(recipe_obj, str(path))
     return recipe_obj
+
+
+def _check_targets(rec: Recipe, where: str) -> None:
+    from deploykit.runners import BACKENDS
+    from deploykit.targets import check_quant_config, get_target
+
+    if not rec.targets:
+        raise UserError("the recipe names no deployment targets", path=where,
+                        fix="write e.g. targets: [edge-cpu-x86] (deploykit targets lists them)")
+    for name in rec.targets:
+        try:
+            target = get_target(name)
+        except UserError as exc:
+            raise UserError(f"targets: {exc.message}", path=where, fix=exc.fix) from None
+        check_quant_config(rec.quantize, rec.quantize.preset or get_target(rec.target).preset, target, where)
+    stray = [t for t in rec.package.targets if t not in rec.targets]
+    if stray:
+        raise UserError(f"package.targets {stray} are not among the recipe's targets {rec.targets}", path=where,
+                        fix="add them to targets: or package for one of those")
+    bad = [b for b in rec.verify.backends if b != "auto" and b not in BACKENDS]
+    if bad:
+        raise UserError(f"unknown verify.backends {bad}", path=where, fix=f"use auto or {', '.join(BACKENDS)}")
+    if rec.package.samples is not None and rec.package.samples < 1:
+        raise UserError("package.samples must be at least 1", path=where, fix="or null for the whole evaluation split")
 
 
 def _check_model(rec: Recipe, where: str) -> None:
@@ -249,9 +304,9 @@ def variant_spec(value: Any, name: str = "", where: str | None = None) -> tuple[
 
 def _check_acceptance(acceptance: dict[str, str], where: str) -> None:
     for key, rule in acceptance.items():
-        if key.count(".") != 1 or parse_rule(rule) is None:
-            raise UserError(f"acceptance rule '{key}: {rule}' is not '<variant>.<metric>: <op> <number>'",
-                            path=where, fix="write e.g. int8.cosine_mean: '>= 0.99'")
+        if key.count(".") != 1 or key.count("@") > 1 or parse_rule(rule) is None:
+            raise UserError(f"acceptance rule '{key}: {rule}' is not '<variant>[@<backend>].<metric>: <op> <number>'",
+                            path=where, fix="write e.g. int8.cosine_mean: '>= 0.99' or int8@tensorrt.top1: '>= 0.95'")
 
 
 def _check_tune_criteria(criteria: dict[str, str], where: str) -> None:

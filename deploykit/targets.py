@@ -238,6 +238,18 @@ def check_model(model: onnx.ModelProto | str | Path, target: Target) -> list[str
     return notes
 
 
+def check_quant_config(config, preset: str, target: Target, where: str | Path | None = None) -> None:
+    """Refuse, before any work, a quantization setup whose model the target could not run
+    (the same rules as :func:`check_model`, read from the settings instead of a graph)."""
+    resolved = config.resolved(preset)
+    if target.runtime.name == "tensorrt" and (resolved.activation_type != "int8" or not resolved.activation_symmetric):
+        raise UserError(f"quantize preset '{preset}' makes {resolved.activation_type} "
+                        f"{'symmetric' if resolved.activation_symmetric else 'asymmetric'} activations; target "
+                        f"'{target.name}' runs TensorRT, which takes only symmetric int8", path=where,
+                        fix=f"use quantize.preset: {target.preset} (one Q/DQ model runs on both TensorRT and ONNX "
+                            "Runtime), or drop the target")
+
+
 def check_engine(info: dict[str, Any], target: Target, where: str | Path | None = None) -> None:
     """Refuse an engine (``deploykit build`` metadata) that was built for another GPU or TensorRT."""
     cc = str(info.get("compute_capability", ""))

@@ -113,6 +113,46 @@ def test_stages_standalone_build_one_report(tiny_export, tmp_path):
     assert (tmp_path / "out" / "report.md").is_file() and proc.stdout.strip().endswith("report.md")
 
 
+def test_verify_gates_on_saved_inputs_and_bench_emulates_a_target(tiny_export, tmp_path):
+    """verify: saved inputs written once (hash recorded, checked on reuse), every backend usable
+    here, thresholds -> exit 1 with the worst nodes and an --exclude list; bench --target."""
+    shutil.copy(tiny_export, tmp_path / "m.onnx")
+    split = ["--calibration", "16", "--evaluation", "32"]
+    deploykit("-q", "calibrate", "m.onnx", "--method", "minmax", *split, "--target", "h100", cwd=tmp_path)
+    deploykit("-q", "verify", "m.onnx", "m.int8.onnx", *split, "--inputs", "inputs.npz", "--threshold",
+              "int8.cosine_mean>=0.9", "--target", "edge-cpu-x86", "-r", "ok.json", cwd=tmp_path)
+    report = json.loads((tmp_path / "ok.json").read_text())
+    assert {"fp32@torch", "fp32@ort-cpu", "int8@ort-cpu"} <= set(report["parity"])
+    assert report["parity"]["int8@ort-cpu"]["snr_db"] > 10 and report["parity"]["int8@ort-cpu"]["samples"] == 32
+    assert report["verification"]["backends_skipped"]["tensorrt"] == "TensorRT is not installed"
+    assert [c["check"] for c in report["verification"]["checks"]] == ["int8@ort-cpu.cosine_mean"]
+    assert (tmp_path / "inputs.npz").is_file() and json.loads((tmp_path / "inputs.json").read_text())["feeds_sha256"]
+    proc = deploykit("verify", "m.onnx", "m.int8.onnx", "--inputs", "inputs.npz", "--threshold",
+                     "int8.cosine_mean>=1.01", "--backend", "ort-cpu", "-r", "bad.json", cwd=tmp_path, check_rc=1)
+    assert "int8@ort-cpu.cosine_mean" in proc.stderr
+    found = json.loads((tmp_path / "bad.json").read_text())["verification"]["localization"]["int8@ort-cpu"]
+    assert found["exclude"] and found["nodes"][0]["added_snr_db"] <= found["nodes"][-1]["added_snr_db"]
+    # the saved inputs are checked against their recorded hash
+    with np.load(tmp_path / "inputs.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["input_ids"][0, 1] += 1
+    np.savez(tmp_path / "inputs.npz", **arrays)
+    assert_user_error(deploykit("verify", "m.onnx", "--inputs", "inputs.npz", cwd=tmp_path, check_rc=None),
+                      "inputs.npz", "do not match the SHA-256")
+    # a target whose runtime cannot take the model is refused before any work
+    deploykit("-q", "calibrate", "m.onnx", "-o", "cpu.onnx", "--preset", "cpu-ort", *split, cwd=tmp_path)
+    assert_user_error(deploykit("verify", "cpu.onnx", "--target", "jetson-orin", cwd=tmp_path, check_rc=None),
+                      "cpu.onnx", "TensorRT", "takes only symmetric int8")
+    assert_user_error(deploykit("calibrate", "m.onnx", "-o", "x.onnx", "--preset", "cpu-ort", "--target", "h100",
+                                cwd=tmp_path, check_rc=None), "target 'h100' runs TensorRT")
+    deploykit("-q", "bench", "m.onnx", "m.int8.onnx", *split, "--seq", "64", "--iterations", "2", "--warmup", "0",
+              "--target", "edge-cpu-x86", "--target", "jetson-orin", "-r", "ok.json", cwd=tmp_path)
+    targets = json.loads((tmp_path / "ok.json").read_text())["targets"]
+    assert targets["edge-cpu-x86"]["latency"]["int8"]["batch"] == 1
+    assert targets["edge-cpu-x86"]["memory_budget_mib"] == 4096
+    assert "not measurable here" in targets["jetson-orin"]["reason"]
+
+
 def test_doctor_json(tmp_path):
     checks = json.loads(deploykit("doctor", "--json", cwd=tmp_path).stdout)
     names = {c["name"] for c in checks}
@@ -150,19 +190,24 @@ def test_run_tiny_recipe_writes_the_contract(tiny_bert_dir, tmp_path):
     assert not list(run_dir.rglob("*.tmp")), "temporary files left behind"
 
 
-def test_failed_acceptance_exits_3(tiny_bert_dir, tmp_path):
+def test_failed_acceptance_exits_1_and_localizes(tiny_bert_dir, tmp_path):
     recipe = _tiny_recipe(tmp_path, tiny_bert_dir, "{int8.cosine_mean: '>= 1.1'}")
-    proc = deploykit("-q", "run", str(recipe), "--out", "out", cwd=tmp_path, check_rc=3)
+    proc = deploykit("-q", "run", str(recipe), "--out", "out", cwd=tmp_path, check_rc=1)
     assert "acceptance" in proc.stderr
     report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
     assert report["acceptance"][0]["passed"] is False
+    assert report["acceptance"][0]["check"] == "int8@ort-cpu.cosine_mean"
+    found = report["verification"]["localization"]["int8@ort-cpu"]
+    assert found["nodes"] and found["exclude"], "a missed threshold names the nodes to look at"
+    quantized = {n["node"] for n in found["nodes"]}
+    assert set(found["exclude"]) <= quantized | {found["nodes"][0]["node"]}
 
 
 def test_run_with_tuning_and_a_baseline(tiny_bert_dir, tmp_path):
     recipe = tmp_path / "tuned.yaml"
     recipe.write_text(f"""
 name: tuned
-target: gpu-trt
+targets: [h100, edge-cpu-x86]
 model: {{source: "{tiny_bert_dir}", options: {{max_length: 64}}}}
 data: {{source: docstrings, calibration: 24, evaluation: 48, seed: 1}}
 quantize:

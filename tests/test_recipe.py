@@ -26,7 +26,7 @@ def test_every_shipped_recipe_loads_and_resolves():
     for name, path in builtin_recipes().items():
         recipe = load_recipe(path)
         assert recipe.name == name, f"{path}: name must match the file name"
-        recipe.quantize.resolved(recipe.target if recipe.target in PRESETS else "gpu-trt")
+        recipe.quantize.resolved(recipe.preset())
 
 
 def test_overrides_are_typed():

@@ -297,3 +297,204 @@ def test_format_latency_table_orders_series_and_batches():
 def test_report_json_round_trips_through_json():
     # the synthetic report is plain JSON (no NaN), as write_json requires
     json.dumps(make_report(), allow_nan=False)
+
+
+# ----------------------------------------------------------------------------- deployment sections
+DEPLOY_PLOTS = ("parity_by_backend.png", "latency_by_target.png")
+
+
+def add_deployment_sections(report: dict) -> dict:
+    """parity + verification, targets and bundles, as the verify, bench-targets and bundle stages write them."""
+    report["parity"] = {
+        "fp32@torch": {"cosine_mean": 1.0, "cosine_min": 1.0, "snr_db": None, "max_abs_diff": 0.0,
+                       "nn_agreement": 1.0, "samples": 64},
+        "fp32@ort-cpu": {"cosine_mean": 0.99999999, "cosine_min": 0.9999998, "snr_db": 121.5,
+                         "max_abs_diff": 2.4e-7, "nn_agreement": 1.0, "samples": 64},
+        "int8@ort-cpu": {"cosine_mean": 0.9971, "cosine_min": 0.981, "snr_db": 22.7, "max_abs_diff": 0.0832,
+                         "nn_agreement": 0.984, "samples": 64},
+        "int8@ort-cuda": {"cosine_mean": None, "cosine_min": None, "snr_db": 23.1, "max_abs_diff": 0.0791,
+                          "nn_agreement": None, "samples": 64},
+    }
+    report["verification"] = {
+        "inputs": "runs/x/verify_inputs.npz", "inputs_sha256": "ef" * 32, "reference": "torch FP32",
+        "backends_run": ["torch", "ort-cpu", "ort-cuda"],
+        "backends_skipped": {"tensorrt": "tensorrt is not installed"},
+        "checks": [
+            {"check": "int8@ort-cpu.cosine_mean", "value": 0.9971, "threshold": ">= 0.99", "passed": True},
+            {"check": "int8@ort-cuda.cosine_mean", "value": None, "threshold": ">= 0.99", "passed": False},
+        ],
+        "localization": {"int8@ort-cpu": {
+            "nodes": [{"node": f"/encoder/layer.{i}/MatMul", "op_type": "MatMul",
+                       "module": f"encoder.layer.{i}.output.dense", "added_snr_db": 30.0 + i,
+                       "added_cosine": 0.999 + i * 1e-4, "accumulated_snr_db": 25.0 + i,
+                       "accumulated_cosine": None if i == 1 else 0.998}
+                      for i in range(12)],
+            "exclude": ["/encoder/layer.0/MatMul", "/encoder/layer.1/MatMul"]}},
+    }
+    report["targets"] = {
+        "x86-server": {"target": "x86-server", "runtime": "ort-cpu", "measurable": True, "reason": None,
+                       "threads": 4, "machine_cores": 8, "memory_budget_mib": 2048.0,
+                       "notes": ["threads capped at the target's 4 cores"],
+                       "latency": {
+                           "fp32": {"batch": 1, "p50_ms": 12.5, "p90_ms": 13.0, "p99_ms": 15.25, "mean_ms": 12.8,
+                                    "throughput_per_s": 80.0, "iterations": 50, "threads": 4,
+                                    "peak_rss_mib": 412.3, "model_rss_mib": 90.1, "within_memory_budget": True},
+                           "int8": {"batch": 1, "p50_ms": 5.5, "p90_ms": 6.0, "p99_ms": 7.75, "mean_ms": 5.7,
+                                    "throughput_per_s": 181.8, "iterations": 50, "threads": 4,
+                                    "peak_rss_mib": 2300.0, "model_rss_mib": 25.4, "within_memory_budget": False}}},
+        "rpi5": {"target": "rpi5", "runtime": "ort-cpu-arm64", "measurable": False,
+                 "reason": "needs an aarch64 CPU, this machine is x86_64", "threads": None, "machine_cores": 8,
+                 "memory_budget_mib": 512.0, "notes": [], "latency": {}},
+    }
+    report["bundles"] = {"x86-server": {"path": "runs/x/bundles/x86-server.tar.gz", "sha256": "0a" * 32,
+                                        "size_bytes": 3 * 1024 * 1024 + 1024, "files": 7}}
+    return report
+
+
+def test_deployment_sections_validate():
+    validate_report(add_deployment_sections(make_report()), path="x/report.json")
+
+
+DEPLOY_BROKEN = {
+    "parity not a dict": (lambda r: r.update(parity=[1]), "'parity' must be an object"),
+    "parity entry not a dict": (lambda r: r["parity"].update({"int8@ort-cpu": 0.99}),
+                                "parity['int8@ort-cpu'] must be an object"),
+    "parity bad key": (lambda r: r["parity"].update({"int8-ort-cpu": {"cosine_mean": 0.9}}), "bad key"),
+    "parity string metric": (lambda r: r["parity"]["int8@ort-cpu"].update(snr_db="22"),
+                             "parity['int8@ort-cpu']['snr_db']"),
+    "parity float samples": (lambda r: r["parity"]["int8@ort-cpu"].update(samples=6.5),
+                             "parity['int8@ort-cpu']['samples']"),
+    "verification not a dict": (lambda r: r.update(verification="ok"), "'verification' must be an object"),
+    "check passed not bool": (lambda r: r["verification"]["checks"][0].update(passed=1),
+                              "verification['checks'][0]['passed']"),
+    "checks not a list": (lambda r: r["verification"].update(checks={}), "verification['checks'] must be a list"),
+    "skipped reason not str": (lambda r: r["verification"]["backends_skipped"].update(tensorrt=None),
+                               "verification['backends_skipped']['tensorrt']"),
+    "exclude not a list": (lambda r: r["verification"]["localization"]["int8@ort-cpu"].update(exclude="n1"),
+                           "verification['localization']['int8@ort-cpu']['exclude']"),
+    "localization node without name": (
+        lambda r: r["verification"]["localization"]["int8@ort-cpu"]["nodes"][0].pop("node"), "['nodes'][0]['node']"),
+    "targets not a dict": (lambda r: r.update(targets=["x86-server"]), "'targets' must be an object"),
+    "measurable not bool": (lambda r: r["targets"]["rpi5"].update(measurable="no"),
+                            "targets['rpi5']['measurable']"),
+    "target runtime missing": (lambda r: r["targets"]["rpi5"].pop("runtime"), "targets['rpi5'] is missing 'runtime'"),
+    "target latency negative": (lambda r: r["targets"]["x86-server"]["latency"]["int8"].update(p99_ms=-1.0),
+                                "targets['x86-server']['latency']['int8']['p99_ms']"),
+    "target within budget not bool": (
+        lambda r: r["targets"]["x86-server"]["latency"]["int8"].update(within_memory_budget="yes"),
+        "['within_memory_budget']"),
+    "target notes not strings": (lambda r: r["targets"]["rpi5"].update(notes=[1]), "targets['rpi5']['notes']"),
+    "bundle size negative": (lambda r: r["bundles"]["x86-server"].update(size_bytes=-3),
+                             "bundles['x86-server']['size_bytes']"),
+    "bundle path missing": (lambda r: r["bundles"]["x86-server"].pop("path"), "bundles['x86-server'] is missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEPLOY_BROKEN))
+def test_deployment_contract_violations_raise_user_error(case):
+    mutate, expected = DEPLOY_BROKEN[case]
+    report = add_deployment_sections(make_report())
+    mutate(report)
+    with pytest.raises(UserError) as info:
+        validate_report(report, path="runs/x/report.json")
+    message = str(info.value)
+    assert message.startswith("runs/x/report.json: ")
+    assert expected in message
+    assert "fix:" in message and "\n" not in message
+
+
+def test_merge_deployment_sections_keeps_old_and_new_entries():
+    existing = add_deployment_sections(make_report())
+    update = {"parity": {"int8@tensorrt": {"cosine_mean": 0.996, "snr_db": 21.0, "samples": 64},
+                         "int8@ort-cpu": {"cosine_mean": 0.998, "samples": 64}},
+              "targets": {"jetson-orin": {"runtime": "tensorrt", "measurable": False, "reason": "no Jetson"}},
+              "bundles": {"rpi5": {"path": "b/rpi5.tar.gz", "sha256": "1b" * 32, "size_bytes": 10, "files": 2}}}
+    before = copy.deepcopy(existing)
+    merged = merge_report(existing, update)
+    assert existing == before
+    assert set(merged["parity"]) == {*existing["parity"], "int8@tensorrt"}
+    assert merged["parity"]["fp32@ort-cpu"] == existing["parity"]["fp32@ort-cpu"]
+    assert merged["parity"]["int8@ort-cpu"] == {"cosine_mean": 0.998, "samples": 64}  # a later stage's entry wins
+    assert set(merged["targets"]) == {"x86-server", "rpi5", "jetson-orin"}
+    assert set(merged["bundles"]) == {"x86-server", "rpi5"}
+    validate_report(merged)
+
+
+def test_render_deployment_sections(tmp_path):
+    report = add_deployment_sections(make_report())
+    src = write_report(tmp_path, report)
+    md = render_report(src).read_text(encoding="utf-8")
+    for name in (*PLOTS, *DEPLOY_PLOTS):
+        _png_ok(tmp_path / name)
+        assert f"]({name})" in md
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    # order: after Accuracy / Acceptance and Latency
+    positions = [md.index(h) for h in ("## Accuracy\n", "## Acceptance", "## Latency", "## Accuracy per backend",
+                                       "## Targets", "## Edge bundles")]
+    assert positions == sorted(positions)
+    parity = md[md.index("## Accuracy per backend"):md.index("## Targets")]
+    # one row per variant@backend, metrics as columns, samples last, nulls as —
+    assert "| variant@backend | cosine_mean | cosine_min | snr_db | max_abs_diff | nn_agreement | samples |" in parity
+    for key in report["parity"]:
+        assert f"| `{key}` |" in parity
+    assert "| `int8@ort-cpu` | 0.997100 | 0.981000 | 22.7 | 8.320e-02 | 0.9840 | 64 |" in parity
+    assert "| `int8@ort-cuda` | — | — | 23.1 | 7.910e-02 | — | 64 |" in parity
+    assert "| `fp32@torch` | 1.000000 | 1.000000 | — | 0 | 1.0000 | 64 |" in parity
+    assert "`runs/x/verify_inputs.npz`" in parity and "efefefefefefefef…" in parity
+    assert "Backends skipped: `tensorrt` (tensorrt is not installed)." in parity
+    # checks, pass and fail, a null value
+    assert "1 of 2 checks passed; failed: int8@ort-cuda.cosine_mean." in parity
+    assert "| `int8@ort-cpu.cosine_mean` | 0.997100 | >= 0.99 | ✅ PASS |" in parity
+    assert "| `int8@ort-cuda.cosine_mean` | — | >= 0.99 | ❌ FAIL |" in parity
+    # localization: the worst nodes (capped) and the exclude command
+    assert "### Error localization: `int8@ort-cpu`" in parity and "Worst 10 of 12 nodes" in parity
+    assert "| `/encoder/layer.0/MatMul` | MatMul | `encoder.layer.0.output.dense` | 30.0 |" in parity
+    assert "`/encoder/layer.11/MatMul`" not in parity
+    assert "| 26.0 | — |" in parity  # node 1's null accumulated cosine
+    assert ("deploykit calibrate runs/x/model.onnx --recipe recipes/minilm-int8.yaml "
+            "--exclude /encoder/layer.0/MatMul --exclude /encoder/layer.1/MatMul") in parity
+
+    targets = md[md.index("## Targets"):md.index("## Edge bundles")]
+    assert "| `x86-server` | `ort-cpu` | `fp32` | 4 | 12.50 | 15.25 | 412.3 / 2048 | ✅ |" in targets
+    assert "| `x86-server` | `ort-cpu` | `int8` | 4 | 5.50 | 7.75 | 2300.0 / 2048 | ❌ |" in targets
+    assert ("| `rpi5` | `ort-cpu-arm64` | not measurable here: needs an aarch64 CPU, this machine is x86_64 | — |"
+            in targets)
+    assert "- `x86-server`: threads capped at the target's 4 cores" in targets
+
+    bundles = md[md.index("## Edge bundles"):]
+    assert f"| `x86-server` | `runs/x/bundles/x86-server.tar.gz` | `{'0a' * 32}` | 3.0 MiB | 7 |" in bundles
+
+
+def test_render_deployment_sections_is_deterministic(tmp_path):
+    src = write_report(tmp_path, add_deployment_sections(make_report()))
+    render_report(src, tmp_path / "a")
+    render_report(src, tmp_path / "b")
+    for name in ("report.md", *DEPLOY_PLOTS):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_render_deployment_sections_partial(tmp_path):
+    # nothing measurable, no plottable parity value, verification without checks: sections render, no parity plot
+    report = add_deployment_sections(make_report())
+    report["parity"] = {"int8@tensorrt": {"cosine_mean": None, "snr_db": None, "samples": None}}
+    report["verification"] = {"backends_skipped": {}}
+    report["targets"] = {"rpi5": report["targets"]["rpi5"]}
+    del report["bundles"]
+    src = write_report(tmp_path, report)
+    md = render_report(src).read_text(encoding="utf-8")
+    assert "## Accuracy per backend" in md and "Backends skipped: none." in md
+    assert "| `int8@tensorrt` | — | — | — |" in md
+    assert "parity_by_backend.png" not in md and not (tmp_path / "parity_by_backend.png").exists()
+    assert "not measurable here: needs an aarch64 CPU" in md
+    _png_ok(tmp_path / "latency_by_target.png")
+    assert "## Edge bundles" not in md and "### Parity checks" not in md
+
+
+def test_render_parity_checks_equal_to_acceptance_are_not_repeated(tmp_path):
+    report = add_deployment_sections(make_report())
+    report["acceptance"] = copy.deepcopy(report["verification"]["checks"])  # as deploykit verify writes them
+    md = render_report(write_report(tmp_path, report)).read_text(encoding="utf-8")
+    assert md.count("| `int8@ort-cpu.cosine_mean` | 0.997100 | >= 0.99 | ✅ PASS |") == 1
+    assert "### Parity checks" in md and "1 of 2 checks passed; failed: int8@ort-cuda.cosine_mean." in md
+    assert "They are the checks of the Acceptance table above." in md

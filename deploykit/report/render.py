@@ -10,7 +10,21 @@ Contract (see DESIGN.md)::
 
 plus optional ``created``, ``deploykit_version``, ``data``, ``export``, ``calibration``,
 ``distributions`` ({variant: {"cosine": [...]}}), ``acceptance``, ``timings_s``, ``bench``,
-``notes``. Unknown extra fields are allowed and kept.
+``notes``, and the deployment sections::
+
+    "parity":       {"<variant>@<backend>": {metric: float|null, "samples": int|null}},
+    "verification": {"inputs", "inputs_sha256", "reference": str, "backends_run": [str],
+                     "backends_skipped": {backend: reason}, "checks": [acceptance-like rows],
+                     "localization": {"<variant>@<backend>": {"nodes": [{"node", "op_type", "module",
+                                      "added_snr_db", "added_cosine", "accumulated_snr_db",
+                                      "accumulated_cosine"}], "exclude": [str]}}},
+    "targets":      {target: {"runtime": str, "measurable": bool, "reason": str|null, "threads",
+                              "machine_cores", "memory_budget_mib", "notes": [str],
+                              "latency": {variant: {"p50_ms", "p99_ms", "peak_rss_mib",
+                                                    "within_memory_budget": bool|null, ...}}}},
+    "bundles":      {target: {"path": str, "sha256": str, "size_bytes": int, "files": int}}
+
+Unknown extra fields are allowed and kept.
 
 Rendering writes ``report.md`` and PNG plots (Agg, object-oriented matplotlib: no global
 state, no creation time or software tag in the PNGs) atomically next to the report or into
@@ -22,6 +36,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +45,9 @@ from deploykit.io import atomic_path, read_json, write_text
 
 LATENCY_KEY = re.compile(r"^(?P<variant>[^@/]+)@(?P<backend>[^@/]+)/b(?P<batch>[1-9][0-9]*)$")
 LATENCY_FIELDS = ("batch", "p50_ms", "p90_ms", "p99_ms", "throughput_per_s")
+PARITY_KEY = re.compile(r"^(?P<variant>[^@/]+)@(?P<backend>[^@/]+)$")
 DICT_SECTIONS = ("artifacts", "accuracy", "latency", "environment", "distributions", "timings_s", "data",
-                 "export", "calibration", "bench")
+                 "export", "calibration", "bench", "parity", "verification", "targets", "bundles")
 LIST_SECTIONS = ("acceptance", "notes")
 ENVIRONMENT_KEYS = ("python", "torch", "onnxruntime", "cpu", "gpu")
 
@@ -39,6 +55,9 @@ LATENCY_PLOT = "latency_by_batch.png"
 THROUGHPUT_PLOT = "throughput_by_batch.png"
 COSINE_PLOT = "cosine_distribution.png"
 TUNING_PLOT = "tuning_trials.png"
+PARITY_PLOT = "parity_by_backend.png"
+TARGETS_PLOT = "latency_by_target.png"
+LOCALIZATION_ROWS = 10
 _FIX = "regenerate the report with deploykit or correct the field in report.json"
 
 
@@ -118,28 +137,153 @@ def validate_report(data: dict, *, path: str | Path | None = None) -> None:
             if not isinstance(values, list) or not all(_is_number(v) for v in values):
                 fail(f"distributions['{variant}']['{name}']", "must be a list of finite numbers")
 
-    if "acceptance" in data:
-        if not isinstance(data["acceptance"], list):
-            fail("'acceptance'", f"must be a list, got {type(data['acceptance']).__name__}")
-        for i, row in enumerate(data["acceptance"]):
-            where = f"acceptance[{i}]"
-            need_dict(row, where)
+    def check_rows(rows: Any, where: str, prefix: str) -> None:
+        """Acceptance-like rows ``{"check", "value", "threshold", "passed"}``."""
+        if not isinstance(rows, list):
+            fail(where, f"must be a list, got {type(rows).__name__}")
+        for i, row in enumerate(rows):
+            at = f"{prefix}[{i}]"
+            need_dict(row, at)
             for key, ok in (("check", lambda v: isinstance(v, str)), ("threshold", lambda v: isinstance(v, str)),
                             ("passed", lambda v: isinstance(v, bool)),
                             ("value", lambda v: v is None or _is_number(v))):
                 if key not in row:
-                    fail(where, f"is missing '{key}'")
+                    fail(at, f"is missing '{key}'")
                 if not ok(row[key]):
-                    fail(f"{where}['{key}']", f"has the wrong type or value: {row[key]!r}")
+                    fail(f"{at}['{key}']", f"has the wrong type or value: {row[key]!r}")
+
+    if "acceptance" in data:
+        check_rows(data["acceptance"], "'acceptance'", "acceptance")
     if "notes" in data and not (isinstance(data["notes"], list) and all(isinstance(n, str) for n in data["notes"])):
         fail("'notes'", "must be a list of strings")
+    _validate_deployment(data, fail, need_dict, check_rows)
+
+
+def _validate_deployment(data: dict, fail, need_dict, check_rows) -> None:
+    """The optional ``parity``, ``verification``, ``targets`` and ``bundles`` sections."""
+
+    def optional(entry: dict, key: str, where: str, ok, expected: str) -> None:
+        if key in entry and not ok(entry[key]):
+            fail(f"{where}['{key}']", f"must be {expected}, got {entry[key]!r}")
+
+    def is_str(v: Any) -> bool:
+        return isinstance(v, str)
+
+    def str_or_null(v: Any) -> bool:
+        return v is None or isinstance(v, str)
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def count_or_null(v: Any) -> bool:
+        return v is None or count(v)
+
+    def positive_or_null(v: Any) -> bool:
+        return v is None or (count(v) and v > 0)
+
+    def amount_or_null(v: Any) -> bool:
+        return v is None or (_is_number(v) and v >= 0)
+
+    def number_or_null(v: Any) -> bool:
+        return v is None or _is_number(v)
+
+    def str_list(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    def bool_or_null(v: Any) -> bool:
+        return v is None or isinstance(v, bool)
+
+    def pair_key(key: str, where: str) -> None:
+        if not PARITY_KEY.match(key):
+            fail(where, "has a bad key: use '<variant>@<backend>', e.g. 'int8@ort-cpu'")
+
+    if "parity" in data:
+        for key, metrics in need_dict(data["parity"], "'parity'").items():
+            where = f"parity['{key}']"
+            pair_key(key, where)
+            for metric, value in need_dict(metrics, where).items():
+                if metric == "samples":
+                    optional(metrics, metric, where, count_or_null, "a non-negative integer or null")
+                elif not number_or_null(value):
+                    fail(f"{where}['{metric}']", f"must be a finite number or null, got {value!r}")
+
+    if "verification" in data:
+        ver = need_dict(data["verification"], "'verification'")
+        for key in ("inputs", "inputs_sha256", "reference"):
+            optional(ver, key, "verification", str_or_null, "a string or null")
+        optional(ver, "backends_run", "verification", str_list, "a list of strings")
+        if "backends_skipped" in ver:
+            for backend, reason in need_dict(ver["backends_skipped"], "verification['backends_skipped']").items():
+                if not isinstance(reason, str):
+                    fail(f"verification['backends_skipped']['{backend}']", f"must be a reason string, got {reason!r}")
+        if "checks" in ver:
+            check_rows(ver["checks"], "verification['checks']", "verification['checks']")
+        if "localization" in ver:
+            for key, loc in need_dict(ver["localization"], "verification['localization']").items():
+                where = f"verification['localization']['{key}']"
+                pair_key(key, where)
+                need_dict(loc, where)
+                optional(loc, "exclude", where, str_list, "a list of node names")
+                if "nodes" in loc:
+                    if not isinstance(loc["nodes"], list):
+                        fail(f"{where}['nodes']", f"must be a list, got {type(loc['nodes']).__name__}")
+                    for i, node in enumerate(loc["nodes"]):
+                        at = f"{where}['nodes'][{i}]"
+                        need_dict(node, at)
+                        if not isinstance(node.get("node"), str):
+                            fail(f"{at}['node']", f"must be a node name string, got {node.get('node')!r}")
+                        for name in ("op_type", "module"):
+                            optional(node, name, at, str_or_null, "a string or null")
+                        for name in ("added_snr_db", "added_cosine", "accumulated_snr_db", "accumulated_cosine"):
+                            optional(node, name, at, number_or_null, "a finite number or null")
+
+    if "targets" in data:
+        for name, target in need_dict(data["targets"], "'targets'").items():
+            where = f"targets['{name}']"
+            need_dict(target, where)
+            for key in ("runtime", "measurable"):
+                if key not in target:
+                    fail(where, f"is missing '{key}'")
+            optional(target, "measurable", where, lambda v: isinstance(v, bool), "true or false")
+            optional(target, "target", where, is_str, "a string")
+            optional(target, "runtime", where, is_str, "a string")
+            optional(target, "reason", where, str_or_null, "a string or null")
+            optional(target, "threads", where, positive_or_null, "a positive integer or null")
+            optional(target, "machine_cores", where, positive_or_null, "a positive integer or null")
+            optional(target, "memory_budget_mib", where, amount_or_null, "a non-negative finite number or null")
+            optional(target, "notes", where, str_list, "a list of strings")
+            latency = target.get("latency")
+            for variant, entry in ({} if latency is None else need_dict(latency, f"{where}['latency']")).items():
+                at = f"{where}['latency']['{variant}']"
+                need_dict(entry, at)
+                if "p50_ms" not in entry:
+                    fail(at, "is missing 'p50_ms'")
+                for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput_per_s", "peak_rss_mib",
+                            "model_rss_mib"):
+                    optional(entry, key, at, amount_or_null, "a non-negative finite number or null")
+                for key in ("batch", "threads"):
+                    optional(entry, key, at, positive_or_null, "a positive integer or null")
+                optional(entry, "iterations", at, count_or_null, "a non-negative integer or null")
+                optional(entry, "within_memory_budget", at, bool_or_null, "true, false or null")
+
+    if "bundles" in data:
+        for name, bundle in need_dict(data["bundles"], "'bundles'").items():
+            where = f"bundles['{name}']"
+            need_dict(bundle, where)
+            if "path" not in bundle:
+                fail(where, "is missing 'path'")
+            optional(bundle, "path", where, is_str, "a path string")
+            optional(bundle, "sha256", where, str_or_null, "a string or null")
+            for key in ("size_bytes", "files"):
+                optional(bundle, key, where, count_or_null, "a non-negative integer or null")
 
 
 # ----------------------------------------------------------------------------- merge
 def merge_report(existing: dict | None, update: dict) -> dict:
     """Return ``existing`` updated by a stage's partial report ``update``; neither input is changed.
 
-    Dict sections merge key by key (update wins; ``accuracy`` merges each variant's metrics),
+    Dict sections merge key by key (update wins; ``accuracy`` merges each variant's metrics; a
+    ``parity`` / ``targets`` / ``bundles`` entry of the update replaces the same-named one whole),
     lists (``acceptance``, ``notes``) and scalars are replaced.
     """
     merged = copy.deepcopy(existing) if existing else {}
@@ -410,6 +554,126 @@ def plot_tuning(tuning: dict, dest: Path, inputs: tuple[Path, ...] = ()) -> Path
     return _save(fig, dest, inputs)
 
 
+def _parity_rows(parity: dict) -> list[tuple[str, str, dict]]:
+    """``(variant, backend, metrics)`` grouped by variant (first-seen order), backends in first-seen order."""
+    rows = [(m["variant"], m["backend"], metrics) for key, metrics in parity.items()
+            if (m := PARITY_KEY.match(key))]
+    variants = list(dict.fromkeys(r[0] for r in rows))
+    return sorted(rows, key=lambda r: variants.index(r[0]))
+
+
+def plot_parity(parity: dict, dest: Path, inputs: tuple[Path, ...] = ()) -> Path:
+    """Left: ``1 - cosine_mean`` (log), right: SNR (dB), one bar per variant@backend, grouped by variant
+    and coloured by backend; null values are left out."""
+    from matplotlib.patches import Patch
+
+    rows = _parity_rows(parity)
+    variants = list(dict.fromkeys(r[0] for r in rows))
+    backends = list(dict.fromkeys(r[1] for r in rows))
+    width = 0.8 / max(len(backends), 1)
+    colors = {b: f"C{i % 10}" for i, b in enumerate(backends)}
+
+    def x(variant: str, backend: str) -> float:
+        return variants.index(variant) + (backends.index(backend) - (len(backends) - 1) / 2) * width
+
+    fig, (gap_ax, snr_ax) = _figure(width=11.0, height=4.4, ncols=2)
+    gaps = [(v, b, 1.0 - m["cosine_mean"]) for v, b, m in rows if _is_number(m.get("cosine_mean"))]
+    positive = [g for _, _, g in gaps if g > 0]
+    floor = max(min(positive) / 10, 1e-15) if positive else 1e-12  # exact matches (gap <= 0) drawn at the floor
+    base = floor / 10
+    for v, b, gap in gaps:
+        bar = gap_ax.bar([x(v, b)], [max(gap, floor) - base], bottom=base, width=width * 0.9, color=colors[b])
+        gap_ax.bar_label(bar, labels=[f"{gap:.1e}" if gap > 0 else "0"], fontsize=7, padding=2)
+    snrs = [(v, b, m["snr_db"]) for v, b, m in rows if _is_number(m.get("snr_db"))]
+    for v, b, snr in snrs:
+        bar = snr_ax.bar([x(v, b)], [snr], width=width * 0.9, color=colors[b])
+        snr_ax.bar_label(bar, labels=[f"{snr:.1f}"], fontsize=7, padding=2)
+
+    if gaps:
+        gap_ax.set_yscale("log")
+        gap_ax.set_ylim(base, max(max(positive, default=floor), floor) * 20)
+    else:
+        gap_ax.set_yticks([])
+    if snrs:
+        snr_ax.set_ylim(min(0.0, min(s for _, _, s in snrs) * 1.15), max(max(s for _, _, s in snrs) * 1.15, 1.0))
+    else:
+        snr_ax.set_yticks([])
+    handles = [Patch(color=colors[b], label=b) for b in backends]
+    for ax, values, title, label in (
+            (gap_ax, gaps, "1 − cosine_mean vs the reference (log scale; lower is better)",
+             "1 − mean cosine (log scale)"),
+            (snr_ax, snrs, "SNR vs the reference (higher is better)", "SNR (dB)")):
+        ax.set_xticks(range(len(variants)), variants)
+        ax.set_xlim(-0.6, len(variants) - 0.4)
+        ax.set_xlabel("variant (bars: backend" + ("; 0: exact match, drawn at the bottom)" if ax is gap_ax and
+                                                  any(g <= 0 for _, _, g in gaps) else ")"))
+        ax.set_ylabel(label)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, axis="y", which="major", alpha=0.3)
+        if not values:
+            ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center", va="center", color="0.4")
+        ax.legend(handles=handles, fontsize=8, title="backend", title_fontsize=8, loc="upper left")
+    return _save(fig, dest, inputs)
+
+
+def _target_rows(targets: dict) -> tuple[list[tuple[str, str, dict]], list[str]]:
+    """Measured ``(target, variant, entry)`` with a p50, and the names of unmeasurable targets."""
+    measured, unmeasurable = [], []
+    for name, target in targets.items():
+        if not target.get("measurable"):
+            unmeasurable.append(name)
+            continue
+        for variant, entry in (target.get("latency") or {}).items():
+            if _is_number(entry.get("p50_ms")):
+                measured.append((name, variant, entry))
+    return measured, unmeasurable
+
+
+def plot_targets(targets: dict, dest: Path, inputs: tuple[Path, ...] = ()) -> Path:
+    """Horizontal bars of p50 per target and variant, p99 as a whisker; unmeasurable targets named."""
+    from matplotlib.patches import Patch
+
+    measured, unmeasurable = _target_rows(targets)
+    variants = list(dict.fromkeys(v for _, v, _ in measured))
+    colors = {v: f"C{i % 10}" for i, v in enumerate(variants)}
+    fig, ax = _figure(width=8.0, height=max(2.6, 1.4 + 0.38 * len(measured)))
+    if measured:
+        p50 = [e["p50_ms"] for _, _, e in measured]
+        p99 = [e["p99_ms"] if _is_number(e.get("p99_ms")) else e["p50_ms"] for _, _, e in measured]
+        positive = [v for v in p50 if v > 0]
+        log = bool(positive) and max(p99) / min(positive) > 30
+        left = min(positive) / 2 if log else 0.0
+        y = list(range(len(measured)))
+        ax.barh(y, [max(v, left) - left for v in p50], left=left, height=0.6,
+                color=[colors[v] for _, v, _ in measured])
+        ax.errorbar([max(v, left) for v in p50], y, xerr=[[0] * len(y), [max(b - a, 0) for a, b in zip(p50, p99)]],
+                    fmt="none", ecolor="k", elinewidth=1, capsize=3)
+        for row, (a, b) in enumerate(zip(p50, p99)):  # after the whisker, so the two never overlap
+            ax.annotate(f"p50 {_ms(a)} / p99 {_ms(b)} ms", (max(a, b, left), row), xytext=(5, 0),
+                        textcoords="offset points", va="center", fontsize=7)
+        ax.set_yticks(y, [f"{t} · {v}" for t, v, _ in measured])
+        ax.invert_yaxis()
+        if log:
+            ax.set_xscale("log")
+            ax.set_xlim(left, max(p99) * 8)
+        else:
+            ax.set_xlim(0, max(p99) * 1.4 or 1.0)
+        ax.set_xlabel("latency per call, batch 1 (ms" + (", log scale)" if log else ")"))
+        ax.grid(True, axis="x", which="major", alpha=0.3)
+        ax.legend(handles=[Patch(color=colors[v], label=v) for v in variants], fontsize=8, title="variant",
+                  title_fontsize=8, loc="lower right")
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no target measurable here", transform=ax.transAxes, ha="center", va="center",
+                color="0.4")
+    title = "Latency per target (bar: p50, whisker: p99)"
+    if unmeasurable:
+        title += "\nnot measurable here: " + ", ".join(unmeasurable)
+    ax.set_title(title, fontsize=10)
+    return _save(fig, dest, inputs)
+
+
 def _tuning_section(tuning: dict) -> list[str]:
     chosen = tuning.get("chosen") or {}
     criteria = tuning.get("criteria") or {}
@@ -441,10 +705,14 @@ def _accuracy_section(accuracy: dict) -> list[str]:
     return ["## Accuracy", "", *_table(["variant", *metrics], rows)]
 
 
-def _acceptance_section(acceptance: list[dict]) -> list[str]:
+def _checks_table(checks: list[dict]) -> list[str]:
     rows = [[f"`{a['check']}`", format_number(a["value"], a["check"]), _cell(a["threshold"]),
-             "✅ PASS" if a["passed"] else "❌ FAIL"] for a in acceptance]
-    return ["## Acceptance", "", *_table(["check", "value", "threshold", "result"], rows, ["l", "r", "l", "l"])]
+             "✅ PASS" if a["passed"] else "❌ FAIL"] for a in checks]
+    return _table(["check", "value", "threshold", "result"], rows, ["l", "r", "l", "l"])
+
+
+def _acceptance_section(acceptance: list[dict]) -> list[str]:
+    return ["## Acceptance", "", *_checks_table(acceptance)]
 
 
 def _latency_section(rows: list[dict]) -> list[str]:
@@ -464,6 +732,138 @@ def _latency_section(rows: list[dict]) -> list[str]:
     return ["## Latency", "", "Wall time of one call (host to host); throughput in items per second.", "",
             *_table(header, table), "", f"![Latency by batch size]({LATENCY_PLOT})", "",
             f"![Throughput by batch size]({THROUGHPUT_PLOT})"]
+
+
+def _db(value: Any) -> str:
+    return f"{value:.1f}" if _is_number(value) else "—"
+
+
+def _size(size: Any) -> str:
+    if not _is_number(size):
+        return "—"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def _exclude_command(report: dict, exclude: list[str]) -> str:
+    model = report["artifacts"].get("fp32") or report["artifacts"].get("fp32.onnx") or "model.onnx"
+    words = ["deploykit", "calibrate", model]
+    if report.get("recipe"):
+        words += ["--recipe", report["recipe"]]
+    for node in exclude:
+        words += ["--exclude", node]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _parity_section(report: dict, plotted: bool) -> list[str]:
+    parity = report.get("parity") or {}
+    ver = report.get("verification") or {}
+    source = ""
+    if ver.get("inputs"):
+        digest = f", sha256 `{ver['inputs_sha256'][:16]}…`" if ver.get("inputs_sha256") else ""
+        source = f" (`{_cell(ver['inputs'])}`{digest})"
+    intro = (f"Each variant run on each backend on the same saved inputs{source}, compared with "
+             f"{_cell(ver.get('reference') or 'torch FP32')}.")
+    out = ["## Accuracy per backend", "", intro, ""]
+    rows = _parity_rows(parity)
+    if rows:
+        metrics = list(dict.fromkeys(m for _, _, values in rows for m in values))
+        if "samples" in metrics:
+            metrics = [m for m in metrics if m != "samples"] + ["samples"]
+        out += [*_table(["variant@backend", *metrics],
+                        [[f"`{v}@{b}`", *(format_number(values.get(m), m) for m in metrics)] for v, b, values in rows]),
+                ""]
+    if ver.get("backends_run"):
+        out += ["Backends run: " + ", ".join(f"`{b}`" for b in ver["backends_run"]) + ".", ""]
+    if "backends_skipped" in ver:
+        skipped = ver["backends_skipped"]
+        out += ["Backends skipped: " + ("; ".join(f"`{b}` ({_cell(r)})" for b, r in skipped.items()) if skipped
+                                         else "none") + ".", ""]
+    if plotted:
+        out += [f"![Parity by backend]({PARITY_PLOT})", ""]
+    checks = ver.get("checks") or []
+    if checks:
+        failed = [c["check"] for c in checks if not c["passed"]]
+        out += ["### Parity checks", "",
+                f"{len(checks) - len(failed)} of {len(checks)} checks passed"
+                + (f"; failed: {', '.join(failed)}." if failed else "."), ""]
+    if checks and checks == report.get("acceptance"):  # deploykit verify writes them as the acceptance too
+        out += ["They are the checks of the Acceptance table above.", ""]
+    elif checks:
+        out += [*_checks_table(checks), ""]
+    for key, loc in (ver.get("localization") or {}).items():
+        nodes = sorted(loc.get("nodes") or [], key=lambda n: (not _is_number(n.get("added_snr_db")),
+                                                              n.get("added_snr_db") or 0.0))  # worst (lowest) first
+        out += [f"### Error localization: `{key}`", ""]
+        if nodes:
+            shown = nodes[:LOCALIZATION_ROWS]
+            on = f" on {loc['samples']} samples" if isinstance(loc.get("samples"), int) else ""
+            out += [f"Worst {len(shown)} of {len(nodes)} nodes by the error each adds{on}; accumulated: the error "
+                    "of the model up to and including the node.", "",
+                    *_table(["node", "op type", "torch module", "added SNR (dB)", "added cosine",
+                             "accumulated SNR (dB)", "accumulated cosine"],
+                            [[f"`{_cell(n['node'])}`", _cell(n.get("op_type")),
+                              f"`{_cell(n['module'])}`" if n.get("module") else "—",
+                              _db(n.get("added_snr_db")), format_number(n.get("added_cosine"), "cosine"),
+                              _db(n.get("accumulated_snr_db")), format_number(n.get("accumulated_cosine"), "cosine")]
+                             for n in shown], ["l", "l", "l", "r", "r", "r", "r"]), ""]
+        if isinstance(loc.get("note"), str):
+            out += [_cell(loc["note"]), ""]
+        exclude = loc.get("exclude")
+        if exclude:
+            out += ["Suggested nodes to keep in float:", "", "```sh", _exclude_command(report, exclude), "```", ""]
+        elif exclude is not None:
+            out += ["No nodes suggested to keep in float.", ""]
+    return out[:-1] if out[-1] == "" else out
+
+
+def _targets_section(targets: dict, plotted: bool) -> list[str]:
+    rows = []
+    for name, target in targets.items():
+        runtime = f"`{_cell(target.get('runtime'))}`"
+        if not target.get("measurable"):
+            reason = _cell(target.get("reason") or "no reason given")
+            rows.append([f"`{name}`", runtime, f"not measurable here: {reason}", "—", "—", "—", "—", "—"])
+            continue
+        latency = target.get("latency") or {}
+        if not latency:
+            rows.append([f"`{name}`", runtime, "no latency measured", _cell(target.get("threads")),
+                         "—", "—", "—", "—"])
+        budget = target.get("memory_budget_mib")
+        for variant, e in latency.items():
+            threads = e.get("threads") if e.get("threads") is not None else target.get("threads")
+            peak = e.get("peak_rss_mib")
+            memory = (f"{peak:.1f}" if _is_number(peak) else "—") + " / " + (f"{budget:.0f}" if _is_number(budget)
+                                                                              else "—")
+            within = e.get("within_memory_budget")
+            rows.append([f"`{name}`", runtime, f"`{variant}`", _cell(threads),
+                         _ms(e["p50_ms"]) if _is_number(e.get("p50_ms")) else "—",
+                         _ms(e["p99_ms"]) if _is_number(e.get("p99_ms")) else "—", memory,
+                         "—" if within is None else "✅" if within else "❌"])
+    out = ["## Targets", "", "Batch-1 latency per deployment target, with the runtime and threads it would use; "
+           "peak RSS of the whole process against the target's memory budget.", "",
+           *_table(["target", "runtime", "variant", "threads", "p50 ms", "p99 ms", "peak RSS / budget MiB",
+                    "within budget"], rows, ["l", "l", "l", "r", "r", "r", "r", "l"])]
+    bullets = [f"- `{name}`: {_cell(note)}" for name, target in targets.items() for note in target.get("notes") or []]
+    cores = {name: target["machine_cores"] for name, target in targets.items() if target.get("machine_cores")}
+    if len(set(cores.values())) == 1:
+        bullets.insert(0, f"- measured on a machine with {next(iter(cores.values()))} cores")
+    elif cores:
+        bullets.insert(0, "- cores of the machine measured on: " + ", ".join(f"`{n}` {c}" for n, c in cores.items()))
+    if bullets:
+        out += ["", *bullets]
+    if plotted:
+        out += ["", f"![Latency by target]({TARGETS_PLOT})"]
+    return out
+
+
+def _bundles_section(bundles: dict) -> list[str]:
+    rows = [[f"`{name}`", f"`{_cell(b['path'])}`", f"`{b['sha256']}`" if b.get("sha256") else "—",
+             _size(b.get("size_bytes")), _cell(b.get("files"))] for name, b in bundles.items()]
+    return ["## Edge bundles", "", *_table(["target", "path", "sha256", "size", "files"], rows,
+                                           ["l", "l", "l", "r", "r"])]
 
 
 def render_report(report_json: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -513,6 +913,19 @@ def render_report(report_json: str | Path, out_dir: str | Path | None = None) ->
         plot_throughput(rows, out / THROUGHPUT_PLOT, inputs)
         md += [*_latency_section(rows), ""]
 
+    parity = report.get("parity") or {}
+    if parity or report.get("verification"):
+        plotted = any(_is_number(m.get("cosine_mean")) or _is_number(m.get("snr_db")) for m in parity.values())
+        if plotted:
+            plot_parity(parity, out / PARITY_PLOT, inputs)
+        md += [*_parity_section(report, plotted), ""]
+    targets = report.get("targets") or {}
+    if targets:
+        plot_targets(targets, out / TARGETS_PLOT, inputs)
+        md += [*_targets_section(targets, True), ""]
+    if report.get("bundles"):
+        md += [*_bundles_section(report["bundles"]), ""]
+
     tuning = report.get("tuning")
     if isinstance(tuning, dict) and tuning.get("trials"):
         plot_tuning(tuning, out / TUNING_PLOT, inputs)
@@ -539,4 +952,5 @@ def render_report(report_json: str | Path, out_dir: str | Path | None = None) ->
 
 
 __all__ = ["validate_report", "merge_report", "render_report", "format_latency_table", "format_number",
-           "plot_latency", "plot_throughput", "plot_cosine", "LATENCY_KEY"]
+           "plot_latency", "plot_throughput", "plot_cosine", "plot_parity", "plot_targets", "LATENCY_KEY",
+           "PARITY_KEY"]

@@ -4,6 +4,13 @@ Text embeddings: per-sentence cosine to the reference embedding (mean, min, 1st 
 and nearest-neighbour agreement: for each sentence, is its nearest other sentence (by cosine)
 the same under the variant as under the reference? Classification: top-1 agreement with the
 reference, top-1 accuracy against labels when the data has them, and logit cosine.
+Both also carry the parity figures: max abs difference and SNR in dB over all elements
+(``10 log10(sum ref^2 / sum (ref - out)^2)``; null when the outputs are identical).
+
+Cross-backend verification (:func:`cross_verify`) runs each variant (fp32, int8, ...) on
+each backend usable here (torch, ort-cpu, ort-cuda, tensorrt) on the same saved inputs and
+keys the figures ``<variant>@<backend>``; :func:`evaluate_checks` applies the recipe's
+thresholds to them, and :func:`localize` names the nodes of a Q/DQ model that cost the most.
 """
 
 from __future__ import annotations
@@ -64,6 +71,15 @@ def nearest_neighbours(emb: np.ndarray) -> np.ndarray:
     return np.argmax(sim, axis=1)
 
 
+def snr_db(reference: np.ndarray, output: np.ndarray) -> float | None:
+    """Signal-to-noise ratio of ``output`` against ``reference`` over all elements (None: identical)."""
+    ref = reference.astype(np.float64)
+    noise = float(np.sum((ref - output.astype(np.float64)) ** 2))
+    if noise == 0.0:
+        return None
+    return float(10.0 * np.log10(max(float(np.sum(ref ** 2)), 1e-300) / noise))
+
+
 def embedding_metrics(reference: np.ndarray, output: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
     cos = _rows_cosine(reference, output)
     nn_ref, nn_out = nearest_neighbours(reference), nearest_neighbours(output)
@@ -73,6 +89,7 @@ def embedding_metrics(reference: np.ndarray, output: np.ndarray) -> tuple[dict[s
         "cosine_p01": float(np.percentile(cos, 1)),
         "nn_agreement": float(np.mean(nn_ref == nn_out)),
         "max_abs_diff": float(np.max(np.abs(reference.astype(np.float64) - output.astype(np.float64)))),
+        "snr_db": snr_db(reference, output),
     }
     return metrics, cos
 
@@ -85,6 +102,7 @@ def classification_metrics(reference: np.ndarray, output: np.ndarray,
         "cosine_mean": float(cos.mean()),
         "cosine_min": float(cos.min()),
         "max_abs_diff": float(np.max(np.abs(reference.astype(np.float64) - output.astype(np.float64)))),
+        "snr_db": snr_db(reference, output),
     }
     if labels is not None:
         metrics["top1"] = float(np.mean(output.argmax(1) == labels))
@@ -126,3 +144,118 @@ def verify(variants: dict[str, Any], reference: np.ndarray, split: Split, task: 
         result.distributions[name] = {"cosine": [float(c) for c in cos]}
         result.seconds[name] = time.perf_counter() - start
     return result
+
+
+# ----------------------------------------------------------------------------- across backends
+ALL_BACKENDS = ("torch", "ort-cpu", "ort-cuda", "tensorrt")
+
+
+def backend_availability() -> dict[str, str | None]:
+    """``{backend: None if usable here else why not}`` (nothing is imported that could crash)."""
+    import importlib.util
+
+    import onnxruntime as ort
+
+    out: dict[str, str | None] = {"torch": None, "ort-cpu": None}
+    gpu = None
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - a broken CUDA setup is "no GPU" here
+        gpu = False
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        out["ort-cuda"] = "this onnxruntime build has no CUDA execution provider"
+    elif not gpu:
+        out["ort-cuda"] = "no CUDA GPU"
+    else:
+        out["ort-cuda"] = None
+    if importlib.util.find_spec("tensorrt") is None:
+        out["tensorrt"] = "TensorRT is not installed"
+    elif not gpu:
+        out["tensorrt"] = "no CUDA GPU"
+    else:
+        out["tensorrt"] = None
+    return out
+
+
+def choose_backends(requested: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(backends to run, {backend: reason} skipped). ``auto`` means every usable one; a backend
+    asked for by name that is not usable is skipped with its reason, never faked."""
+    from deploykit.errors import UserError
+
+    bad = [b for b in requested if b != "auto" and b not in ALL_BACKENDS]
+    if bad:
+        raise UserError(f"unknown backend(s) {bad}", fix=f"use auto or {', '.join(ALL_BACKENDS)}")
+    wanted = list(ALL_BACKENDS) if "auto" in requested else list(dict.fromkeys(requested))
+    available = backend_availability()
+    run = [b for b in wanted if available.get(b) is None]
+    skipped = {b: str(available[b]) for b in wanted if available.get(b) is not None}
+    return run, skipped
+
+
+def parity_entry(task: str, reference: np.ndarray, output: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
+    metrics = embedding_metrics(reference, output)[0] if task == "text-embedding" else \
+        classification_metrics(reference, output, labels)[0]
+    return {**metrics, "samples": int(output.shape[0])}
+
+
+def cross_verify(runners: dict[str, Any], reference: np.ndarray, split: Split, task: str, *,
+                 batch_size: int = 32) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """Run ``{"<variant>@<backend>": runner}`` on ``split``; (parity entries, outputs)."""
+    parity: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, np.ndarray] = {}
+    for key, runner in runners.items():
+        output = run_split(runner, split, batch_size=batch_size, description=f"verify {key}")
+        outputs[key] = output
+        parity[key] = parity_entry(task, reference, output, split.labels)
+    return parity, outputs
+
+
+def evaluate_checks(rules: dict[str, str], parity: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Thresholds on the parity entries: ``int8.cosine_mean`` applies to int8 on every backend
+    it ran on, ``int8@tensorrt.cosine_mean`` to one. A rule that matches nothing fails (a gate
+    must not pass because its variant did not run)."""
+    results = []
+    for key, rule in rules.items():
+        variant, metric = key.rsplit(".", 1)
+        keys = [k for k in parity if (k == variant if "@" in variant else k.split("@", 1)[0] == variant)]
+        keys = [k for k in keys if not k.endswith("@torch") or variant.endswith("@torch")] or keys
+        threshold = " ".join(str(rule).split())
+        if not keys:
+            results.append({"check": key, "value": None, "threshold": threshold, "passed": False,
+                            "note": f"no '{variant}' result to check"})
+        for k in keys:
+            value = parity[k].get(metric)
+            results.append({"check": f"{k}.{metric}", "value": value, "threshold": threshold,
+                            "passed": passes(value, rule)})
+    return results
+
+
+def suggest_exclusions(errors: list[Any], *, limit: int = 10, margin_db: float = 6.0) -> list[str]:
+    """Nodes whose added error stands out: added SNR more than ``margin_db`` below the median
+    of all quantized nodes (worst first, at most ``limit``; at least the worst one). A starting
+    point for ``--exclude``; ``deploykit calibrate --tune`` measures the fallback instead."""
+    if not errors:
+        return []
+    snrs = np.array([e.added_snr_db for e in errors], dtype=np.float64)
+    median = float(np.median(snrs[np.isfinite(snrs)])) if np.isfinite(snrs).any() else 0.0
+    worst = sorted(errors, key=lambda e: e.added_snr_db)
+    picked = [e.node for e in worst if e.added_snr_db < median - margin_db][:limit]
+    return picked or [worst[0].node]
+
+
+def localize(fp32_path, qdq_path, split: Split, *, samples: int = 64, top: int = 10) -> dict[str, Any]:
+    """Per-node error of a Q/DQ model against its float counterpart on ``samples`` inputs
+    (deploykit.quantize.debug) and the nodes to exclude."""
+    from pathlib import Path
+
+    from deploykit.onnx_utils import load_onnx
+    from deploykit.quantize.debug import float_counterpart, node_errors
+
+    qdq_path = Path(qdq_path)
+    float_model = float_counterpart(load_onnx(Path(fp32_path)), qdq_path.with_name(qdq_path.stem + ".ranges.json"))
+    part = Split(split.name, {k: v[:samples] for k, v in split.feeds.items()}, split.sha256)
+    errors = node_errors(float_model, load_onnx(qdq_path), part)
+    return {"samples": part.count, "nodes": [e.to_dict() for e in errors[:top]],
+            "exclude": suggest_exclusions(errors)}

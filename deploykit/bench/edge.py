@@ -1,0 +1,261 @@
+"""Time ONNX models under an edge CPU target's budget (``deploykit bench --target edge-cpu-x86``).
+
+What is emulated: the target's thread count (ONNX Runtime's intra-op threads, and the child
+process pinned to that many cores of this machine when it has more), batch 1 (edge serving),
+and the target's memory budget: each model runs in a fresh child process holding one ONNX
+Runtime session, whose peak resident memory is compared with ``memory_gib``. What is not:
+the target's CPU microarchitecture (ISA extensions, caches, clock), memory bandwidth and
+thermal limits; latency is this machine's CPU at the target's thread count, a like-for-like
+comparison between variants, not the device's figure. Only ONNX Runtime CPU targets of this
+machine's architecture are timed; an aarch64 target on x86_64 is "not measurable here",
+and TensorRT targets are timed by ``deploykit device-verify``.
+
+The child runs this file as a script (not ``-m deploykit.bench.edge``): importing the
+``deploykit.bench`` package imports torch, ~180 MiB that a deployed ONNX Runtime process
+does not hold. Peak memory is the process's own high-water mark (``VmHWM``): on Linux,
+``ru_maxrss`` of a child started by ``subprocess`` starts at the parent's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from deploykit.errors import UserError
+
+if TYPE_CHECKING:
+    from deploykit.bench import BenchConfig
+    from deploykit.data import Split
+    from deploykit.targets import Target
+
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
+
+
+def _arch(name: str) -> str:
+    name = name.strip().lower()
+    return _ARCH_ALIASES.get(name, name)
+
+
+def _usable_cpus() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def measurability(target: Target) -> tuple[bool, str | None]:
+    """Whether this machine can time ``target``: (True, None) or (False, "<why>: not measurable here")."""
+    if target.runtime.name == "onnxruntime":
+        want, have = _arch(target.arch), _arch(platform.machine())
+        if want != have:
+            return False, f"{want} target; this machine is {have}: not measurable here"
+        return True, None
+    sm = f"sm_{(target.compute_capability or '?').replace('.', '')}"
+    if importlib.util.find_spec("tensorrt") is None:  # never import TensorRT without a CUDA device
+        return False, f"{sm} TensorRT target; TensorRT is not installed: not measurable here"
+    try:
+        import torch
+    except ImportError:
+        return False, f"{sm} TensorRT target; torch is not installed to find the GPU: not measurable here"
+    if not torch.cuda.is_available():
+        return False, f"{sm} TensorRT target; this machine has no usable CUDA GPU: not measurable here"
+    major, minor = torch.cuda.get_device_capability(0)
+    if f"{major}.{minor}" != target.compute_capability:
+        return False, (f"{sm} TensorRT target; this GPU ({torch.cuda.get_device_name(0)}) is sm_{major}{minor}: "
+                       "not measurable here")
+    return True, None
+
+
+def _pick_cpus(cpus: list[int], n: int) -> list[int]:
+    """``n`` of ``cpus``, one per physical core first (SMT siblings share a core's units)."""
+    first, rest, seen = [], [], set()
+    for cpu in cpus:
+        try:
+            siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+        except OSError:
+            siblings = str(cpu)
+        (rest if siblings in seen else first).append(cpu)
+        seen.add(siblings)
+    return (first + rest)[:n]
+
+
+def bench_on_target(models: dict[str, Path], split: Split, target: Target, config: BenchConfig) -> dict[str, Any]:
+    """The report entry for ``target``: batch-1 latency and peak memory of each model, each timed
+    in a fresh child process at the target's thread count; ``measurable`` False (and no latency)
+    where this machine cannot stand in for the target."""
+    config.validate()
+    cpus = _usable_cpus()
+    measurable, reason = measurability(target)
+    entry: dict[str, Any] = {"target": target.name, "runtime": target.runtime.describe(), "measurable": measurable,
+                             "reason": reason, "threads": None, "machine_cores": len(cpus),
+                             "memory_budget_mib": target.memory_gib * 1024, "notes": [], "latency": {}}
+    if not measurable:
+        return entry
+    if target.runtime.name == "tensorrt":
+        entry["notes"].append(f"TensorRT targets are timed on the device by deploykit device-verify; "
+                              f"'{target.name}' is not timed here")
+        return entry
+
+    import onnxruntime as ort
+
+    from deploykit.bench import bench_feeds
+    from deploykit.io import write_npz
+    from deploykit.progress import track
+
+    wanted = target.threads or 1
+    threads = min(wanted, len(cpus))
+    pinned: list[int] | None = None
+    if len(cpus) < wanted:
+        entry["notes"].append(f"this machine has {len(cpus)} cores, target has {wanted}: latency measured with "
+                              f"{len(cpus)} threads is a bound, not the target's figure")
+    elif len(cpus) > wanted and hasattr(os, "sched_setaffinity"):
+        pinned = _pick_cpus(cpus, threads)
+        entry["notes"].append(f"pinned to CPUs {','.join(map(str, pinned))} of this machine's {len(cpus)}")
+    if not target.runtime.accepts(ort.__version__):
+        entry["notes"].append(f"this machine runs onnxruntime {ort.__version__}; target runs "
+                              f"{target.runtime.describe()}")
+    entry["notes"].append("emulated: threads, batch 1 and the memory budget; not the target's CPU "
+                          "microarchitecture, clock or memory bandwidth")
+    entry["threads"] = threads
+
+    feeds = bench_feeds(split, 1, config.seq_len)
+    with tempfile.TemporaryDirectory(prefix="deploykit-edge-") as tmp:
+        feeds_path = write_npz(Path(tmp) / "feeds.npz", feeds)
+        for variant, model in track(list(models.items()), total=len(models),
+                                    description=f"benchmarking on {target.name}"):
+            result = _run_child(Path(model), feeds_path, threads, pinned, config)
+            result["within_memory_budget"] = bool(result["peak_rss_mib"] <= entry["memory_budget_mib"])
+            entry["latency"][variant] = result
+    return entry
+
+
+def _run_child(model: Path, feeds_path: Path, threads: int, cpus: list[int] | None,
+               config: BenchConfig) -> dict[str, Any]:
+    """Time ``model`` in a fresh process; its JSON result, or a UserError naming the model."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--model", str(model), "--feeds", str(feeds_path),
+           "--threads", str(threads), "--warmup", str(config.warmup), "--iterations", str(config.iterations),
+           "--min-seconds", repr(float(config.min_seconds)), "--max-seconds", repr(float(config.max_seconds))]
+    if cpus:
+        cmd += ["--cpus", ",".join(map(str, cpus))]
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])        # deploykit importable however it was found here
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    last = _json_line(lines[-1]) if lines else None
+    if proc.returncode == 0 and isinstance(last, dict) and "p50_ms" in last:
+        return last
+    if proc.returncode == 2 and isinstance(last, dict) and "error" in last:   # the child's UserError
+        raise UserError(str(last["error"]), path=model, fix=last.get("fix"))
+    errors = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    if errors:
+        why = errors[-1]
+    elif proc.returncode < 0:
+        why = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
+    else:
+        why = f"exit code {proc.returncode}, no result"
+    raise UserError(f"timing the model in a child process failed ({why})", path=model,
+                    fix="check that ONNX Runtime runs it: deploykit bench --backend ort-cpu")
+
+
+def _json_line(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+# ----------------------------------------------------------------------------- the child process
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (its own ``VmHWM``; ``ru_maxrss`` where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)   # bytes on macOS, KiB on Linux
+
+
+def _time_loop(runner, feeds: dict[str, np.ndarray], *, warmup: int, iterations: int, min_seconds: float,
+               max_seconds: float) -> dict[str, Any]:
+    """:func:`deploykit.bench.time_runner`'s loop (that module imports torch, which the child must not)."""
+    for _ in range(warmup):
+        runner.infer(feeds)
+    times: list[float] = []
+    started = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        runner.infer(feeds)
+        times.append(time.perf_counter() - t0)
+        spent = time.perf_counter() - started
+        if len(times) >= iterations and spent >= min_seconds:
+            break
+        if spent >= max_seconds and len(times) >= 3:
+            break
+    batch = int(next(iter(feeds.values())).shape[0])
+    ms = np.asarray(times) * 1e3
+    return {"batch": batch, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+            "throughput_per_s": float(batch * len(times) / sum(times)), "iterations": len(times),
+            "threads": runner.threads}
+
+
+def _child(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="time one ONNX model for deploykit bench --target (internal)")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--feeds", required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--cpus", default="")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--min-seconds", type=float, default=1.0)
+    parser.add_argument("--max-seconds", type=float, default=20.0)
+    args = parser.parse_args(argv)
+    if args.cpus:                                          # before ONNX Runtime starts its threads
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+
+    import onnxruntime  # noqa: F401 - part of the baseline, not of the model
+
+    from deploykit.io import read_npz
+    from deploykit.runners import OrtRunner
+
+    try:
+        feeds = read_npz(args.feeds, what="feeds file")
+        baseline = _peak_rss_mib()
+        runner = OrtRunner(args.model, provider="cpu", threads=args.threads)
+        result = _time_loop(runner, feeds, warmup=args.warmup, iterations=args.iterations,
+                            min_seconds=args.min_seconds, max_seconds=args.max_seconds)
+    except UserError as exc:
+        print(exc.one_line(), file=sys.stderr)
+        print(json.dumps({"error": exc.message, "fix": exc.fix}))
+        return 2
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own types; the parent reports the last line
+        traceback.print_exc()
+        text = " ".join(str(exc).split())
+        print(f"{type(exc).__name__}: {text[:400]}", file=sys.stderr)   # one line: multi-line ORT messages
+        return 1
+    peak = _peak_rss_mib()
+    result.update(peak_rss_mib=peak, model_rss_mib=max(peak - baseline, 0.0))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child())
