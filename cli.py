@@ -456,13 +456,15 @@ def package(
                                                                      "<run>/bundles/<run>-<target>.tar.gz).")] = None,
     samples: Annotated[Optional[int], typer.Option(help="Verification inputs to carry (default: the whole "
                                                         "evaluation split).")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="For a study run: the variant to ship (its folder "
+                                                        "name, e.g. na3x3).")] = None,
     targets_file: Annotated[Optional[Path], typer.Option(help="Your own targets file.")] = None,
 ) -> None:
     """One archive for a target: Q/DQ + FP32 ONNX, ranges (+ TensorRT calibration cache), plugin sources and PTX,
     matching engines, verification inputs/expected outputs/thresholds, manifest with SHA-256s."""
     from deploykit.package import package_run
 
-    result = package_run(run_dir, target, out, samples=samples, targets_file=targets_file)
+    result = package_run(run_dir, target, out, samples=samples, targets_file=targets_file, variant=variant)
     print(f"{result.path} (sha256 {result.sha256})")
 
 

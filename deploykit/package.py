@@ -149,9 +149,35 @@ def _device_readme(name: str, target, has_engine: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run_models(run_dir: Path, report: dict[str, Any], target, variant: str | None) -> tuple[dict[str, Path], Path, str]:
+    """(``{"int8": .., "fp32": ..}``, ranges file, bundle name stem) of a run or of one study variant."""
+    if variant is None:
+        if not (run_dir / "model.onnx").is_file() and (report.get("study") or {}):
+            names = ", ".join((report.get("study") or {}).get("variants") or []) or "see the run folder"
+            raise UserError("this run is a study of several variants", path=run_dir,
+                            fix=f"choose one with --variant ({names})")
+        models = {v: _run_file(run_dir, rel, f"{v} model") for v, rel in VARIANTS.items()}
+        return models, _run_file(run_dir, "model.int8.ranges.json", "calibration ranges"), \
+            str(report.get("run") or run_dir.name)
+    vdir = run_dir / variant
+    if not vdir.is_dir():
+        raise UserError(f"the run has no variant '{variant}'", path=run_dir,
+                        fix="choose a variant folder of the run (--variant)")
+    presets = [target.preset] + [p.name[len("model."):-len(".ranges.json")]
+                                 for p in sorted(vdir.glob("model.*.ranges.json"))]
+    preset = next((p for p in presets if (vdir / f"model.{p}.onnx").is_file()
+                   and (vdir / f"model.{p}.ranges.json").is_file()), None)
+    if preset is None:
+        raise UserError(f"variant '{variant}' has no calibrated Q/DQ model", path=vdir,
+                        fix="run the study with a quantization preset (study.presets)")
+    models = {"int8": vdir / f"model.{preset}.onnx", "fp32": _run_file(vdir, "model.onnx", "FP32 model")}
+    return models, vdir / f"model.{preset}.ranges.json", f"{report.get('run') or run_dir.name}-{variant}"
+
+
 def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = None, *,
-                samples: int | None = None, targets_file: str | Path | None = None) -> BundleResult:
-    """Write the edge bundle of a finished run for ``target_name``."""
+                samples: int | None = None, targets_file: str | Path | None = None,
+                variant: str | None = None) -> BundleResult:
+    """Write the edge bundle of a finished run (or of one variant of a study run) for ``target_name``."""
     from deploykit.data import load_split
     from deploykit.io import read_npz
     from deploykit.onnx_utils import get_metadata, load_onnx
@@ -164,48 +190,63 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
         raise UserError("run folder not found", path=run_dir, fix="give the folder of a deploykit run (runs/<name>)")
     target = get_target(target_name, targets_file)
     report = read_json(_run_file(run_dir, "report.json", "report"), what="report")
-    models = {v: _run_file(run_dir, rel, f"{v} model") for v, rel in VARIANTS.items()}
-    ranges_path = _run_file(run_dir, "model.int8.ranges.json", "calibration ranges")
-    reference_path = _run_file(run_dir, "reference.npz", "reference outputs")
+    models, ranges_path, stem = _run_models(run_dir, report, target, variant)
     inputs_path = _run_file(run_dir, "data/evaluation.npz", "saved evaluation inputs")
     notes = []
-    for variant, path in models.items():
-        notes += [f"{variant}: {n}" for n in check_model(path, target)]   # refuses what the target cannot run
-    name = f"{report.get('run') or run_dir.name}-{target.name}"
+    for name_, path in models.items():
+        notes += [f"{name_}: {n}" for n in check_model(path, target)]   # refuses what the target cannot run
+    name = f"{stem}-{target.name}"
     out = Path(out) if out is not None else run_dir / "bundles" / f"{name}.tar.gz"
     if not out.name.endswith(".tar.gz"):
         raise UserError("a bundle is a .tar.gz file", path=out, fix=f"name it e.g. {name}.tar.gz")
 
     fp32_meta = get_metadata(load_onnx(models["fp32"], load_weights=False))
     source = fp32_meta.get("source") or report.get("model")
+    task = str(fp32_meta.get("task") or "text-embedding")
     input_names = [i.name for i in load_onnx(models["fp32"], load_weights=False).graph.input]
     split = load_split(inputs_path, input_names)
-    reference = read_npz(reference_path, what="reference outputs").get("output")
-    if reference is None or reference.shape[0] != split.count:
-        raise UserError("reference.npz does not match the saved evaluation inputs", path=reference_path,
-                        fix="re-run the recipe (deploykit run) to write both together")
     n = split.count if samples is None else min(int(samples), split.count)
     if n < 1:
         raise UserError("--samples must be at least 1", fix="e.g. --samples 256")
     feeds = {k: np.ascontiguousarray(v[:n]) for k, v in split.feeds.items()}
     labels = split.labels[:n] if split.labels is not None else None
-    reference = reference[:n]
+    reference_path = run_dir / "reference.npz"
+    if variant is None and reference_path.is_file():
+        reference = read_npz(reference_path, what="reference outputs").get("output")
+        if reference is None or reference.shape[0] != split.count:
+            raise UserError("reference.npz does not match the saved evaluation inputs", path=reference_path,
+                            fix="re-run the recipe (deploykit run) to write both together")
+        reference = reference[:n]
+    else:
+        # A study variant's weights were trained in the run (its export does not record them as a
+        # source option), so its reference is its FP32 ONNX, checked against torch at export.
+        from deploykit.data import Split as _Split
 
-    files: dict[str, bytes | Path] = {f"model/{path.name}": path for path in models.values()}
-    files["model/model.int8.ranges.json"] = ranges_path
-    task = "text-embedding" if report.get("accuracy", {}).get("fp32", {}).get("nn_agreement") is not None \
-        else "image-classification"
+        reference = run_split(OrtRunner(models["fp32"]), _Split("inputs", feeds, split.sha256), batch_size=32,
+                              description="reference (fp32 ONNX)")
+        parity = (read_json(models["fp32"].parent / "variant.json", what="variant record").get("export_parity")
+                  if (models["fp32"].parent / "variant.json").is_file() else None)
+        notes.append("reference outputs: the variant's FP32 ONNX on ONNX Runtime (its export matched torch to "
+                     f"max |diff| {parity if parity is not None else 'unknown'})")
+
+    # Canonical names inside the bundle, whatever the run called the files.
+    files: dict[str, bytes | Path] = {"model/model.int8.onnx": models["int8"], "model/model.onnx": models["fp32"],
+                                      "model/model.int8.ranges.json": ranges_path}
     expected = {"reference": reference}
     figures: dict[str, Any] = {}
     from deploykit.data import Split
 
     part = Split("inputs", feeds, split.sha256, labels=labels)
     with stage(f"package {run_dir} for {target.name}: expected outputs on {n} inputs (ort-cpu)"):
-        for variant, path in models.items():
-            expected[variant] = run_split(OrtRunner(path), part, batch_size=32, description=f"expected {variant}")
-            figures[f"{variant}@ort-cpu"] = parity_entry(task, reference, expected[variant], labels)
-    rules = dict((report.get("recipe_settings") or {}).get("acceptance") or {})
+        for kind, path in models.items():
+            expected[kind] = run_split(OrtRunner(path), part, batch_size=32, description=f"expected {kind}")
+            figures[f"{kind}@ort-cpu"] = parity_entry(task, reference, expected[kind], labels)
+    rules = dict((report.get("recipe_settings") or {}).get("acceptance") or {}) if variant is None else {}
     rules = {k: v for k, v in rules.items() if k.split("@")[0].split(".")[0] in VARIANTS}
+    if not rules:
+        rules = derived_rules(figures)
+        notes.append("the recipe gives no thresholds for these models: device-verify checks the ones derived from "
+                     f"the figures here ({', '.join(f'{k} {v}' for k, v in rules.items())})")
     checks_here = evaluate_checks(rules, figures)
 
     buf = io.BytesIO()
@@ -227,10 +268,10 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
         from deploykit.bundle_gpu import plugin_ptx
 
         files.update(_plugin_sources())
-        for variant, path in models.items():
+        for kind, path in models.items():
             ptx, ptx_notes = plugin_ptx(load_onnx(path), target.compute_capability)
             files.update({f"plugins/ptx/{fname}": text.encode() for fname, text in ptx.items()})
-            notes += [f"{variant}: {x}" for x in ptx_notes]
+            notes += [f"{kind}: {x}" for x in ptx_notes]
         if target.int8_calibrator:
             from deploykit.bundle_gpu import calibration_cache
 
@@ -260,7 +301,8 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
     manifest = {
         "format": FORMAT, "name": name, "created": created, "target": target.to_dict(),
         "model": source, "recipe": report.get("recipe"), "run": report.get("run"),
-        "variants": {v: f"model/{p.name}" for v, p in models.items()}, "primary": PRIMARY, "task": task,
+        "variants": {"int8": "model/model.int8.onnx", "fp32": "model/model.onnx"}, "primary": PRIMARY,
+        "task": task, "source_files": {v: str(p) for v, p in models.items()},
         "inputs": {"names": list(feeds), "samples": n, "sha256": split.sha256},
         "versions": _versions(),
         "flags": {"quantize": settings.get("quantize"), "export": settings.get("export"),
@@ -289,6 +331,18 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
     for note in notes:
         say(f"  note: {note}")
     return BundleResult(out, digest, out.stat().st_size, len(files), manifest)
+
+
+def derived_rules(figures: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Thresholds for a bundle whose recipe gives none: FP32 must match torch (cosine_min >=
+    0.9999: float rounding across CPUs and runtimes stays far above it), and INT8 may lose at
+    most 0.005 mean cosine against what it measured where it was packaged (int8 kernels differ
+    between CPUs and GPUs by rounding, not by that much)."""
+    rules = {"fp32.cosine_min": ">= 0.9999"}
+    here = (figures.get(f"{PRIMARY}@ort-cpu") or {}).get("cosine_mean")
+    if here is not None:
+        rules[f"{PRIMARY}.cosine_mean"] = f">= {max(0.0, np.floor((here - 0.005) * 1e4) / 1e4):.4f}"
+    return rules
 
 
 def _add_dir(tar: tarfile.TarFile, name: str, mtime: int) -> None:
@@ -523,9 +577,12 @@ def _device_verify(folder: Path, shown: Path, target_name: str | None, out, vari
             if here is not None:
                 entry = parity_entry(task, here, output, None)
                 vs_here[key] = {k: entry[k] for k in ("cosine_mean", "cosine_min", "max_abs_diff", "snr_db")}
-            feeds = next(iterate_batches({k: v[:1] for k, v in split.feeds.items()}, 1))
-            latency[key] = time_runner(runner, feeds, BenchConfig(batches=[1], warmup=3, iterations=iterations,
-                                                                  min_seconds=0.5, max_seconds=20.0))
+            # One saved input at its full saved shape (text: padded to max_length, as deploykit bench
+            # times it), not trimmed to its own length: the figure is comparable across machines.
+            feeds = {k: np.ascontiguousarray(v[:1]) for k, v in split.feeds.items()}
+            latency[key] = {**time_runner(runner, feeds, BenchConfig(batches=[1], warmup=3, iterations=iterations,
+                                                                     min_seconds=0.5, max_seconds=20.0)),
+                            "shapes": {k: list(v.shape) for k, v in feeds.items()}}
     checks = evaluate_checks(thresholds.get("rules") or {}, parity)
     passed = all(c["passed"] for c in checks)
     result = {"bundle": str(shown), "name": manifest["name"], "target": target.name, "backend": backend,

@@ -247,3 +247,29 @@ def test_disk_full_while_packaging_leaves_nothing(run_dir, tmp_path, monkeypatch
     assert result.exit_code == 2, result.output
     assert "No space left on device" in result.output and "nothing was written" in result.output
     assert list(tmp_path.iterdir()) == []          # no bundle, no temporary file, no .sha256
+
+
+def test_a_study_variant_with_deploykit_ops_ships_with_its_kernels(tmp_path):
+    """One variant of an attention-swap study (a 2-D neighborhood-attention ViT): for h100 the
+    bundle carries the op sources and PTX for sm_90 (float and INT8 forms); for edge-cpu-x86 it
+    device-verifies under thresholds derived from the figures where it was packaged."""
+    pytest.importorskip("triton")
+    deploykit("-q", "run", "swap-attention-vit-digits", "--out", "out", "--name", "s", "--set", "train.epochs=1",
+              "--set", "data.evaluation=32", "--set", "data.calibration=16", "--set",
+              "model.options.kwargs={embed_dim: 64, depth: 1, num_heads: 2, mlp_ratio: 2.0}", "--set",
+              "model.options.patch_size=4", "--set",
+              "study.variants={na: [{name: neighborhood-attention, kernel_size: 3}]}", "--set", "acceptance={}",
+              "--set", "study.layer_latency.enabled=false", cwd=tmp_path)
+    assert_user_error(deploykit("package", "out/s", "--target", "h100", cwd=tmp_path, check_rc=None), "--variant")
+    deploykit("-q", "package", "out/s", "--variant", "na", "--target", "h100", "-o", "h.tar.gz", cwd=tmp_path)
+    with tarfile.open(tmp_path / "h.tar.gz") as tar:
+        names = tar.getnames()
+        manifest = json.load(tar.extractfile("swap-attention-vit-digits-na-h100/manifest.json"))
+        ptx = {n: tar.extractfile(n).read().decode() for n in names if n.endswith(".ptx")}
+    assert sorted(Path(n).name for n in ptx) == ["NeighborhoodAttention2DInt8_k3x3_d1x1_hd32_int8_sm90.ptx",
+                                                "NeighborhoodAttention2D_k3x3_d1x1_hd32_fp32_sm90.ptx"]
+    assert all(".target sm_90" in text and ".entry na2d_" in text for text in ptx.values())
+    assert "swap-attention-vit-digits-na-h100/plugins/neighborhood_attention/reference.py" in names
+    assert set(manifest["verify"]["rules"]) == {"fp32.cosine_min", "int8.cosine_mean"}
+    deploykit("-q", "package", "out/s", "--variant", "na", "--target", "edge-cpu-x86", "-o", "e.tar.gz", cwd=tmp_path)
+    assert "PASS" in deploykit("device-verify", "e.tar.gz", "--iterations", "2", cwd=tmp_path).stdout

@@ -657,11 +657,11 @@ def plot_targets(targets: dict, dest: Path, inputs: tuple[Path, ...] = ()) -> Pa
             ax.set_xscale("log")
             ax.set_xlim(left, max(p99) * 8)
         else:
-            ax.set_xlim(0, max(p99) * 1.4 or 1.0)
+            ax.set_xlim(0, max(p99) * 1.6 or 1.0)
         ax.set_xlabel("latency per call, batch 1 (ms" + (", log scale)" if log else ")"))
         ax.grid(True, axis="x", which="major", alpha=0.3)
         ax.legend(handles=[Patch(color=colors[v], label=v) for v in variants], fontsize=8, title="variant",
-                  title_fontsize=8, loc="lower right")
+                  title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -825,7 +825,8 @@ def _targets_section(targets: dict, plotted: bool) -> list[str]:
         runtime = f"`{_cell(target.get('runtime'))}`"
         if not target.get("measurable"):
             reason = _cell(target.get("reason") or "no reason given")
-            rows.append([f"`{name}`", runtime, f"not measurable here: {reason}", "—", "—", "—", "—", "—"])
+            why = reason if "not measurable here" in str(reason) else f"not measurable here: {reason}"
+            rows.append([f"`{name}`", runtime, why, "—", "—", "—", "—", "—"])
             continue
         latency = target.get("latency") or {}
         if not latency:
