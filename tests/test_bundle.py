@@ -96,8 +96,9 @@ def test_fresh_folder_unpacks_and_device_verifies(bundle, tmp_path):
     assert "PASS" in proc.stdout
     result = json.loads((tmp_path / "dv.json").read_text())
     assert result["passed"] and result["backend"] == "ort-cpu" and result["samples"] == 48
-    # Same machine, same runtime: the device reproduces the packaging machine's outputs exactly.
-    assert result["vs_packaging_machine"]["int8@ort-cpu"]["max_abs_diff"] == 0.0
+    # Same machine, same runtime: the outputs where it was packaged come back; at most float
+    # rounding (1e-5 on unit-norm embeddings) if the thread counts split a reduction differently.
+    assert result["vs_packaging_machine"]["int8@ort-cpu"]["max_abs_diff"] <= 1e-5
     assert result["latency_b1"]["int8@ort-cpu"]["p50_ms"] > 0
     # the archive itself, unpacked to a temporary folder and removed
     assert "PASS" in deploykit("device-verify", archive.name, "--iterations", "2", cwd=tmp_path).stdout
