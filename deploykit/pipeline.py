@@ -491,11 +491,6 @@ def _bench_all(bundle, split, models, backends, config, threads, torch_baseline)
 
 
 # ----------------------------------------------------------------------------- report / print
-def _print_accuracy(accuracy: dict[str, dict[str, float]]) -> None:
-    for variant, metrics in accuracy.items():
-        say(f"  {variant}: " + ", ".join(f"{k} {v:.5g}" for k, v in metrics.items()))
-
-
 def _print_latency(latency: dict[str, Any]) -> None:
     for key, entry in latency.items():
         say(f"  {key}: p50 {entry['p50_ms']:.2f} ms, p99 {entry['p99_ms']:.2f} ms, "

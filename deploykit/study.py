@@ -198,6 +198,26 @@ def interleaved_latency(models: dict[str, dict[str, Path]], splits: DataSplits, 
     return out
 
 
+def target_fit(rec: Recipe, artifacts: dict[str, str]) -> list[str]:
+    """Whether each variant's deployable model (the primary target's preset) fits each target of
+    the recipe, as report notes: a study compares variants, so a misfit is reported, not refused."""
+    from deploykit.targets import check_model, get_target
+
+    preset = rec.preset()
+    notes = []
+    for key, path in artifacts.items():
+        if not key.endswith(f":{preset}"):
+            continue
+        for name in rec.targets:
+            try:
+                found = check_model(path, get_target(name))
+            except UserError as exc:
+                notes.append(f"{key} does not fit {name}: {exc.message}")
+                continue
+            notes += [f"{key} on {name}: {n}" for n in found]
+    return notes
+
+
 def run_study(rec: Recipe, run_dir: Path):
     from deploykit.export import export_onnx
     from deploykit.models import load_model
@@ -323,6 +343,7 @@ def run_study(rec: Recipe, run_dir: Path):
     table = study_table(variants, accuracy, base.task, rec.study.presets, distill)
     compressed = compression_table(variants, accuracy, base.task, rec.study.base) if rec.study.compression else []
     acceptance = evaluate_acceptance(rec.acceptance, accuracy)
+    fits = target_fit(rec, artifacts)
     report = new_report(base.source, rec.path, rec.target)
     report.update({
         "run": rec.name, "artifacts": artifacts, "accuracy": accuracy, "latency": latency,
@@ -332,6 +353,7 @@ def run_study(rec: Recipe, run_dir: Path):
                   "table": table, "variants": variants, **({"layer_latency": layer} if layer else {}),
                   **({"compression_table": compressed} if compressed else {})},
         "acceptance": acceptance, "recipe_settings": rec.to_dict(), "timings_s": timings,
+        **({"notes": fits} if fits else {}),
     })
     plot_outliers({k: v["outliers"] for k, v in variants.items()}, run_dir / OUTLIER_PLOT)
     report_path = save_report(run_dir / "report.json", report)

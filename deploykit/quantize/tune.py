@@ -58,7 +58,7 @@ class Trial:
     def to_dict(self) -> dict[str, Any]:
         return {"trial": self.index, "phase": self.phase, "alpha": self.alpha, "method": self.method,
                 "percentile": self.percentile, "float_node_count": len(self.float_nodes),
-                "float_nodes": self.float_nodes, "metrics": {k: round(v, 6) for k, v in self.metrics.items()},
+                "float_nodes": self.float_nodes, "metrics": {k: None if v is None else round(v, 6) for k, v in self.metrics.items()},
                 "passed": self.passed, "score": round(self.score, 6), "seconds": round(self.seconds, 2)}
 
 
