@@ -611,7 +611,7 @@ def _device_runners(folder: Path, manifest: dict[str, Any], target, chosen: list
         return "ort-cpu", {v: OrtRunner(folder / manifest["variants"][v], threads=n) for v in chosen}
     from deploykit.engine import TrtRunner, build_engine, engine_info, require_tensorrt
 
-    env = require_tensorrt(shown)
+    env = require_tensorrt(shown, plugins=False)   # deploykit ops: plugins from 10.15, else their decomposition
     runners = {}
     for variant in chosen:
         onnx_path = folder / manifest["variants"][variant]

@@ -274,3 +274,56 @@ def test_a_study_variant_with_deploykit_ops_ships_with_its_kernels(tmp_path):
     assert set(manifest["verify"]["rules"]) == {"fp32.cosine_min", "int8.cosine_mean"}
     deploykit("-q", "package", "out/s", "--variant", "na", "--target", "edge-cpu-x86", "-o", "e.tar.gz", cwd=tmp_path)
     assert "PASS" in deploykit("device-verify", "e.tar.gz", "--iterations", "2", cwd=tmp_path).stdout
+
+
+def test_device_verify_on_tensorrt_uses_a_matching_engine_or_builds_one(run_dir, tmp_path, monkeypatch):
+    """The TensorRT branch of device-verify with TensorRT stood in for (it is not installed
+    here): an engine built for this GPU and TensorRT is used as bundled, a missing one is built
+    on the device for the bundle's target, a TensorRT outside the target's range is refused.
+    The stand-in runs the engine's ONNX model on ONNX Runtime."""
+    import deploykit.engine as engine
+    import deploykit.package as package
+    from deploykit.engine import TrtEnvironment
+    from deploykit.errors import UserError
+    from deploykit.runners import OrtRunner
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("bundles"))
+    (run / "model.int8.engine").write_bytes(b"engine for sm_90")
+    (run / "model.int8.json").write_text(json.dumps({"compute_capability": "9.0", "tensorrt": "10.15.1",
+                                                     "gpu": "NVIDIA H100", "plugins": []}))
+    h100 = package.package_run(run, "h100", tmp_path / "h100.tar.gz", samples=8)
+    assert "engines/model.int8.engine" in h100.manifest["files"]
+    a100 = package.package_run(run, "a100", tmp_path / "a100.tar.gz", samples=8)
+    assert not any(k.startswith("engines/") for k in a100.manifest["files"])
+    assert any("not bundled" in n and "sm_90" in n for n in a100.manifest["notes"])
+
+    built, sources = [], {}
+
+    def fake_build(onnx_path, out, **kw):
+        built.append((Path(onnx_path).name, kw.get("target")))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_bytes(b"built here")
+        sources[Path(out)] = Path(onnx_path)
+
+    class FakeTrtRunner:
+        def __init__(self, path):
+            path = Path(path)
+            onnx_path = sources.get(path) or path.parent.parent / "model" / f"{path.stem}.onnx"
+            self._ort, self.backend, self.threads = OrtRunner(onnx_path, threads=1), "tensorrt", 1
+            self.input_names = self._ort.input_names
+
+        def infer(self, feeds):
+            return self._ort.infer(feeds)
+
+    monkeypatch.setattr(engine, "require_tensorrt", lambda where=None, plugins=True: TrtEnvironment(
+        version="10.15.1", gpu="NVIDIA H100", compute_capability="9.0"))
+    monkeypatch.setattr(engine, "build_engine", fake_build)
+    monkeypatch.setattr(engine, "TrtRunner", FakeTrtRunner)
+    monkeypatch.setattr(package, "_tensorrt_version", lambda: "10.15.1")
+    result = package.device_verify(tmp_path / "h100.tar.gz", iterations=2)
+    assert result["backend"] == "tensorrt" and result["passed"]
+    assert built == [("model.onnx", "h100")]            # int8 ran its bundled engine; fp32 was built here
+    monkeypatch.setattr(package, "_tensorrt_version", lambda: "10.3.0")
+    with pytest.raises(UserError, match="this machine has TensorRT 10.3.0"):
+        package.device_verify(tmp_path / "h100.tar.gz", iterations=2)

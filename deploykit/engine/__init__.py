@@ -1,6 +1,8 @@
 """ONNX (Q/DQ, deploykit plugins) -> TensorRT engine, and a runner for engines.
 
-Written to TensorRT's Python API for 10.15+ and 11:
+Written to TensorRT's Python API for 10.15+ and 11 (a model without deploykit ops also builds
+on 10.0+, e.g. JetPack 6's 10.3, where deploykit ops build from their ONNX-function
+decomposition instead of the plugins):
 
 * a **strongly typed** network (explicit quantization: the Q/DQ nodes decide where INT8 runs;
   TensorRT 11 has no other INT8 path), parsed by the ONNX parser;
@@ -52,21 +54,28 @@ class TrtEnvironment:
     compute_capability: str        # e.g. "9.0"
 
 
-def require_tensorrt(where: str | Path | None = None) -> TrtEnvironment:
-    """A real TensorRT >= 10.15 and a CUDA device, or a UserError naming what is missing.
+TENSORRT_MIN = (10, 0)      # the API deploykit's builder and runner use (tensor addresses, execute_async_v3)
+
+
+def require_tensorrt(where: str | Path | None = None, *, plugins: bool = True) -> TrtEnvironment:
+    """A real TensorRT and a CUDA device, or a UserError naming what is missing: >= 10.15 when
+    the model has deploykit ops (``plugins``: the ONNX parser's plugin path), else >= 10.0
+    (JetPack 6's TensorRT 10.3 builds plain Q/DQ models).
 
     Uses deploykit doctor's probes: ``import tensorrt`` runs in a child process first (a
     stub can hang or crash), and the device comes from torch / nvidia-smi."""
     from deploykit.doctor import TENSORRT_MIN_FOR_PLUGINS, _Context, _gpu_info, _tensorrt_facts, _version_tuple
 
-    need = ".".join(map(str, TENSORRT_MIN_FOR_PLUGINS))
+    minimum = TENSORRT_MIN_FOR_PLUGINS if plugins else TENSORRT_MIN
+    need = ".".join(map(str, minimum))
     facts = _tensorrt_facts()
     if not facts["real"]:
         raise UserError(f"TensorRT is not usable here: {facts['error']}", path=where,
                         fix=f"install TensorRT >= {need} (tensorrt-cu12 / tensorrt-cu13 from NVIDIA's index) on a "
                             "machine with an NVIDIA GPU; deploykit doctor shows what this machine has")
-    if _version_tuple(facts["version"])[:2] < TENSORRT_MIN_FOR_PLUGINS:
-        raise UserError(f"TensorRT {facts['version']} is older than {need}, which deploykit's plugin path needs",
+    if _version_tuple(facts["version"])[:2] < minimum:
+        why = "deploykit's plugin path (the model has deploykit ops)" if plugins else "deploykit's engine code"
+        raise UserError(f"TensorRT {facts['version']} is older than {need}, which {why} needs",
                         path=where, fix=f"install TensorRT >= {need}")
     info = _gpu_info(_Context())
     if not info.torch_cuda or not info.devices:
@@ -178,10 +187,18 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, ranges: ShapeRa
     model = onnx.load(str(onnx_path))
     profile = optimization_profile(model, ranges or ShapeRanges(), onnx_path)
     ready, plugin_ops = plugin_ready_copy(model, aot=aot)
+    from deploykit.doctor import TENSORRT_MIN_FOR_PLUGINS, _version_tuple
     from deploykit.sparsity import check_2_4
 
     sparse = check_2_4(model)
-    env = require_tensorrt(onnx_path)          # nothing TensorRT is touched before this passes
+    env = require_tensorrt(onnx_path, plugins=False)   # nothing TensorRT is touched before this passes
+    decomposed: list[str] = []
+    if plugin_ops and _version_tuple(env.version)[:2] < TENSORRT_MIN_FOR_PLUGINS:
+        # Before 10.15 the ONNX parser has no plugin path for these nodes: it builds their
+        # ONNX-function decomposition (JetPack 6's TensorRT 10.3), slower but the same function.
+        print(f"note: TensorRT {env.version} predates deploykit's plugin path (10.15): {', '.join(plugin_ops)} "
+              "build from their ONNX-function decomposition", flush=True)
+        ready, decomposed, plugin_ops = model, plugin_ops, []
     if target is not None:                     # an engine only runs on the GPU and TensorRT it was built with
         from deploykit.targets import check_engine, get_target
 
@@ -192,7 +209,7 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, ranges: ShapeRa
 
     import tensorrt as trt
 
-    for module in PLUGIN_MODULES:              # registers the Quickly Deployable Plugins
+    for module in PLUGIN_MODULES if plugin_ops else []:    # registers the Quickly Deployable Plugins
         importlib.import_module(module)
     lines: list[str] = []
     logger = _logger(trt, lines, verbose)
@@ -227,7 +244,7 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, ranges: ShapeRa
             "flags": {"strongly_typed": bool(flags), "aot_plugins": aot, "sparse_weights": bool(sparse["compliant"])},
             "sparse_2_4_weights": sparse["compliant_names"],
             "profile": {k: [list(s) for s in v] for k, v in profile.items()},
-            "plugins": plugin_ops, "onnx": str(onnx_path), "target": target,
+            "plugins": plugin_ops, "decomposed_ops": decomposed, "onnx": str(onnx_path), "target": target,
             "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
             "workspace_mib": workspace_mib, "timing_cache": str(cache_path), "build_seconds": round(seconds, 2),
             "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -256,14 +273,19 @@ class TrtRunner:
             self.path = self.path.with_suffix(".engine")
         if not self.path.is_file():
             raise UserError("engine file not found", path=self.path, fix="build one with deploykit build")
-        require_tensorrt(self.path)
+        plugins = engine_info(self.path).get("plugins")      # None: built elsewhere, not recorded
+        require_tensorrt(self.path, plugins=bool(plugins))
         import importlib
 
         import tensorrt as trt
         import torch
 
-        for module in PLUGIN_MODULES:    # engines built without AOT need the Python definitions
-            importlib.import_module(module)
+        for module in PLUGIN_MODULES if plugins is None or plugins else []:
+            try:                         # engines built without AOT need the Python definitions
+                importlib.import_module(module)
+            except ImportError:
+                if plugins:              # recorded as using deploykit ops: they must load
+                    raise
         self._trt, self._torch = trt, torch
         self.backend = "tensorrt"
         self.threads = 1
