@@ -53,6 +53,7 @@ from deploykit.progress import say, stage
 FORMAT = "deploykit-bundle/1"
 VARIANTS = {"int8": "model.int8.onnx", "fp32": "model.onnx"}
 PRIMARY = "int8"
+VERIFY_BATCH = 32                   # device-verify's inference batch
 _ARCH = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
 
 
@@ -299,6 +300,7 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
             entries[rel] = {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
     settings = report.get("recipe_settings") or {}
     manifest = {
+        "profile": engine_profile(settings),
         "format": FORMAT, "name": name, "created": created, "target": target.to_dict(),
         "model": source, "recipe": report.get("recipe"), "run": report.get("run"),
         "variants": {"int8": "model/model.int8.onnx", "fp32": "model/model.onnx"}, "primary": PRIMARY,
@@ -331,6 +333,17 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
     for note in notes:
         say(f"  note: {note}")
     return BundleResult(out, digest, out.stat().st_size, len(files), manifest)
+
+
+def engine_profile(settings: dict[str, Any]) -> dict[str, list[int]]:
+    """The TensorRT optimization profile device-verify builds with: the recipe's shapes
+    (``ShapeRanges.from_recipe``), with room for device-verify's batches of 32."""
+    bench = settings.get("bench") or {}
+    batches = sorted(bench.get("batches") or [1, 8, 32])
+    seq_len = int(bench.get("seq_len") or 128)
+    longest = int(((settings.get("model") or {}).get("options") or {}).get("max_length") or seq_len)
+    return {"batch": [1, batches[len(batches) // 2], max(batches[-1], VERIFY_BATCH)],
+            "sequence": [1, min(seq_len, longest), longest]}
 
 
 def derived_rules(figures: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -570,7 +583,7 @@ def _device_verify(folder: Path, shown: Path, target_name: str | None, out, vari
     latency: dict[str, Any] = {}
     with stage(f"device-verify {manifest['name']} on {backend} ({split.count} inputs)"):
         for variant, runner in runners.items():
-            output = np.concatenate([runner.infer(f) for f in iterate_batches(split.feeds, 32)], axis=0)
+            output = np.concatenate([runner.infer(f) for f in iterate_batches(split.feeds, VERIFY_BATCH)], axis=0)
             key = f"{variant}@{backend}"
             parity[key] = parity_entry(task, reference, output, split.labels)
             here = expected.get(variant)
@@ -609,7 +622,7 @@ def _device_runners(folder: Path, manifest: dict[str, Any], target, chosen: list
                             f"onnxruntime {ort.__version__}", path=shown, fix="install an onnxruntime in that range")
         n = threads or min(target.threads or default_threads(), default_threads())
         return "ort-cpu", {v: OrtRunner(folder / manifest["variants"][v], threads=n) for v in chosen}
-    from deploykit.engine import TrtRunner, build_engine, engine_info, require_tensorrt
+    from deploykit.engine import ShapeRanges, TrtRunner, build_engine, engine_info, require_tensorrt
 
     env = require_tensorrt(shown, plugins=False)   # deploykit ops: plugins from 10.15, else their decomposition
     runners = {}
@@ -624,8 +637,10 @@ def _device_runners(folder: Path, manifest: dict[str, Any], target, chosen: list
                 engine = bundled
         if engine is None:
             engine = folder.parent / f"{folder.name}.engines" / f"{variant}.engine"
+            profile = manifest.get("profile") or {}
+            ranges = ShapeRanges(**{k: tuple(v) for k, v in profile.items() if k in ("batch", "sequence")})
             with stage(f"build the {variant} engine on this device ({env.gpu})"):
-                build_engine(onnx_path, engine, target=target.name)
+                build_engine(onnx_path, engine, target=target.name, ranges=ranges)
         runners[variant] = TrtRunner(engine)
     return "tensorrt", runners
 

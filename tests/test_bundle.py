@@ -301,7 +301,7 @@ def test_device_verify_on_tensorrt_uses_a_matching_engine_or_builds_one(run_dir,
     built, sources = [], {}
 
     def fake_build(onnx_path, out, **kw):
-        built.append((Path(onnx_path).name, kw.get("target")))
+        built.append((Path(onnx_path).name, kw.get("target"), (kw["ranges"].batch, kw["ranges"].sequence)))
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_bytes(b"built here")
         sources[Path(out)] = Path(onnx_path)
@@ -323,7 +323,9 @@ def test_device_verify_on_tensorrt_uses_a_matching_engine_or_builds_one(run_dir,
     monkeypatch.setattr(package, "_tensorrt_version", lambda: "10.15.1")
     result = package.device_verify(tmp_path / "h100.tar.gz", iterations=2)
     assert result["backend"] == "tensorrt" and result["passed"]
-    assert built == [("model.onnx", "h100")]            # int8 ran its bundled engine; fp32 was built here
+    # int8 ran its bundled engine; fp32 was built here, for the target, with the recipe's shapes
+    # (bench batches [1] and max_length 64) widened to device-verify's batches of 32
+    assert built == [("model.onnx", "h100", ((1, 1, 32), (1, 64, 64)))]
     monkeypatch.setattr(package, "_tensorrt_version", lambda: "10.3.0")
     with pytest.raises(UserError, match="this machine has TensorRT 10.3.0"):
         package.device_verify(tmp_path / "h100.tar.gz", iterations=2)
