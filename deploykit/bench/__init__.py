@@ -8,7 +8,6 @@ timed runs. Thread counts are explicit and recorded.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 from deploykit.data import Split
 from deploykit.errors import UserError
 from deploykit.progress import track
+from deploykit.timing import time_loop
 
 
 @dataclass
@@ -52,25 +52,8 @@ def bench_feeds(split: Split, batch: int, seq_len: int) -> dict[str, np.ndarray]
 
 
 def time_runner(runner, feeds: dict[str, np.ndarray], config: BenchConfig) -> dict[str, Any]:
-    for _ in range(config.warmup):
-        runner.infer(feeds)
-    times: list[float] = []
-    started = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        runner.infer(feeds)
-        times.append(time.perf_counter() - t0)
-        spent = time.perf_counter() - started
-        if len(times) >= config.iterations and spent >= config.min_seconds:
-            break
-        if spent >= config.max_seconds and len(times) >= 3:
-            break
-    batch = int(next(iter(feeds.values())).shape[0])
-    ms = np.asarray(times) * 1e3
-    return {"batch": batch, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
-            "throughput_per_s": float(batch * len(times) / sum(times)), "iterations": len(times),
-            "threads": runner.threads}
+    return time_loop(runner, feeds, warmup=config.warmup, iterations=config.iterations,
+                     min_seconds=config.min_seconds, max_seconds=config.max_seconds)
 
 
 def bench(runners: list[tuple[str, Any]], split: Split, config: BenchConfig | None = None) -> dict[str, Any]:

@@ -26,12 +26,10 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 
 from deploykit.errors import UserError
 
@@ -193,30 +191,6 @@ def _peak_rss_mib() -> float:
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)   # bytes on macOS, KiB on Linux
 
 
-def _time_loop(runner, feeds: dict[str, np.ndarray], *, warmup: int, iterations: int, min_seconds: float,
-               max_seconds: float) -> dict[str, Any]:
-    """:func:`deploykit.bench.time_runner`'s loop (that module imports torch, which the child must not)."""
-    for _ in range(warmup):
-        runner.infer(feeds)
-    times: list[float] = []
-    started = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        runner.infer(feeds)
-        times.append(time.perf_counter() - t0)
-        spent = time.perf_counter() - started
-        if len(times) >= iterations and spent >= min_seconds:
-            break
-        if spent >= max_seconds and len(times) >= 3:
-            break
-    batch = int(next(iter(feeds.values())).shape[0])
-    ms = np.asarray(times) * 1e3
-    return {"batch": batch, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
-            "throughput_per_s": float(batch * len(times) / sum(times)), "iterations": len(times),
-            "threads": runner.threads}
-
-
 def _child(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="time one ONNX model for deploykit bench --target (internal)")
     parser.add_argument("--model", required=True)
@@ -235,12 +209,13 @@ def _child(argv: list[str] | None = None) -> int:
 
     from deploykit.io import read_npz
     from deploykit.runners import OrtRunner
+    from deploykit.timing import time_loop
 
     try:
         feeds = read_npz(args.feeds, what="feeds file")
         baseline = _peak_rss_mib()
         runner = OrtRunner(args.model, provider="cpu", threads=args.threads)
-        result = _time_loop(runner, feeds, warmup=args.warmup, iterations=args.iterations,
+        result = time_loop(runner, feeds, warmup=args.warmup, iterations=args.iterations,
                             min_seconds=args.min_seconds, max_seconds=args.max_seconds)
     except UserError as exc:
         print(exc.one_line(), file=sys.stderr)

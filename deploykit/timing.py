@@ -1,0 +1,38 @@
+"""The one timing loop every latency figure comes from (``deploykit bench``, ``bench --target``,
+``device-verify``). It imports only numpy, so the edge-budget child process that times a model
+alone can use it without loading torch.
+
+Warm-up runs, then timed runs until both ``iterations`` runs and ``min_seconds`` have passed
+(or ``max_seconds`` is spent, with at least 3 runs). Latency is wall time of one ``infer`` call
+(host to host); throughput is items per second over the timed runs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+
+def time_loop(runner, feeds: dict[str, np.ndarray], *, warmup: int, iterations: int, min_seconds: float,
+              max_seconds: float) -> dict[str, Any]:
+    for _ in range(warmup):
+        runner.infer(feeds)
+    times: list[float] = []
+    started = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        runner.infer(feeds)
+        times.append(time.perf_counter() - t0)
+        spent = time.perf_counter() - started
+        if len(times) >= iterations and spent >= min_seconds:
+            break
+        if spent >= max_seconds and len(times) >= 3:
+            break
+    batch = int(next(iter(feeds.values())).shape[0])
+    ms = np.asarray(times) * 1e3
+    return {"batch": batch, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+            "throughput_per_s": float(batch * len(times) / sum(times)), "iterations": len(times),
+            "threads": runner.threads}
