@@ -304,13 +304,8 @@ def _axes(values: list[int]) -> str:
     return "x".join(str(v) for v in values)
 
 
-def _na_job(node: onnx.NodeProto, shapes: _Shapes) -> tuple[dict[str, Any], str] | str:
-    """(compile arguments, file stem) for a neighborhood-attention node, or why it is skipped."""
-    ndim = 2 if "2D" in node.op_type else 1
-    a = _attrs(node)
-    kernel = _ints(a.get("kernel_size", 1), ndim)
-    dilation = _ints(a.get("dilation", 1), ndim)
-    causal = [bool(x) for x in _ints(a.get("is_causal", 0), ndim)]
+def _head_dims(node: onnx.NodeProto, shapes: _Shapes) -> tuple[int, int] | str:
+    """(q's head dim, v's head dim) of an attention node, or why they are not static."""
     head_dim = shapes.dim(node.input[0], -1)
     head_dim_v = shapes.dim(node.input[2], -1) if len(node.input) > 2 else None
     if head_dim_v is None and node.output:
@@ -318,6 +313,20 @@ def _na_job(node: onnx.NodeProto, shapes: _Shapes) -> tuple[dict[str, Any], str]
     if head_dim is None or head_dim_v is None:
         return (f"the head dim of q ({node.input[0]})" if head_dim is None else
                 f"the head dim of v ({node.input[2]})") + " is not static in the model"
+    return head_dim, head_dim_v
+
+
+def _na_job(node: onnx.NodeProto, shapes: _Shapes) -> tuple[dict[str, Any], str] | str:
+    """(compile arguments, file stem) for a neighborhood-attention node, or why it is skipped."""
+    ndim = 2 if "2D" in node.op_type else 1
+    a = _attrs(node)
+    kernel = _ints(a.get("kernel_size", 1), ndim)
+    dilation = _ints(a.get("dilation", 1), ndim)
+    causal = [bool(x) for x in _ints(a.get("is_causal", 0), ndim)]
+    dims = _head_dims(node, shapes)
+    if isinstance(dims, str):
+        return dims
+    head_dim, head_dim_v = dims
     scale = float(a["scale"]) if "scale" in a else head_dim ** -0.5
     int8 = node.op_type in _INT8_OPS
     args = dict(ndim=ndim, dtype="int8" if int8 else "fp32", kernel_size=kernel, dilation=dilation,
@@ -333,13 +342,10 @@ def _linear_job(node: onnx.NodeProto, shapes: _Shapes) -> tuple[dict[str, Any], 
     from deploykit.plugins.linear_attention.reference import FEATURE_MAPS
 
     a = _attrs(node)
-    head_dim = shapes.dim(node.input[0], -1)
-    head_dim_v = shapes.dim(node.input[2], -1) if len(node.input) > 2 else None
-    if head_dim_v is None and node.output:
-        head_dim_v = shapes.dim(node.output[0], -1)
-    if head_dim is None or head_dim_v is None:
-        return (f"the head dim of q ({node.input[0]})" if head_dim is None else
-                f"the head dim of v ({node.input[2]})") + " is not static in the model"
+    dims = _head_dims(node, shapes)
+    if isinstance(dims, str):
+        return dims
+    head_dim, head_dim_v = dims
     decay = a.get("decay", [1.0])
     decay = [float(x) for x in (decay if isinstance(decay, (list, tuple)) else [decay])]
     feature_map = int(a.get("feature_map", 0))
