@@ -34,7 +34,7 @@ from deploykit.runners import BACKENDS, TorchRunner, default_threads, make_runne
 from deploykit.verify import VerifyResult, run_split, verify
 
 
-TARGET_OF_BACKEND = {"ort-cpu": "cpu-ort", "ort-cuda": "gpu-ort", "torch": "cpu-torch"}
+NO_TARGET = "unspecified"        # the report's target when a standalone stage was given none (--target)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -69,6 +69,8 @@ def update_report(path: Path, update: dict[str, Any], *, model: str, target: str
     from deploykit.report import merge_report
 
     existing = read_json(path, what="report") if path.is_file() else new_report(model, None, target)
+    if existing.get("target") == NO_TARGET and target != NO_TARGET:
+        existing["target"] = target           # a later stage named the deployment target
     return save_report(path, merge_report(existing, {**update, "environment": _environment()}))
 
 
@@ -404,7 +406,7 @@ def verify_models(models: list[Path], report: Path, *, source: str | None, data:
               "data": {"evaluation": split.summary(), "source": str(inputs_path) if inputs_path else data,
                        "seed": spec.seed},
               **({"notes": [f"{t}: {n}" for t, ns in notes.items() for n in ns]} if notes else {})}
-    update_report(report, update, model=bundle.source, target=(targets or ["edge-cpu-x86"])[0])
+    update_report(report, update, model=bundle.source, target=(targets or [NO_TARGET])[0])
     return {**update, "passed": result["passed"]}
 
 
@@ -442,7 +444,7 @@ def bench_models(models: list[Path], report: Path, *, source: str | None, data: 
     latency = _bench_all(bundle, split, models, backends, config, threads, torch_baseline)
     _print_latency(latency)
     update = {"latency": latency, "bench": bench_settings(config, threads)}
-    update_report(report, update, model=bundle.source, target=TARGET_OF_BACKEND.get(backends[0], backends[0]))
+    update_report(report, update, model=bundle.source, target=NO_TARGET)
     return update
 
 
