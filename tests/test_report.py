@@ -461,6 +461,11 @@ def test_render_deployment_sections(tmp_path):
     assert ("| `rpi5` | `ort-cpu-arm64` | not measurable here: needs an aarch64 CPU, this machine is x86_64 | — |"
             in targets)
     assert "- `x86-server`: threads capped at the target's 4 cores" in targets
+    # accuracy on each target's runtime: its backend's entries and checks, or why there are none
+    assert "| `x86-server` | `ort-cpu` | `int8` | 0.997100 | nn_agreement 0.9840 | ✅ 1/1 |" in targets
+    assert "| `x86-server` | `ort-cpu` | `fp32` | 1.000000 | nn_agreement 1.0000 | — |" in targets
+    assert ("| `rpi5` | `ort-cpu` (this machine's CPU, not the target's) | `int8` | 0.997100 | nn_agreement 0.9840 "
+            "| ✅ 1/1 |") in targets
 
     bundles = md[md.index("## Edge bundles"):]
     assert f"| `x86-server` | `runs/x/bundles/x86-server.tar.gz` | `{'0a' * 32}` | 3.0 MiB | 7 |" in bundles

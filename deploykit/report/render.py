@@ -860,6 +860,37 @@ def _targets_section(targets: dict, plotted: bool) -> list[str]:
     return out
 
 
+def target_backend(target: dict) -> str:
+    """The verify backend a target's runtime corresponds to (ORT targets here are CPUs)."""
+    return "tensorrt" if str(target.get("runtime", "")).startswith("tensorrt") else "ort-cpu"
+
+
+def _target_accuracy_section(targets: dict, parity: dict, checks: list[dict]) -> list[str]:
+    """Each target's accuracy: its runtime's parity entries, or why there are none."""
+    rows = []
+    for name, target in targets.items():
+        backend = target_backend(target)
+        found = {k: v for k, v in parity.items() if k.endswith(f"@{backend}") and isinstance(v, dict)}
+        if not found:
+            rows.append([f"`{name}`", f"`{backend}`", f"not verified here ({backend} did not run)", "—", "—", "—"])
+            continue
+        label = f"`{backend}`" + (" (this machine's CPU, not the target's)"
+                                  if backend == "ort-cpu" and not target.get("measurable") else "")
+        for key, metrics in found.items():
+            task = "nn_agreement" if "nn_agreement" in metrics else "top1" if "top1" in metrics else "top1_agreement"
+            own = [c for c in checks if c.get("check", "").startswith(f"{key}.")]
+            verdict = "—" if not own else ("✅ " if all(c["passed"] for c in own) else "❌ ") + \
+                f"{sum(c['passed'] for c in own)}/{len(own)}"
+            rows.append([f"`{name}`", label, f"`{key.split('@')[0]}`",
+                         format_number(metrics.get("cosine_mean"), "cosine_mean"),
+                         f"{task} {format_number(metrics.get(task), task)}", verdict])
+    return ["### Accuracy on each target's runtime", "",
+            "The target's runtime as verified on this machine (same model file, same saved inputs); a "
+            "TensorRT target's figures need TensorRT, so they come from `device-verify` on the device.", "",
+            *_table(["target", "backend", "variant", "cosine mean", "task metric", "checks"], rows,
+                    ["l", "l", "l", "r", "l", "l"])]
+
+
 def _bundles_section(bundles: dict) -> list[str]:
     rows = [[f"`{name}`", f"`{_cell(b['path'])}`", f"`{b['sha256']}`" if b.get("sha256") else "—",
              _size(b.get("size_bytes")), _cell(b.get("files"))] for name, b in bundles.items()]
@@ -924,6 +955,7 @@ def render_report(report_json: str | Path, out_dir: str | Path | None = None) ->
     if targets:
         plot_targets(targets, out / TARGETS_PLOT, inputs)
         md += [*_targets_section(targets, True), ""]
+        md += [*_target_accuracy_section(targets, parity, (report.get("verification") or {}).get("checks") or []), ""]
     if report.get("bundles"):
         md += [*_bundles_section(report["bundles"]), ""]
 
