@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from deploykit.errors import UserError
 from deploykit.io import read_json, read_npz, sha256_arrays, sha256_text, write_json, write_npz
-from deploykit.models.base import ModelBundle
+
+if TYPE_CHECKING:                       # device-side code reads saved feeds without loading torch
+    from deploykit.models.base import ModelBundle
 
 SOURCES = ("docstrings", "digits")
 

@@ -9,6 +9,7 @@ import errno
 import io
 import json
 import shutil
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -102,6 +103,12 @@ def test_fresh_folder_unpacks_and_device_verifies(bundle, tmp_path):
     assert result["latency_b1"]["int8@ort-cpu"]["p50_ms"] > 0
     # the archive itself, unpacked to a temporary folder and removed
     assert "PASS" in deploykit("device-verify", archive.name, "--iterations", "2", cwd=tmp_path).stdout
+    # an ONNX Runtime device needs no torch: device-verify does not load it
+    code = ("import sys; from deploykit.cli import main; sys.argv = ['deploykit', '-q', 'device-verify', "
+            "'tiny-edge-cpu-x86', '--iterations', '1']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "no torch", out.stdout + out.stderr
 
 
 def _rewrite(src: Path, dest: Path, change) -> None:
