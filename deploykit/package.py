@@ -32,6 +32,7 @@ it, which deploykit leaves to the release process).
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import io
 import json
 import platform
@@ -110,23 +111,31 @@ def _plugin_sources() -> dict[str, bytes]:
     return out
 
 
-def _engines_for(run_dir: Path, target) -> tuple[dict[str, Path], list[str]]:
-    """Engines in the run folder built for exactly ``target`` (GPU and TensorRT version)."""
+def _engines_for(models: dict[str, Path], target) -> tuple[dict[str, Path], list[str]]:
+    """Engines next to the bundled models (``deploykit build`` writes ``<model>.engine`` and its
+    ``.json``) that were built from exactly those files, for exactly ``target``'s GPU and
+    TensorRT; under the bundle's canonical names."""
     from deploykit.targets import check_engine
 
     picked: dict[str, Path] = {}
     notes: list[str] = []
-    for engine in sorted(run_dir.glob("*.engine")):
-        meta = engine.with_suffix(".json")
+    for kind, model in models.items():
+        engine, meta = model.with_suffix(".engine"), model.with_suffix(".json")
+        if not engine.is_file():
+            continue
         info = read_json(meta, what="engine metadata") if meta.is_file() else {}
+        if info.get("onnx_sha256") and info["onnx_sha256"] != sha256_file(model):
+            notes.append(f"{engine.name} not bundled: built from another version of {model.name}")
+            continue
         try:
             check_engine(info, target, engine)
         except UserError as exc:
             notes.append(f"{engine.name} not bundled: {exc.message}")
             continue
-        picked[f"engines/{engine.name}"] = engine
+        stem = Path(VARIANTS[kind]).stem
+        picked[f"engines/{stem}.engine"] = engine
         if meta.is_file():
-            picked[f"engines/{meta.name}"] = meta
+            picked[f"engines/{stem}.json"] = meta
     return picked, notes
 
 
@@ -179,8 +188,8 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
                 samples: int | None = None, targets_file: str | Path | None = None,
                 variant: str | None = None) -> BundleResult:
     """Write the edge bundle of a finished run (or of one variant of a study run) for ``target_name``."""
-    from deploykit.data import load_split
-    from deploykit.io import read_npz
+    from deploykit.data import Split, load_split
+    from deploykit.io import read_npz, sha256_arrays
     from deploykit.onnx_utils import get_metadata, load_onnx
     from deploykit.runners import OrtRunner
     from deploykit.targets import check_model, get_target
@@ -221,9 +230,7 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
     else:
         # A study variant's weights were trained in the run (its export does not record them as a
         # source option), so its reference is its FP32 ONNX, checked against torch at export.
-        from deploykit.data import Split as _Split
-
-        reference = run_split(OrtRunner(models["fp32"]), _Split("inputs", feeds, split.sha256), batch_size=32,
+        reference = run_split(OrtRunner(models["fp32"]), Split("inputs", feeds, split.sha256), batch_size=32,
                               description="reference (fp32 ONNX)")
         parity = (read_json(models["fp32"].parent / "variant.json", what="variant record").get("export_parity")
                   if (models["fp32"].parent / "variant.json").is_file() else None)
@@ -235,8 +242,6 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
                                       "model/model.int8.ranges.json": ranges_path}
     expected = {"reference": reference}
     figures: dict[str, Any] = {}
-    from deploykit.data import Split
-
     part = Split("inputs", feeds, split.sha256, labels=labels)
     with stage(f"package {run_dir} for {target.name}: expected outputs on {n} inputs (ort-cpu)"):
         for kind, path in models.items():
@@ -253,8 +258,6 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
     buf = io.BytesIO()
     np.savez(buf, **feeds, **({"labels": labels} if labels is not None else {}))
     files["verify/inputs.npz"] = buf.getvalue()
-    from deploykit.io import sha256_arrays
-
     files["verify/inputs.json"] = json.dumps(
         {"name": "inputs", "sha256": split.sha256, "count": n,
          "feeds_sha256": sha256_arrays({**feeds, **({"labels": labels} if labels is not None else {})})},
@@ -282,7 +285,7 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
                     load_onnx(models["fp32"], load_weights=False)).encode()
             except UserError as exc:       # e.g. smoothed ranges: they describe another graph than model.onnx
                 notes.append(f"no calibration cache: {exc.message}")
-        engines, engine_notes = _engines_for(run_dir, target)
+        engines, engine_notes = _engines_for(models, target)
         files.update(engines)
         notes += engine_notes
     elif any(n.domain == "deploykit" for n in load_onnx(models["int8"], load_weights=False).graph.node):
@@ -295,8 +298,6 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
         if isinstance(content, Path):
             entries[rel] = {"sha256": sha256_file(content), "bytes": content.stat().st_size}
         else:
-            import hashlib
-
             entries[rel] = {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
     settings = report.get("recipe_settings") or {}
     manifest = {

@@ -299,8 +299,13 @@ def test_device_verify_on_tensorrt_uses_a_matching_engine_or_builds_one(run_dir,
     (run / "model.int8.engine").write_bytes(b"engine for sm_90")
     (run / "model.int8.json").write_text(json.dumps({"compute_capability": "9.0", "tensorrt": "10.15.1",
                                                      "gpu": "NVIDIA H100", "plugins": []}))
+    (run / "model.engine").write_bytes(b"engine from an older model.onnx")
+    (run / "model.json").write_text(json.dumps({"compute_capability": "9.0", "tensorrt": "10.15.1",
+                                                "gpu": "NVIDIA H100", "onnx_sha256": "00" * 32}))
     h100 = package.package_run(run, "h100", tmp_path / "h100.tar.gz", samples=8)
     assert "engines/model.int8.engine" in h100.manifest["files"]
+    assert "engines/model.engine" not in h100.manifest["files"]
+    assert any("built from another version of model.onnx" in n for n in h100.manifest["notes"])
     a100 = package.package_run(run, "a100", tmp_path / "a100.tar.gz", samples=8)
     assert not any(k.startswith("engines/") for k in a100.manifest["files"])
     assert any("not bundled" in n and "sm_90" in n for n in a100.manifest["notes"])
