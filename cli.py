@@ -307,7 +307,9 @@ def debug_quant(
 @app.command()
 @_guard
 def verify(
-    models: Annotated[list[Path], typer.Argument(help="ONNX models (FP32 and/or Q/DQ) to verify against torch FP32.")],
+    models: Annotated[list[Path], typer.Argument(help="ONNX models (FP32 and/or Q/DQ) to verify against torch FP32, "
+                                                      "or a run folder (its models, saved inputs, reference "
+                                                      "outputs, thresholds and report).")],
     source: ModelOpt = None,
     option: OptionOpt = None,
     data: DataOpt = "docstrings",
@@ -326,7 +328,8 @@ def verify(
                                                                           "for a Q/DQ model that misses.")] = True,
     target: TargetOpt = None,
     batch_size: Annotated[int, typer.Option(help="Inference batch size.")] = 32,
-    report: ReportOpt = Path("report.json"),
+    report: Annotated[Optional[Path], typer.Option("--report", "-r", help="report.json to create or update "
+                                                                          "(default: report.json, or the run's).")] = None,
 ) -> None:
     """Every model on every usable backend (torch, ORT CPU/CUDA, TensorRT) against torch FP32 on the
     same saved inputs: task metric, cosine, SNR, max abs; exit code 1 when a threshold is missed."""
@@ -336,6 +339,16 @@ def verify(
 
     rules: dict[str, str] = {}
     ranges = None
+    if len(models) == 1 and models[0].is_dir():
+        from deploykit.pipeline import run_artifacts
+
+        run = run_artifacts(models[0])
+        models, inputs, reference = run["models"], inputs or run["inputs"], reference or run["reference"]
+        report = report or run["report"]
+        ranges = run["ranges"]
+        if recipe is None and not threshold:
+            rules.update(run["rules"])
+    report = report or Path("report.json")
     if recipe is not None:
         from deploykit.engine import ShapeRanges
 

@@ -375,6 +375,30 @@ def verify_backends(bundle, variants: dict[str, Path], reference: np.ndarray, sp
             "distributions": result.distributions, "passed": all(c["passed"] for c in checks)}
 
 
+def run_artifacts(run_dir: Path) -> dict[str, Any]:
+    """What ``deploykit verify <run folder>`` checks: the run's FP32 and Q/DQ models, its saved
+    evaluation inputs and torch reference, its recipe's thresholds, its TensorRT shapes, its report."""
+    from deploykit.engine import ShapeRanges
+    from deploykit.package import engine_profile
+
+    report_path = run_dir / "report.json"
+    if not report_path.is_file():
+        raise UserError("not a run folder (no report.json)", path=run_dir,
+                        fix="pass a runs/<name> folder, or the ONNX models themselves")
+    report = read_json(report_path, what="report")
+    models = [run_dir / name for name in ("model.onnx", "model.int8.onnx")]
+    missing = [m.name for m in models + [run_dir / "data" / "evaluation.npz", run_dir / "reference.npz"]
+               if not m.is_file()]
+    if missing:
+        raise UserError(f"the run folder lacks {', '.join(missing)}", path=run_dir,
+                        fix="a study run keeps each variant in its own folder: pass that variant's .onnx files")
+    settings = report.get("recipe_settings") or {}
+    profile = engine_profile(settings)
+    return {"models": models, "inputs": run_dir / "data" / "evaluation.npz", "reference": run_dir / "reference.npz",
+            "rules": dict(settings.get("acceptance") or {}), "report": report_path,
+            "ranges": ShapeRanges(batch=tuple(profile["batch"]), sequence=tuple(profile["sequence"]))}
+
+
 def verify_models(models: list[Path], report: Path, *, source: str | None, data: str, spec: DataSpec,
                   reference: Path | None = None, batch_size: int = 32, backends: list[str] | None = None,
                   options: dict[str, Any] | None = None, inputs: Path | None = None,
@@ -403,8 +427,9 @@ def verify_models(models: list[Path], report: Path, *, source: str | None, data:
     update = {"model": bundle.source, "artifacts": {f"{k}.onnx": str(m) for k, m in variants.items()},
               "accuracy": result["accuracy"], "distributions": result["distributions"], "parity": result["parity"],
               "verification": result["verification"], "acceptance": result["verification"]["checks"],
-              "data": {"evaluation": split.summary(), "source": str(inputs_path) if inputs_path else data,
-                       "seed": spec.seed},
+              # saved inputs carry their own record (verification.inputs / inputs_sha256): a run's
+              # data summary is not overwritten by them
+              **({} if inputs_path else {"data": {"evaluation": split.summary(), "source": data, "seed": spec.seed}}),
               **({"notes": [f"{t}: {n}" for t, ns in notes.items() for n in ns]} if notes else {})}
     update_report(report, update, model=bundle.source, target=(targets or [NO_TARGET])[0])
     return {**update, "passed": result["passed"]}

@@ -341,3 +341,18 @@ def test_device_verify_on_tensorrt_uses_a_matching_engine_or_builds_one(run_dir,
     monkeypatch.setattr(package, "_tensorrt_version", lambda: "10.3.0")
     with pytest.raises(UserError, match="this machine has TensorRT 10.3.0"):
         package.device_verify(tmp_path / "h100.tar.gz", iterations=2)
+
+
+def test_verify_a_run_folder_adds_to_its_report(run_dir, tmp_path):
+    """`deploykit verify <run>`: the run's models, saved inputs, reference and thresholds; the
+    parity lands in the run's own report, whose data record stays as the run wrote it."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("bundles"))
+    before = json.loads((run / "report.json").read_text())
+    deploykit("-q", "verify", "run", "--backend", "ort-cpu", cwd=tmp_path)
+    after = json.loads((run / "report.json").read_text())
+    assert after["data"] == before["data"] and after["run"] == "tiny"
+    assert after["verification"]["inputs"].endswith("data/evaluation.npz")
+    assert after["parity"]["int8@ort-cpu"] == before["parity"]["int8@ort-cpu"]    # same inputs, same figures
+    assert [c["check"] for c in after["acceptance"]] == ["fp32@ort-cpu.cosine_min", "int8@ort-cpu.cosine_mean"]
+    assert_user_error(deploykit("verify", str(tmp_path), cwd=tmp_path, check_rc=None), "not a run folder")
