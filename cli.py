@@ -472,12 +472,22 @@ def package(
     variant: Annotated[Optional[str], typer.Option(help="For a study run: the variant to ship (its folder "
                                                         "name, e.g. na3x3).")] = None,
     targets_file: Annotated[Optional[Path], typer.Option(help="Your own targets file.")] = None,
+    allow_failing: Annotated[bool, typer.Option("--allow-failing", help="Package models that miss their "
+                                                                        "thresholds here (to debug on the device).")] = False,
 ) -> None:
     """One archive for a target: Q/DQ + FP32 ONNX, ranges (+ TensorRT calibration cache), plugin sources and PTX,
-    matching engines, verification inputs/expected outputs/thresholds, manifest with SHA-256s."""
+    matching engines, verification inputs/expected outputs/thresholds, manifest with SHA-256s. Models that miss
+    their thresholds here are not packaged (exit code 1) unless --allow-failing."""
     from deploykit.package import package_run
 
-    result = package_run(run_dir, target, out, samples=samples, targets_file=targets_file, variant=variant)
+    from deploykit.package import GateFailed
+
+    try:
+        result = package_run(run_dir, target, out, samples=samples, targets_file=targets_file, variant=variant,
+                             allow_failing=allow_failing)
+    except GateFailed as exc:
+        print(f"deploykit: {exc}; --allow-failing packages it anyway", file=sys.stderr)
+        raise typer.Exit(EXIT_ACCEPTANCE_FAILED) from None
     print(f"{result.path} (sha256 {result.sha256})")
 
 

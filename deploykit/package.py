@@ -76,6 +76,10 @@ def _versions() -> dict[str, str | None]:
 
 
 # ----------------------------------------------------------------------------- package
+class GateFailed(Exception):
+    """The models miss their thresholds where they are packaged: a bundle would only fail on the device."""
+
+
 @dataclass
 class BundleResult:
     path: Path
@@ -186,7 +190,7 @@ def _run_models(run_dir: Path, report: dict[str, Any], target, variant: str | No
 
 def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = None, *,
                 samples: int | None = None, targets_file: str | Path | None = None,
-                variant: str | None = None) -> BundleResult:
+                variant: str | None = None, allow_failing: bool = False) -> BundleResult:
     """Write the edge bundle of a finished run (or of one variant of a study run) for ``target_name``."""
     from deploykit.data import Split, load_split
     from deploykit.io import read_npz, sha256_arrays
@@ -254,6 +258,11 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
         notes.append("the recipe gives no thresholds for these models: device-verify checks the ones derived from "
                      f"the figures here ({', '.join(f'{k} {v}' for k, v in rules.items())})")
     checks_here = evaluate_checks(rules, figures)
+    failed = [f"{c['check']} {c['threshold']} (here {c['value']})" for c in checks_here if not c["passed"]]
+    if failed and not allow_failing:
+        raise GateFailed(f"not packaged: the models miss their thresholds already here: {'; '.join(failed)}")
+    if failed:
+        notes.append(f"packaged although the models miss thresholds here: {'; '.join(failed)}")
 
     buf = io.BytesIO()
     np.savez(buf, **feeds, **({"labels": labels} if labels is not None else {}))
@@ -670,4 +679,4 @@ def _print_device(result: dict[str, Any]) -> None:
     say(f"[bold]{'PASS' if result['passed'] else 'FAIL'}[/]")
 
 
-__all__ = ["package_run", "unpack_bundle", "device_verify", "verify_tree", "BundleResult", "FORMAT", "machine_arch"]
+__all__ = ["GateFailed", "package_run", "unpack_bundle", "device_verify", "verify_tree", "BundleResult", "FORMAT", "machine_arch"]

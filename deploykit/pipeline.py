@@ -655,9 +655,16 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
     elif rec.package.targets:
         from deploykit.package import package_run
 
+        from deploykit.package import GateFailed
+
         bundles = {}
         for name_ in rec.package.targets:
-            bundles[name_] = package_run(run_dir, name_, samples=rec.package.samples).summary()
+            try:
+                bundles[name_] = package_run(run_dir, name_, samples=rec.package.samples).summary()
+            except GateFailed as exc:        # e.g. package.samples: a subset that misses a threshold
+                say(f"  {name_}: {exc}")
+                acceptance.append({"check": f"package:{name_}", "value": None, "threshold": "thresholds met on "
+                                   "the bundle's inputs", "passed": False})
         lap("package")
         report["bundles"] = bundles
         report["artifacts"].update({f"bundle_{k}": v["path"] for k, v in bundles.items()})
