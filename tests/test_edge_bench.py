@@ -107,9 +107,36 @@ def test_gpu_targets_need_tensorrt_cuda_and_the_same_compute_capability(model, s
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA L4")
     ok, reason = measurability(get_target("h100"))
     assert not ok and reason == "sm_90 TensorRT target; this GPU (NVIDIA L4) is sm_89: not measurable here"
+    # This machine is an L4 (stood in for): the l4 target is timed on TensorRT. An engine next to
+    # the model built for another GPU is left alone and one is built for this target.
+    import deploykit.engine as engine_mod
+    from deploykit.engine import TrtEnvironment
+    from deploykit.runners import OrtRunner
+
+    model.with_suffix(".engine").write_bytes(b"an sm_90 engine")
+    model.with_suffix(".json").write_text('{"compute_capability": "9.0", "tensorrt": "10.15.1", "gpu": "H100"}')
+    built = []
+
+    def fake_build(onnx_path, out, **kw):
+        built.append((Path(out).name, kw["target"], kw["ranges"].batch))
+        Path(out).write_bytes(b"engine")
+
+    class FakeTrt:           # runs the model on ONNX Runtime in the engine's place
+        def __init__(self, path):
+            self.threads, self._ort = 1, OrtRunner(model, threads=1)
+
+        def infer(self, feeds):
+            return self._ort.infer(feeds)
+
+    monkeypatch.setattr(engine_mod, "require_tensorrt", lambda where=None, plugins=True: TrtEnvironment(
+        version="10.15.1", gpu="NVIDIA L4", compute_capability="8.9"))
+    monkeypatch.setattr(engine_mod, "build_engine", fake_build)
+    monkeypatch.setattr(engine_mod, "TrtRunner", FakeTrt)
     entry = bench_on_target({"fp32": model}, split, get_target("l4"), FAST)
-    assert entry["measurable"] is True and entry["latency"] == {}
-    assert any("deploykit device-verify" in note for note in entry["notes"])
+    assert entry["measurable"] is True and built == [(f"{model.stem}.l4.engine", "l4", (1, 1, 1))]
+    fig = entry["latency"]["fp32"]
+    assert fig["batch"] == 1 and fig["p50_ms"] > 0 and fig["engine"].endswith(".l4.engine")
+    assert fig["peak_rss_mib"] is None and any("GPU memory not measured" in n for n in entry["notes"])
 
 
 def test_corrupt_model_is_a_user_error_naming_the_file(tmp_path, split):

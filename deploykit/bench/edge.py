@@ -89,6 +89,40 @@ def _pick_cpus(cpus: list[int], n: int) -> list[int]:
     return (first + rest)[:n]
 
 
+def _bench_tensorrt(models: dict[str, Path], split: Split, target: Target, config: BenchConfig,
+                    entry: dict[str, Any]) -> dict[str, Any]:
+    """This machine is the target's GPU: each model's engine (the one next to it when it was
+    built here for this target, else built now) timed at batch 1; peak GPU memory is not
+    measured (TensorRT's allocations are not torch's)."""
+    from deploykit.bench import bench_feeds
+    from deploykit.engine import ShapeRanges, TrtRunner, build_engine, engine_info, require_tensorrt
+    from deploykit.progress import track
+    from deploykit.targets import check_engine
+    from deploykit.timing import time_loop
+
+    env = require_tensorrt(None, plugins=False)
+    entry["threads"] = 1
+    entry["notes"].append(f"timed on this machine's {env.gpu} with TensorRT {env.version}; GPU memory not measured")
+    feeds = bench_feeds(split, 1, config.seq_len)
+    for variant, model in track(list(models.items()), total=len(models), description=f"benchmarking on {target.name}"):
+        engine = Path(model).with_suffix(".engine")          # deploykit build's default place
+        if engine.is_file():
+            try:
+                check_engine(engine_info(engine), target, engine)
+            except UserError:                                 # built for another GPU or TensorRT
+                engine = Path(model).with_name(f"{Path(model).stem}.{target.name}.engine")
+        else:
+            engine = Path(model).with_name(f"{Path(model).stem}.{target.name}.engine")
+        if not engine.is_file():
+            build_engine(model, engine, target=target.name,
+                         ranges=ShapeRanges(batch=(1, 1, 1), sequence=(1, config.seq_len, config.seq_len)))
+        figures = time_loop(TrtRunner(engine), feeds, warmup=config.warmup, iterations=config.iterations,
+                            min_seconds=config.min_seconds, max_seconds=config.max_seconds)
+        entry["latency"][variant] = {**figures, "engine": str(engine), "peak_rss_mib": None, "model_rss_mib": None,
+                                     "within_memory_budget": None}
+    return entry
+
+
 def bench_on_target(models: dict[str, Path], split: Split, target: Target, config: BenchConfig) -> dict[str, Any]:
     """The report entry for ``target``: batch-1 latency and peak memory of each model, each timed
     in a fresh child process at the target's thread count; ``measurable`` False (and no latency)
@@ -102,9 +136,7 @@ def bench_on_target(models: dict[str, Path], split: Split, target: Target, confi
     if not measurable:
         return entry
     if target.runtime.name == "tensorrt":
-        entry["notes"].append(f"TensorRT targets are timed on the device by deploykit device-verify; "
-                              f"'{target.name}' is not timed here")
-        return entry
+        return _bench_tensorrt(models, split, target, config, entry)
 
     import onnxruntime as ort
 
