@@ -608,10 +608,17 @@ def _device_verify(folder: Path, shown: Path, target_name: str | None, out, vari
                             "shapes": {k: list(v.shape) for k, v in feeds.items()}}
     checks = evaluate_checks(thresholds.get("rules") or {}, parity)
     passed = all(c["passed"] for c in checks)
+    from deploykit.timing import peak_rss_mib
+
+    # The whole check's peak (every model's session, 1,000 inputs and outputs): an upper bound
+    # of what serving one model takes, against the target's memory.
+    memory = {"peak_rss_mib": round(peak_rss_mib(), 1), "budget_mib": target.memory_gib * 1024}
+    memory["within_budget"] = memory["peak_rss_mib"] <= memory["budget_mib"]
     result = {"bundle": str(shown), "name": manifest["name"], "target": target.name, "backend": backend,
               "machine": {"arch": arch, "platform": platform.platform(),
                           "threads": threads or min(target.threads or default_threads(), default_threads())},
               "samples": split.count, "parity": parity, "vs_packaging_machine": vs_here, "latency_b1": latency,
+              "memory": memory,
               "checks": checks, "passed": passed}
     _print_device(result)
     if out is not None:
@@ -676,6 +683,9 @@ def _print_device(result: dict[str, Any]) -> None:
     console.print(table)
     for c in result["checks"]:
         say(f"  {c['check']} {c['threshold']}: {c['value']} -> {'pass' if c['passed'] else 'FAIL'}")
+    mem = result["memory"]
+    say(f"  peak RSS of the whole check {mem['peak_rss_mib']:.0f} MiB of the target's {mem['budget_mib']:.0f} "
+        f"({'within' if mem['within_budget'] else 'OVER'} budget; one model alone takes less)")
     say(f"[bold]{'PASS' if result['passed'] else 'FAIL'}[/]")
 
 

@@ -9,6 +9,7 @@ Warm-up runs, then timed runs until both ``iterations`` runs and ``min_seconds``
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -36,3 +37,19 @@ def time_loop(runner, feeds: dict[str, np.ndarray], *, warmup: int, iterations: 
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
             "throughput_per_s": float(batch * len(times) / sum(times)), "iterations": len(times),
             "threads": runner.threads}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: its own ``VmHWM`` (``ru_maxrss`` where there
+    is no /proc; on Linux a child started by ``subprocess`` inherits its parent's ``ru_maxrss``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)   # bytes on macOS, KiB on Linux

@@ -101,6 +101,7 @@ def test_fresh_folder_unpacks_and_device_verifies(bundle, tmp_path):
     # rounding (1e-5 on unit-norm embeddings) if the thread counts split a reduction differently.
     assert result["vs_packaging_machine"]["int8@ort-cpu"]["max_abs_diff"] <= 1e-5
     assert result["latency_b1"]["int8@ort-cpu"]["p50_ms"] > 0
+    assert 0 < result["memory"]["peak_rss_mib"] and result["memory"]["budget_mib"] == 4096
     # the archive itself, unpacked to a temporary folder and removed
     assert "PASS" in deploykit("device-verify", archive.name, "--iterations", "2", cwd=tmp_path).stdout
     # an ONNX Runtime device needs no torch: device-verify does not load it

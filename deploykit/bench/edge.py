@@ -208,21 +208,6 @@ def _json_line(text: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- the child process
-def _peak_rss_mib() -> float:
-    """This process's peak resident memory (its own ``VmHWM``; ``ru_maxrss`` where there is no /proc)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)   # bytes on macOS, KiB on Linux
-
-
 def _child(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="time one ONNX model for deploykit bench --target (internal)")
     parser.add_argument("--model", required=True)
@@ -241,11 +226,11 @@ def _child(argv: list[str] | None = None) -> int:
 
     from deploykit.io import read_npz
     from deploykit.runners import OrtRunner
-    from deploykit.timing import time_loop
+    from deploykit.timing import peak_rss_mib, time_loop
 
     try:
         feeds = read_npz(args.feeds, what="feeds file")
-        baseline = _peak_rss_mib()
+        baseline = peak_rss_mib()
         runner = OrtRunner(args.model, provider="cpu", threads=args.threads)
         result = time_loop(runner, feeds, warmup=args.warmup, iterations=args.iterations,
                             min_seconds=args.min_seconds, max_seconds=args.max_seconds)
@@ -258,7 +243,7 @@ def _child(argv: list[str] | None = None) -> int:
         text = " ".join(str(exc).split())
         print(f"{type(exc).__name__}: {text[:400]}", file=sys.stderr)   # one line: multi-line ORT messages
         return 1
-    peak = _peak_rss_mib()
+    peak = peak_rss_mib()
     result.update(peak_rss_mib=peak, model_rss_mib=max(peak - baseline, 0.0))
     print(json.dumps(result))
     return 0
