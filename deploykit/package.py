@@ -55,14 +55,6 @@ FORMAT = "deploykit-bundle/1"
 VARIANTS = {"int8": "model.int8.onnx", "fp32": "model.onnx"}
 PRIMARY = "int8"
 VERIFY_BATCH = 32                   # device-verify's inference batch
-_ARCH = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
-
-
-def machine_arch() -> str:
-    m = platform.machine().lower()
-    return _ARCH.get(m, m)
-
-
 def _versions() -> dict[str, str | None]:
     from importlib import metadata
 
@@ -565,7 +557,7 @@ def _device_verify(folder: Path, shown: Path, target_name: str | None, out, vari
     from deploykit.data import iterate_batches, load_split
     from deploykit.io import read_npz
     from deploykit.runners import default_threads
-    from deploykit.targets import check_engine
+    from deploykit.targets import check_engine, machine_arch
     from deploykit.verify import evaluate_checks, parity_entry
 
     manifest = verify_tree(folder)
@@ -689,4 +681,4 @@ def _print_device(result: dict[str, Any]) -> None:
     say(f"[bold]{'PASS' if result['passed'] else 'FAIL'}[/]")
 
 
-__all__ = ["GateFailed", "package_run", "unpack_bundle", "device_verify", "verify_tree", "BundleResult", "FORMAT", "machine_arch"]
+__all__ = ["GateFailed", "package_run", "unpack_bundle", "device_verify", "verify_tree", "BundleResult", "FORMAT"]

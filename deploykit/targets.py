@@ -70,6 +70,22 @@ class Target:
         return asdict(self)
 
 
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
+
+
+def normalize_arch(name: str) -> str:
+    """``AMD64`` -> ``x86_64``, ``arm64`` -> ``aarch64`` (targets.yaml's names)."""
+    name = name.strip().lower()
+    return _ARCH_ALIASES.get(name, name)
+
+
+def machine_arch() -> str:
+    """This machine's CPU architecture in targets.yaml's names."""
+    import platform
+
+    return normalize_arch(platform.machine())
+
+
 def _version(text: str) -> tuple[int, ...]:
     parts = []
     for piece in str(text).split("."):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -81,13 +82,13 @@ def test_fewer_target_threads_pin_the_child(model, split):
 
 
 def test_arm_target_on_x86_is_not_measurable(model, split, monkeypatch):
-    monkeypatch.setattr(edge.platform, "machine", lambda: "AMD64")     # normalised to x86_64
+    monkeypatch.setattr(platform, "machine", lambda: "AMD64")     # normalised to x86_64
     arm = get_target("edge-cpu-arm")
     assert measurability(get_target("edge-cpu-x86")) == (True, None)
     entry = bench_on_target({"fp32": model}, split, arm, FAST)
     assert entry["measurable"] is False and entry["latency"] == {} and entry["threads"] is None
     assert entry["reason"] == "aarch64 target; this machine is x86_64: not measurable here"
-    monkeypatch.setattr(edge.platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
     assert measurability(arm) == (True, None)
     assert not measurability(get_target("edge-cpu-x86"))[0]
 

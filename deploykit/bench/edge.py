@@ -22,7 +22,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,14 +37,6 @@ if TYPE_CHECKING:
     from deploykit.data import Split
     from deploykit.targets import Target
 
-_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
-
-
-def _arch(name: str) -> str:
-    name = name.strip().lower()
-    return _ARCH_ALIASES.get(name, name)
-
-
 def _usable_cpus() -> list[int]:
     try:
         return sorted(os.sched_getaffinity(0))
@@ -56,7 +47,9 @@ def _usable_cpus() -> list[int]:
 def measurability(target: Target) -> tuple[bool, str | None]:
     """Whether this machine can time ``target``: (True, None) or (False, "<why>: not measurable here")."""
     if target.runtime.name == "onnxruntime":
-        want, have = _arch(target.arch), _arch(platform.machine())
+        from deploykit.targets import machine_arch, normalize_arch
+
+        want, have = normalize_arch(target.arch), machine_arch()
         if want != have:
             return False, f"{want} target; this machine is {have}: not measurable here"
         return True, None
