@@ -4,6 +4,7 @@ the target's thread count; targets this machine cannot stand in for are "not mea
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import platform
 from pathlib import Path
@@ -13,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from deploykit.bench import BenchConfig, edge
+from deploykit.bench import BenchConfig
 from deploykit.bench.edge import bench_on_target, measurability
 from deploykit.data import Split
 from deploykit.errors import UserError
@@ -100,18 +101,18 @@ def test_gpu_targets_need_tensorrt_cuda_and_the_same_compute_capability(model, s
         assert not ok and reason.endswith(": not measurable here")
         entry = bench_on_target({"fp32": model}, split, get_target("h100"), FAST)
         assert entry["measurable"] is False and entry["latency"] == {}
-    real_find_spec = edge.importlib.util.find_spec
-    monkeypatch.setattr(edge.importlib.util, "find_spec",
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "tensorrt" else real_find_spec(name, *a))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA L4")
+    import deploykit.engine as engine_mod
+    from deploykit.engine import TrtEnvironment
+
+    monkeypatch.setattr(engine_mod, "require_tensorrt", lambda where=None, plugins=True: TrtEnvironment(
+        version="10.15.1", gpu="NVIDIA L4", compute_capability="8.9"))
     ok, reason = measurability(get_target("h100"))
     assert not ok and reason == "sm_90 TensorRT target; this GPU (NVIDIA L4) is sm_89: not measurable here"
     # This machine is an L4 (stood in for): the l4 target is timed on TensorRT. An engine next to
     # the model built for another GPU is left alone and one is built for this target.
-    import deploykit.engine as engine_mod
-    from deploykit.engine import TrtEnvironment
     from deploykit.runners import OrtRunner
 
     model.with_suffix(".engine").write_bytes(b"an sm_90 engine")
@@ -129,8 +130,6 @@ def test_gpu_targets_need_tensorrt_cuda_and_the_same_compute_capability(model, s
         def infer(self, feeds):
             return self._ort.infer(feeds)
 
-    monkeypatch.setattr(engine_mod, "require_tensorrt", lambda where=None, plugins=True: TrtEnvironment(
-        version="10.15.1", gpu="NVIDIA L4", compute_capability="8.9"))
     monkeypatch.setattr(engine_mod, "build_engine", fake_build)
     monkeypatch.setattr(engine_mod, "TrtRunner", FakeTrt)
     entry = bench_on_target({"fp32": model}, split, get_target("l4"), FAST)

@@ -56,3 +56,21 @@ def test_exclusions_pick_the_nodes_that_stand_out():
     flat = [SimpleNamespace(node=f"n{i}", added_snr_db=30.0 + 0.1 * i) for i in range(5)]
     assert suggest_exclusions(flat) == ["n0"]                  # none stands out: the worst one
     assert suggest_exclusions([]) == []
+
+
+def test_a_tensorrt_stub_is_a_skipped_backend_not_a_crash(monkeypatch):
+    """PyPI's `tensorrt` placeholder imports as a module: verify must skip TensorRT with the
+    reason require_tensorrt gives, not pick it and fail on the first engine."""
+    import importlib.util
+
+    import deploykit.engine as engine
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "tensorrt" else real(name, *a))
+
+    def stub(where=None, plugins=True):
+        raise UserError("TensorRT is not usable here: 'tensorrt' is a placeholder stub, not TensorRT", fix="install it")
+
+    monkeypatch.setattr(engine, "require_tensorrt", stub)
+    run, skipped = choose_backends(["auto"])
+    assert "tensorrt" not in run and "placeholder stub" in skipped["tensorrt"]

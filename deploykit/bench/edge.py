@@ -19,7 +19,6 @@ does not hold. Peak memory is the process's own high-water mark (``VmHWM``): on 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -53,18 +52,14 @@ def measurability(target: Target) -> tuple[bool, str | None]:
         if want != have:
             return False, f"{want} target; this machine is {have}: not measurable here"
         return True, None
+    from deploykit.engine import tensorrt_status
+
     sm = f"sm_{(target.compute_capability or '?').replace('.', '')}"
-    if importlib.util.find_spec("tensorrt") is None:  # never import TensorRT without a CUDA device
-        return False, f"{sm} TensorRT target; TensorRT is not installed: not measurable here"
-    try:
-        import torch
-    except ImportError:
-        return False, f"{sm} TensorRT target; torch is not installed to find the GPU: not measurable here"
-    if not torch.cuda.is_available():
-        return False, f"{sm} TensorRT target; this machine has no usable CUDA GPU: not measurable here"
-    major, minor = torch.cuda.get_device_capability(0)
-    if f"{major}.{minor}" != target.compute_capability:
-        return False, (f"{sm} TensorRT target; this GPU ({torch.cuda.get_device_name(0)}) is sm_{major}{minor}: "
+    env, why = tensorrt_status()                       # never imports TensorRT without a CUDA device
+    if env is None:
+        return False, f"{sm} TensorRT target; {why}: not measurable here"
+    if env.compute_capability != target.compute_capability:
+        return False, (f"{sm} TensorRT target; this GPU ({env.gpu}) is sm_{env.compute_capability.replace('.', '')}: "
                        "not measurable here")
     return True, None
 
@@ -93,7 +88,7 @@ def _bench_tensorrt(models: dict[str, Path], split: Split, target: Target, confi
     from deploykit.targets import check_engine
     from deploykit.timing import time_loop
 
-    env = require_tensorrt(None, plugins=False)
+    env = require_tensorrt(None, plugins=False)        # measurability() found it usable
     entry["threads"] = 1
     entry["notes"].append(f"timed on this machine's {env.gpu} with TensorRT {env.version}; GPU memory not measured")
     feeds = bench_feeds(split, 1, config.seq_len)

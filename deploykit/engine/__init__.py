@@ -86,6 +86,19 @@ def require_tensorrt(where: str | Path | None = None, *, plugins: bool = True) -
     return TrtEnvironment(version=facts["version"], gpu=device.name, compute_capability=cc)
 
 
+def tensorrt_status(*, plugins: bool = False) -> tuple[TrtEnvironment | None, str | None]:
+    """``(environment, None)`` where TensorRT and a CUDA device are usable here, else ``(None, why
+    not)``: :func:`require_tensorrt`'s checks (a stub ``tensorrt`` is not TensorRT), without raising."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return None, "TensorRT is not installed"
+    try:
+        return require_tensorrt(plugins=plugins), None
+    except UserError as exc:
+        return None, exc.message
+
+
 # ----------------------------------------------------------------------------- shapes
 @dataclass
 class ShapeRanges:
@@ -340,5 +353,6 @@ def engine_info(path: str | Path) -> dict[str, Any]:
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
-__all__ = ["ShapeRanges", "optimization_profile", "plugin_ready_copy", "require_tensorrt", "build_engine",
+__all__ = ["ShapeRanges", "optimization_profile", "plugin_ready_copy", "require_tensorrt", "tensorrt_status",
+           "build_engine",
            "BuildResult", "TrtRunner", "engine_info", "TrtEnvironment", "PLUGIN_MODULES"]

@@ -152,9 +152,9 @@ ALL_BACKENDS = ("torch", "ort-cpu", "ort-cuda", "tensorrt")
 
 def backend_availability() -> dict[str, str | None]:
     """``{backend: None if usable here else why not}`` (nothing is imported that could crash)."""
-    import importlib.util
-
     import onnxruntime as ort
+
+    from deploykit.engine import tensorrt_status
 
     out: dict[str, str | None] = {"torch": None, "ort-cpu": None}
     gpu = None
@@ -170,12 +170,7 @@ def backend_availability() -> dict[str, str | None]:
         out["ort-cuda"] = "no CUDA GPU"
     else:
         out["ort-cuda"] = None
-    if importlib.util.find_spec("tensorrt") is None:
-        out["tensorrt"] = "TensorRT is not installed"
-    elif not gpu:
-        out["tensorrt"] = "no CUDA GPU"
-    else:
-        out["tensorrt"] = None
+    out["tensorrt"] = tensorrt_status()[1]        # a stub tensorrt package is not TensorRT
     return out
 
 
