@@ -39,7 +39,7 @@ import platform
 import shutil
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -302,7 +302,7 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
             entries[rel] = {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
     settings = report.get("recipe_settings") or {}
     manifest = {
-        "profile": engine_profile(settings),
+        "profile": {k: list(v) for k, v in asdict(bundle_profile(settings)).items()},
         "format": FORMAT, "name": name, "created": created, "target": target.to_dict(),
         "model": source, "recipe": report.get("recipe"), "run": report.get("run"),
         "variants": {"int8": "model/model.int8.onnx", "fp32": "model/model.onnx"}, "primary": PRIMARY,
@@ -337,15 +337,16 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
     return BundleResult(out, digest, out.stat().st_size, len(files), manifest)
 
 
-def engine_profile(settings: dict[str, Any]) -> dict[str, list[int]]:
-    """The TensorRT optimization profile device-verify builds with: the recipe's shapes
-    (``ShapeRanges.from_recipe``), with room for device-verify's batches of 32."""
+def bundle_profile(settings: dict[str, Any]):
+    """The TensorRT profile device-verify builds with: the recipe's shapes (``recipe_settings`` of
+    its report, as ``ShapeRanges.from_recipe``), with room for device-verify's batches of 32."""
+    from deploykit.engine import ShapeRanges
+
     bench = settings.get("bench") or {}
-    batches = sorted(bench.get("batches") or [1, 8, 32])
-    seq_len = int(bench.get("seq_len") or 128)
-    longest = int(((settings.get("model") or {}).get("options") or {}).get("max_length") or seq_len)
-    return {"batch": [1, batches[len(batches) // 2], max(batches[-1], VERIFY_BATCH)],
-            "sequence": [1, min(seq_len, longest), longest]}
+    ranges = ShapeRanges.from_shapes(bench.get("batches") or [1, 8, 32], int(bench.get("seq_len") or 128),
+                                     ((settings.get("model") or {}).get("options") or {}).get("max_length"))
+    lo, opt, hi = ranges.batch
+    return ShapeRanges(batch=(lo, opt, max(hi, VERIFY_BATCH)), sequence=ranges.sequence)
 
 
 def derived_rules(figures: dict[str, dict[str, Any]]) -> dict[str, str]:

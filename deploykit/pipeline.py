@@ -378,8 +378,7 @@ def verify_backends(bundle, variants: dict[str, Path], reference: np.ndarray, sp
 def run_artifacts(run_dir: Path) -> dict[str, Any]:
     """What ``deploykit verify <run folder>`` checks: the run's FP32 and Q/DQ models, its saved
     evaluation inputs and torch reference, its recipe's thresholds, its TensorRT shapes, its report."""
-    from deploykit.engine import ShapeRanges
-    from deploykit.package import engine_profile
+    from deploykit.package import bundle_profile
 
     report_path = run_dir / "report.json"
     if not report_path.is_file():
@@ -393,10 +392,9 @@ def run_artifacts(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"the run folder lacks {', '.join(missing)}", path=run_dir,
                         fix="a study run keeps each variant in its own folder: pass that variant's .onnx files")
     settings = report.get("recipe_settings") or {}
-    profile = engine_profile(settings)
     return {"models": models, "inputs": run_dir / "data" / "evaluation.npz", "reference": run_dir / "reference.npz",
             "rules": dict(settings.get("acceptance") or {}), "report": report_path,
-            "ranges": ShapeRanges(batch=tuple(profile["batch"]), sequence=tuple(profile["sequence"]))}
+            "ranges": bundle_profile(settings)}
 
 
 def verify_models(models: list[Path], report: Path, *, source: str | None, data: str, spec: DataSpec,

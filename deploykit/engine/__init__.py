@@ -108,12 +108,15 @@ class ShapeRanges:
 
     @classmethod
     def from_recipe(cls, rec) -> ShapeRanges:
+        return cls.from_shapes(rec.bench.batches, rec.bench.seq_len, rec.model.options.get("max_length"))
+
+    @classmethod
+    def from_shapes(cls, batches: list[int], seq_len: int, max_length: int | None = None) -> ShapeRanges:
         """Batch 1 .. the largest bench batch (opt: the middle one); sequence 1 .. the model's
         max_length (opt: bench.seq_len)."""
-        batches = sorted(rec.bench.batches)
-        longest = int(rec.model.options.get("max_length", rec.bench.seq_len))
-        return cls(batch=(1, batches[len(batches) // 2], batches[-1]),
-                   sequence=(1, min(rec.bench.seq_len, longest), longest))
+        batches = sorted(batches)
+        longest = int(max_length or seq_len)
+        return cls(batch=(1, batches[len(batches) // 2], batches[-1]), sequence=(1, min(seq_len, longest), longest))
 
     def validate(self) -> None:
         for name, (lo, opt, hi) in (("batch", self.batch), ("sequence", self.sequence)):
