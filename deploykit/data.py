@@ -189,16 +189,23 @@ def make_splits(bundle: ModelBundle, spec: DataSpec) -> DataSplits:
                     fix="use docstrings, digits, a .txt file (one sample per line) or an .npz of feeds")
 
 
+def split_arrays(split: Split) -> dict[str, np.ndarray]:
+    """What ``<name>.npz`` holds: the feeds, and the labels when there are any."""
+    return {**split.feeds, **({"labels": split.labels} if split.labels is not None else {})}
+
+
+def split_record(split: Split) -> dict[str, Any]:
+    """``<name>.json`` next to the arrays: the samples' hash, the arrays' hash (checked by
+    :func:`load_split`), the count and the raw texts."""
+    return {"name": split.name, "sha256": split.sha256, "feeds_sha256": sha256_arrays(split_arrays(split)),
+            "count": split.count, "samples": split.samples}
+
+
 def save_split(split: Split, folder: str | Path) -> Path:
     """Feeds (+labels) as ``<name>.npz`` and the raw texts as ``<name>.json``."""
     folder = Path(folder)
-    arrays = dict(split.feeds)
-    if split.labels is not None:
-        arrays["labels"] = split.labels
-    path = write_npz(folder / f"{split.name}.npz", arrays)
-    write_json(folder / f"{split.name}.json", {"name": split.name, "sha256": split.sha256,
-                                                 "feeds_sha256": sha256_arrays(arrays),
-                                                 "count": split.count, "samples": split.samples})
+    path = write_npz(folder / f"{split.name}.npz", split_arrays(split))
+    write_json(folder / f"{split.name}.json", split_record(split))
     return path
 
 

@@ -184,8 +184,8 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
                 samples: int | None = None, targets_file: str | Path | None = None,
                 variant: str | None = None, allow_failing: bool = False) -> BundleResult:
     """Write the edge bundle of a finished run (or of one variant of a study run) for ``target_name``."""
-    from deploykit.data import Split, load_split
-    from deploykit.io import read_npz, sha256_arrays
+    from deploykit.data import Split, load_split, split_arrays, split_record
+    from deploykit.io import read_npz
     from deploykit.onnx_utils import get_metadata, load_onnx
     from deploykit.runners import OrtRunner
     from deploykit.targets import check_model, get_target
@@ -257,12 +257,9 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
         notes.append(f"packaged although the models miss thresholds here: {'; '.join(failed)}")
 
     buf = io.BytesIO()
-    np.savez(buf, **feeds, **({"labels": labels} if labels is not None else {}))
+    np.savez(buf, **split_arrays(part))
     files["verify/inputs.npz"] = buf.getvalue()
-    files["verify/inputs.json"] = json.dumps(
-        {"name": "inputs", "sha256": split.sha256, "count": n,
-         "feeds_sha256": sha256_arrays({**feeds, **({"labels": labels} if labels is not None else {})})},
-        indent=2).encode()
+    files["verify/inputs.json"] = json.dumps(split_record(part), indent=2).encode()
     buf = io.BytesIO()
     np.savez(buf, **expected)
     files["verify/expected.npz"] = buf.getvalue()
