@@ -121,6 +121,7 @@ class VerifyResult:
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
     distributions: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)     # each variant's outputs, in split order
 
     def report_part(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "distributions": self.distributions}
@@ -143,6 +144,7 @@ def verify(variants: dict[str, Any], reference: np.ndarray, split: Split, task: 
         # Full precision: FP32 gaps (1 - cosine) are ~1e-13 and rounding would erase them.
         result.distributions[name] = {"cosine": [float(c) for c in cos]}
         result.seconds[name] = time.perf_counter() - start
+        result.outputs[name] = output
     return result
 
 
