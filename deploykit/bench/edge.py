@@ -6,14 +6,16 @@ and the target's memory budget: each model runs in a fresh child process holding
 Runtime session, whose peak resident memory is compared with ``memory_gib``. What is not:
 the target's CPU microarchitecture (ISA extensions, caches, clock), memory bandwidth and
 thermal limits; latency is this machine's CPU at the target's thread count, a like-for-like
-comparison between variants, not the device's figure. Only ONNX Runtime CPU targets of this
-machine's architecture are timed; an aarch64 target on x86_64 is "not measurable here",
-and TensorRT targets are timed by ``deploykit device-verify``.
+comparison between variants, not the device's figure. ONNX Runtime CPU targets of this
+machine's architecture are timed; an aarch64 target on x86_64 is "not measurable here". A
+TensorRT target is timed only on its own GPU (its engine, batch 1, no memory figure).
 
-The child runs this file as a script (not ``-m deploykit.bench.edge``): importing the
-``deploykit.bench`` package imports torch, ~180 MiB that a deployed ONNX Runtime process
-does not hold. Peak memory is the process's own high-water mark (``VmHWM``): on Linux,
-``ru_maxrss`` of a child started by ``subprocess`` starts at the parent's peak.
+The child runs this file as a script and imports only ONNX Runtime and deploykit's light
+modules (io, runners, timing; a test checks that torch stays out): torch alone would add
+about 190 MiB (``VmHWM`` of ``import onnxruntime`` 46 MiB, with torch 238 MiB, measured
+here) that a deployed ONNX Runtime process does not hold. Peak memory is the process's own
+high-water mark (``VmHWM``): on Linux, ``ru_maxrss`` of a child started by ``subprocess``
+starts at the parent's peak.
 """
 
 from __future__ import annotations
