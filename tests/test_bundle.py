@@ -19,6 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from test_cli import assert_user_error, deploykit  # noqa: E402
+from trt_standin import stand_in_tensorrt  # noqa: E402
 
 from deploykit.io import sha256_file  # noqa: E402
 
@@ -293,11 +294,8 @@ def test_device_verify_on_tensorrt_uses_a_matching_engine_or_builds_one(run_dir,
     here): an engine built for this GPU and TensorRT is used as bundled, a missing one is built
     on the device for the bundle's target, a TensorRT outside the target's range is refused.
     The stand-in runs the engine's ONNX model on ONNX Runtime."""
-    import deploykit.engine as engine
     import deploykit.package as package
-    from deploykit.engine import TrtEnvironment
     from deploykit.errors import UserError
-    from deploykit.runners import OrtRunner
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("bundles"))
@@ -315,33 +313,14 @@ def test_device_verify_on_tensorrt_uses_a_matching_engine_or_builds_one(run_dir,
     assert not any(k.startswith("engines/") for k in a100.manifest["files"])
     assert any("not bundled" in n and "sm_90" in n for n in a100.manifest["notes"])
 
-    built, sources = [], {}
-
-    def fake_build(onnx_path, out, **kw):
-        built.append((Path(onnx_path).name, kw.get("target"), (kw["ranges"].batch, kw["ranges"].sequence)))
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_bytes(b"built here")
-        sources[Path(out)] = Path(onnx_path)
-
-    class FakeTrtRunner:
-        def __init__(self, path):
-            path = Path(path)
-            onnx_path = sources.get(path) or path.parent.parent / "model" / f"{path.stem}.onnx"
-            self._ort, self.backend, self.threads = OrtRunner(onnx_path, threads=1), "tensorrt", 1
-            self.input_names = self._ort.input_names
-
-        def infer(self, feeds):
-            return self._ort.infer(feeds)
-
-    monkeypatch.setattr(engine, "require_tensorrt", lambda where=None, plugins=True: TrtEnvironment(
-        version="10.15.1", gpu="NVIDIA H100", compute_capability="9.0"))
-    monkeypatch.setattr(engine, "build_engine", fake_build)
-    monkeypatch.setattr(engine, "TrtRunner", FakeTrtRunner)
+    calls = stand_in_tensorrt(monkeypatch, gpu="NVIDIA H100", compute_capability="9.0",
+                              onnx_of=lambda engine: engine.parent.parent / "model" / f"{engine.stem}.onnx")
     monkeypatch.setattr(package, "_tensorrt_version", lambda: "10.15.1")
     result = package.device_verify(tmp_path / "h100.tar.gz", iterations=2)
     assert result["backend"] == "tensorrt" and result["passed"]
     # int8 ran its bundled engine; fp32 was built here, for the target, with the recipe's shapes
     # (bench batches [1] and max_length 64) widened to device-verify's batches of 32
+    built = [(c["onnx"].name, c["target"], (c["ranges"].batch, c["ranges"].sequence)) for c in calls]
     assert built == [("model.onnx", "h100", ((1, 1, 32), (1, 64, 64)))]
     monkeypatch.setattr(package, "_tensorrt_version", lambda: "10.3.0")
     with pytest.raises(UserError, match="this machine has TensorRT 10.3.0"):

@@ -4,9 +4,9 @@ the target's thread count; targets this machine cannot stand in for are "not mea
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,9 @@ from onnx import TensorProto, helper
 
 from deploykit.bench import BenchConfig
 from deploykit.bench.edge import bench_on_target, measurability
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trt_standin import stand_in_tensorrt  # noqa: E402
 from deploykit.data import Split
 from deploykit.errors import UserError
 from deploykit.targets import get_target
@@ -101,38 +104,15 @@ def test_gpu_targets_need_tensorrt_cuda_and_the_same_compute_capability(model, s
         assert not ok and reason.endswith(": not measurable here")
         entry = bench_on_target({"fp32": model}, split, get_target("h100"), FAST)
         assert entry["measurable"] is False and entry["latency"] == {}
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "tensorrt" else real_find_spec(name, *a))
-    import deploykit.engine as engine_mod
-    from deploykit.engine import TrtEnvironment
-
-    monkeypatch.setattr(engine_mod, "require_tensorrt", lambda where=None, plugins=True: TrtEnvironment(
-        version="10.15.1", gpu="NVIDIA L4", compute_capability="8.9"))
+    calls = stand_in_tensorrt(monkeypatch, gpu="NVIDIA L4", compute_capability="8.9", onnx_of=lambda engine: model)
     ok, reason = measurability(get_target("h100"))
     assert not ok and reason == "sm_90 TensorRT target; this GPU (NVIDIA L4) is sm_89: not measurable here"
     # This machine is an L4 (stood in for): the l4 target is timed on TensorRT. An engine next to
     # the model built for another GPU is left alone and one is built for this target.
-    from deploykit.runners import OrtRunner
-
     model.with_suffix(".engine").write_bytes(b"an sm_90 engine")
     model.with_suffix(".json").write_text('{"compute_capability": "9.0", "tensorrt": "10.15.1", "gpu": "H100"}')
-    built = []
-
-    def fake_build(onnx_path, out, **kw):
-        built.append((Path(out).name, kw["target"], kw["ranges"].batch))
-        Path(out).write_bytes(b"engine")
-
-    class FakeTrt:           # runs the model on ONNX Runtime in the engine's place
-        def __init__(self, path):
-            self.threads, self._ort = 1, OrtRunner(model, threads=1)
-
-        def infer(self, feeds):
-            return self._ort.infer(feeds)
-
-    monkeypatch.setattr(engine_mod, "build_engine", fake_build)
-    monkeypatch.setattr(engine_mod, "TrtRunner", FakeTrt)
     entry = bench_on_target({"fp32": model}, split, get_target("l4"), FAST)
+    built = [(c["engine"].name, c["target"], c["ranges"].batch) for c in calls]
     assert entry["measurable"] is True and built == [(f"{model.stem}.l4.engine", "l4", (1, 1, 1))]
     fig = entry["latency"]["fp32"]
     assert fig["batch"] == 1 and fig["p50_ms"] > 0 and fig["engine"].endswith(".l4.engine")
