@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,25 +12,9 @@ import pytest
 
 from deploykit.report import validate_report
 
+sys.path.insert(0, str(Path(__file__).parent))
 
-def deploykit(*args, cwd: Path, check_rc: int | None = 0) -> subprocess.CompletedProcess:
-    exe = shutil.which("deploykit") or sys.executable
-    cmd = [exe, *args] if exe.endswith("deploykit") else [exe, "-m", "deploykit.cli", *args]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
-    if check_rc is not None:
-        assert proc.returncode == check_rc, f"rc {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("deploykit: error:")]
-    assert len(errors) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    assert "fix:" in errors[0]
+from contract import assert_user_error, deploykit  # noqa: E402,F401  (re-exported for the other test files)
 
 
 @pytest.fixture(scope="module")
