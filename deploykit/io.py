@@ -1,7 +1,13 @@
-"""Atomic outputs, never-overwritten inputs, hashing.
+"""Atomic outputs, never-overwritten inputs, hashing, and interruption that cleans up.
 
 Every artifact is written to a temporary file in the destination folder and renamed into
 place, so a reader never sees a half-written file and a crash leaves the previous version.
+Files that belong together (a Q/DQ model and its ranges) are renamed in one critical
+section: SIGINT/SIGTERM/SIGHUP arriving there wait until every rename is done.
+
+``install_signal_handlers`` (called by the CLI) turns SIGTERM and SIGHUP into
+:class:`Interrupted`, a ``KeyboardInterrupt``, so every ``finally`` and ``with`` block (temporary
+files, staging folders) runs on those signals exactly as on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,32 +28,115 @@ import numpy as np
 from deploykit.errors import UserError
 
 
-@contextlib.contextmanager
-def atomic_path(dest: str | Path, *, inputs: tuple[str | Path, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary path next to ``dest``; on success rename it onto ``dest``.
+class Interrupted(KeyboardInterrupt):
+    """A termination signal (SIGINT, SIGTERM, SIGHUP) raised where the program was."""
 
-    ``inputs`` are the files the caller read: writing onto one of them is refused.
-    """
-    dest = Path(dest)
-    refuse_overwriting_inputs(dest, inputs)
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+_deferring = 0
+_pending: list[int] = []
+_HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _deferring:
+        _pending.append(signum)
+        return
+    # Further signals would break into the cleanup this one starts: they are ignored from
+    # now on (SIGKILL still ends a cleanup that hangs).
+    for sig in _HANDLED:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread."""
+    for sig in _HANDLED:
+        if signal.getsignal(sig) is not signal.SIG_IGN:    # nohup'd: stay ignored
+            signal.signal(sig, _on_signal)
+
+
+@contextlib.contextmanager
+def critical_section() -> Iterator[None]:
+    """Signals arriving inside wait until the block is done (then they raise as usual)."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _pending:
+            signum = _pending[0]
+            _pending.clear()
+            _on_signal(signum, None)
+
+
+def _check_destination(dest: Path) -> None:
+    if dest.is_dir():
+        raise UserError("the output path is an existing folder", path=dest,
+                        fix="give a file path (e.g. add a file name to -o)")
+    for parent in dest.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot create the output: {parent} is a file, not a folder", path=dest,
+                                fix="choose an output path whose folders are folders")
+            break
+
+
+def _temp_beside(dest: Path) -> Path:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     except OSError as exc:
         raise _write_error(exc, dest) from None
     os.close(fd)
-    tmp_path = Path(tmp)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_paths(*dests: str | Path, inputs: tuple[str | Path, ...] = ()) -> Iterator[tuple[Path, ...]]:
+    """Temporary paths next to each of ``dests``; when the block succeeds, all are renamed
+    onto their destinations in one critical section (a signal cannot land between two
+    renames). On any error or interruption every temporary file is removed and no
+    destination changes. ``inputs`` are the files the caller read: writing onto one is refused."""
+    paths = [Path(d) for d in dests]
+    for dest in paths:
+        refuse_overwriting_inputs(dest, inputs)
+        _check_destination(dest)
+    temps: list[Path] = []
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
-        os.replace(tmp_path, dest)
+        for dest in paths:
+            temps.append(_temp_beside(dest))
+        yield tuple(temps)
+        with critical_section():
+            for tmp, dest in zip(temps, paths):
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
+                os.replace(tmp, dest)
     except OSError as exc:
         if exc.errno in _WRITE_ERRNOS:
-            raise _write_error(exc, dest) from None
+            raise _write_error(exc, paths[len(temps) - 1] if temps else paths[0]) from None
         raise
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        for tmp in temps:
+            if tmp.exists():
+                tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path, *, inputs: tuple[str | Path, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest``; on success rename it onto ``dest``.
+
+    ``inputs`` are the files the caller read: writing onto one of them is refused.
+    """
+    with atomic_paths(dest, inputs=inputs) as (tmp,):
+        yield tmp
 
 
 # A full disk, a quota, a read-only or forbidden folder, a too-large file: the user's to fix.
@@ -122,8 +213,9 @@ def read_npz(path: str | Path, *, what: str = "array file") -> dict[str, np.ndar
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (ValueError, OSError, EOFError) as exc:
-        raise UserError(f"{what} is not a readable .npz ({exc})", path=path,
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise UserError(f"{what} is not a readable .npz ({reason})", path=path,
                         fix="regenerate it with deploykit") from None
 
 
