@@ -162,7 +162,23 @@ def _coerce(value: Any, typ: Any, where: str, fix_path: str) -> Any:
             raise UserError(f"'{fix_path}' must be a mapping, got {value!r}", path=where,
                             fix=f"write {fix_path} as key: value lines")
         return dict(value)
-    return value  # unions such as "int | None": accepted as given, checked by the stage
+    members = [a for a in getattr(typ, "__args__", ()) if a is not type(None)] if _is_union(typ) else []
+    if members:             # "int | None", "list[str] | None": the value must fit one member
+        first_error = None
+        for member in members:
+            try:
+                return _coerce(value, member, where, fix_path)
+            except UserError as exc:
+                first_error = first_error or exc
+        raise first_error
+    return value  # Any, or a type the stage itself checks
+
+
+def _is_union(typ: Any) -> bool:
+    import types
+    import typing
+
+    return typing.get_origin(typ) in (typing.Union, types.UnionType)
 
 
 def _build(cls: type, data: Any, where: str, prefix: str = "") -> Any:
@@ -210,17 +226,100 @@ def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise UserError(f"cannot set '{dotted}': '{key}' is not a section", fix="check the --set key")
-    node[keys[-1]] = yaml.safe_load(raw)
-
-
-def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    path = resolve_recipe_path(recipe)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise UserError(f"--set {dotted}: '{raw}' is not a valid YAML value",
+                        fix="quote it, or write a plain number, word, or [list]") from None
+    if _expanded_size(value, MAX_RECIPE_VALUES) > MAX_RECIPE_VALUES:
+        raise UserError(f"--set {dotted}: the value expands to more than {MAX_RECIPE_VALUES} values",
+                        fix="write the value out instead of anchors and aliases")
+    node[keys[-1]] = value
+
+
+# Counts and sizes a stage divides by or loops over: below these a stage would divide by
+# zero, time nothing, or run on no data.
+_AT_LEAST = {
+    "data.calibration": 1, "data.evaluation": 1, "data.tuning": 0, "data.training": -1,
+    "verify.batch_size": 1, "verify.localize_samples": 1,
+    "bench.seq_len": 1, "bench.iterations": 1, "bench.warmup": 0, "bench.threads": 1,
+    "quantize.batch_size": 1, "quantize.num_bins": 2, "quantize.tune.budget": 1, "quantize.tune.samples": 1,
+    "train.batch_size": 1, "train.max_steps": 1, "train.threads": 1,
+    "study.layer_latency.heads": 1, "study.layer_latency.head_dim": 1, "study.layer_latency.iterations": 1,
+    "study.outlier_samples": 1, "study.fine_tune.batch_size": 1,
+}
+
+
+def _check_counts(rec: Recipe, where: str) -> None:
+    for dotted, least in _AT_LEAST.items():
+        value: Any = rec
+        for key in dotted.split("."):
+            value = getattr(value, key)
+        if value is not None and value < least:
+            raise UserError(f"{dotted} is {value}, below {least}", path=where,
+                            fix=f"set {dotted} to at least {least}")
+    for dotted, values in (("bench.batches", rec.bench.batches), ("study.layer_latency.lengths",
+                                                                  rec.study.layer_latency.lengths)):
+        if not values or min(values) < 1:
+            raise UserError(f"{dotted} must be a non-empty list of positive sizes, got {values}", path=where,
+                            fix=f"e.g. {dotted.split('.')[-1]}: [1, 8, 32]")
+
+
+# A recipe is a few hundred values; YAML aliases can make a tiny file expand to billions
+# ("billion laughs"). Counting the expanded values bounds that before anything copies them.
+MAX_RECIPE_VALUES = 100_000
+MAX_RECIPE_BYTES = 1 << 20
+
+
+def _expanded_size(data: Any, budget: int) -> int:
+    """Values in ``data`` with every alias expanded, counting up to ``budget`` + 1."""
+    count, stack = 0, [data]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > budget:
+            return count
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return count
+
+
+def _read_recipe_yaml(path: Path) -> Any:
+    try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise UserError(f"the recipe is larger than {MAX_RECIPE_BYTES >> 20} MiB", path=path,
+                            fix="a recipe is a short YAML file: check that this is the file you meant")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"the recipe is not UTF-8 text (byte {exc.start})", path=path,
+                        fix="save the recipe as a UTF-8 YAML file") from None
+    except OSError as exc:
+        raise UserError(f"cannot read the recipe ({exc.strerror})", path=path, fix="check the path and its permissions") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"the recipe is not valid YAML{where}", path=path, fix="fix the YAML syntax") from None
+    except RecursionError:
+        raise UserError("the recipe nests too deeply", path=path, fix="flatten the YAML structure") from None
+    if _expanded_size(data, MAX_RECIPE_VALUES) > MAX_RECIPE_VALUES:
+        raise UserError(f"the recipe expands to more than {MAX_RECIPE_VALUES} values (YAML aliases)", path=path,
+                        fix="write the values out instead of nesting anchors and aliases")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"the recipe's top level is a {type(data).__name__}, not a mapping", path=path,
+                        fix="write the recipe as key: value sections (name:, model:, data:, ...)")
+    return data
+
+
+def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    path = resolve_recipe_path(recipe)
+    data = _read_recipe_yaml(path)
     for item in overrides or []:
         if "=" not in item:
             raise UserError(f"--set '{item}' is not key=value", fix="write e.g. --set data.evaluation=200")
@@ -228,6 +327,7 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = 
         _set_dotted(data, key.strip(), raw)
     recipe_obj = _build(Recipe, data, str(path))
     recipe_obj.path = str(path)
+    _check_counts(recipe_obj, str(path))
     _check_acceptance(recipe_obj.acceptance, str(path))
     _check_model(recipe_obj, str(path))
     _check_tune_criteria(recipe_obj.quantize.tune.criteria, str(path))
