@@ -33,9 +33,12 @@ def _guard(fn):
         except UserError as exc:
             print(f"deploykit: error: {exc.one_line()}", file=sys.stderr)
             raise typer.Exit(EXIT_USER_ERROR) from None
-        except KeyboardInterrupt:
-            print("deploykit: interrupted", file=sys.stderr)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            # SIGINT, or SIGTERM/SIGHUP turned into Interrupted: every finally block has run by now
+            code = getattr(exc, "exit_code", 130)
+            print(f"deploykit: interrupted ({getattr(exc, 'args', ('',))[0] or 'SIGINT'}); "
+                  "temporary files removed, earlier outputs kept", file=sys.stderr)
+            raise typer.Exit(code) from None
 
     return wrapper
 
@@ -65,7 +68,11 @@ def _options(items: list[str] | None) -> dict:
         if "=" not in item:
             raise UserError(f"--option '{item}' is not key=value", fix="write e.g. --option max_length=128")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise UserError(f"--option {key.strip()}: '{raw}' is not a valid YAML value",
+                            fix="quote it, e.g. --option 'name=\"a: b\"', or write a plain number or word") from None
     return out
 
 
@@ -76,8 +83,8 @@ ModelOpt = Annotated[Optional[str], typer.Option(
 OptionOpt = Annotated[Optional[list[str]], typer.Option("--option", help="Model option key=value (repeatable).")]
 DataOpt = Annotated[str, typer.Option("--data", help="docstrings | digits | <file>.txt | <file>.npz (saved feeds, "
                                                       "used whole).")]
-CalibOpt = Annotated[int, typer.Option("--calibration", help="Calibration samples in the seeded split.")]
-EvalOpt = Annotated[int, typer.Option("--evaluation", help="Evaluation samples in the seeded split.")]
+CalibOpt = Annotated[int, typer.Option("--calibration", min=1, help="Calibration samples in the seeded split.")]
+EvalOpt = Annotated[int, typer.Option("--evaluation", min=1, help="Evaluation samples in the seeded split.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the calibration/evaluation split.")]
 ReportOpt = Annotated[Path, typer.Option("--report", "-r", help="report.json to create or update.")]
 TargetOpt = Annotated[Optional[list[str]], typer.Option(
@@ -160,8 +167,8 @@ def calibrate(
     source: ModelOpt = None,
     option: OptionOpt = None,
     data: Annotated[Optional[str], typer.Option("--data", help="docstrings | digits | <file>.txt | <file>.npz.")] = None,
-    calibration: Annotated[Optional[int], typer.Option(help="Calibration samples in the seeded split.")] = None,
-    evaluation: Annotated[Optional[int], typer.Option(help="Evaluation samples in the seeded split.")] = None,
+    calibration: Annotated[Optional[int], typer.Option(min=1, help="Calibration samples in the seeded split.")] = None,
+    evaluation: Annotated[Optional[int], typer.Option(min=1, help="Evaluation samples in the seeded split.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the split.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="gpu-trt (int8 symmetric, TensorRT) | cpu-ort "
                                                        "(uint8 x int8, ONNX Runtime on x86).")] = None,
@@ -185,14 +192,14 @@ def calibrate(
     tune: Annotated[Optional[bool], typer.Option("--tune/--no-tune", help="Accuracy-driven search.")] = None,
     criterion: Annotated[Optional[list[str]], typer.Option(help="Tuning target, e.g. cosine_mean>=0.995 "
                                                                 "(repeatable).")] = None,
-    tune_budget: Annotated[Optional[int], typer.Option(help="Maximum tuning trials.")] = None,
+    tune_budget: Annotated[Optional[int], typer.Option(min=1, help="Maximum tuning trials.")] = None,
     tune_alpha: Annotated[Optional[list[str]], typer.Option(help="SmoothQuant alpha to try, or 'none' "
                                                                  "(repeatable).")] = None,
     tune_method: Annotated[Optional[list[str]], typer.Option(help="Calibration method to try (repeatable).")] = None,
     tune_percentile: Annotated[Optional[list[float]], typer.Option(help="Percentile to try (repeatable).")] = None,
-    tuning: Annotated[Optional[int], typer.Option(help="Tuning samples (a split disjoint from calibration "
+    tuning: Annotated[Optional[int], typer.Option(min=1, help="Tuning samples (a split disjoint from calibration "
                                                        "and evaluation).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Calibration batch size.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Calibration batch size.")] = None,
     target: TargetOpt = None,
 ) -> None:
     """Calibrate static INT8 and write explicit QuantizeLinear/DequantizeLinear (optionally
@@ -244,8 +251,8 @@ def outliers(
     calibration: CalibOpt = 256,
     evaluation: EvalOpt = 1000,
     seed: SeedOpt = 0,
-    samples: Annotated[Optional[int], typer.Option(help="Evaluation samples to measure (default: all).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    samples: Annotated[Optional[int], typer.Option(min=1, help="Evaluation samples to measure (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 32,
 ) -> None:
     """Activation outliers per layer (max |x| and kurtosis, as in Bondarenko et al. 2023): table and plot."""
     import yaml
@@ -293,8 +300,8 @@ def debug_quant(
     calibration: CalibOpt = 256,
     evaluation: EvalOpt = 1000,
     seed: SeedOpt = 0,
-    samples: Annotated[int, typer.Option(help="Evaluation samples to run.")] = 64,
-    top: Annotated[int, typer.Option(help="Nodes to list and plot.")] = 20,
+    samples: Annotated[int, typer.Option(min=1, help="Evaluation samples to run.")] = 64,
+    top: Annotated[int, typer.Option(min=1, help="Nodes to list and plot.")] = 20,
 ) -> None:
     """Per ONNX node, the error quantization adds (SNR / cosine), worst first, with torch module names."""
     from deploykit.data import DataSpec
@@ -327,7 +334,7 @@ def verify(
     localize: Annotated[bool, typer.Option("--localize/--no-localize", help="Per-node error and an --exclude list "
                                                                           "for a Q/DQ model that misses.")] = True,
     target: TargetOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Inference batch size.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Inference batch size.")] = 32,
     report: Annotated[Optional[Path], typer.Option("--report", "-r", help="report.json to create or update "
                                                                           "(default: report.json, or the run's).")] = None,
 ) -> None:
@@ -380,10 +387,10 @@ def bench(
     seed: SeedOpt = 0,
     backend: Annotated[Optional[list[str]], typer.Option(help="ort-cpu | ort-cuda | torch (repeatable).")] = None,
     batch: Annotated[Optional[list[int]], typer.Option(help="Batch size (repeatable; default 1, 8, 32).")] = None,
-    seq: Annotated[int, typer.Option(help="Sequence length for text models.")] = 128,
-    threads: Annotated[Optional[int], typer.Option(help="Threads (default: all cores available).")] = None,
-    warmup: Annotated[int, typer.Option(help="Warm-up runs per configuration.")] = 3,
-    iterations: Annotated[int, typer.Option(help="Timed runs per configuration (at least).")] = 20,
+    seq: Annotated[int, typer.Option(min=1, help="Sequence length for text models.")] = 128,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Threads (default: all cores available).")] = None,
+    warmup: Annotated[int, typer.Option(min=0, help="Warm-up runs per configuration.")] = 3,
+    iterations: Annotated[int, typer.Option(min=1, help="Timed runs per configuration (at least).")] = 20,
     torch_baseline: Annotated[bool, typer.Option("--torch/--no-torch", help="Time eager torch FP32 too.")] = True,
     target: Annotated[Optional[list[str]], typer.Option(
         "--target", "-t", help="Emulate a deployment target's budget instead (batch 1, its threads, peak memory "
@@ -428,7 +435,7 @@ def build(
     batch: Annotated[Optional[str], typer.Option(help="Batch range MIN,OPT,MAX (default 1,8,32).")] = None,
     seq: Annotated[Optional[str], typer.Option(help="Sequence range MIN,OPT,MAX (default 1,128,128).")] = None,
     timing_cache: Annotated[Optional[Path], typer.Option(help="Timing cache (read if present, then updated).")] = None,
-    workspace_mib: Annotated[int, typer.Option(help="Builder workspace limit in MiB.")] = 4096,
+    workspace_mib: Annotated[int, typer.Option(min=1, help="Builder workspace limit in MiB.")] = 4096,
     aot: Annotated[bool, typer.Option("--aot/--jit", help="AOT plugin kernels in the engine (no Python needed to "
                                                           "run it) or the Python plugin implementations.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print TensorRT's whole log.")] = False,
@@ -467,7 +474,7 @@ def package(
     target: Annotated[str, typer.Option("--target", "-t", help="The deployment target (deploykit targets).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Bundle to write (default: "
                                                                      "<run>/bundles/<run>-<target>.tar.gz).")] = None,
-    samples: Annotated[Optional[int], typer.Option(help="Verification inputs to carry (default: the whole "
+    samples: Annotated[Optional[int], typer.Option(min=1, help="Verification inputs to carry (default: the whole "
                                                         "evaluation split).")] = None,
     variant: Annotated[Optional[str], typer.Option(help="For a study run: the variant to ship (its folder "
                                                         "name, e.g. na3x3).")] = None,
@@ -511,8 +518,8 @@ def device_verify(
     bundle: Annotated[Path, typer.Argument(help="Bundle archive or unpacked bundle folder.")],
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Refuse a bundle for any other target.")] = None,
     variant: Annotated[Optional[list[str]], typer.Option(help="Variant to check (repeatable; default: all).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Threads (default: the target's).")] = None,
-    iterations: Annotated[int, typer.Option(help="Timed batch-1 runs per variant.")] = 20,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Threads (default: the target's).")] = None,
+    iterations: Annotated[int, typer.Option(min=1, help="Timed batch-1 runs per variant.")] = 20,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the result as JSON too.")] = None,
     allow_other_arch: Annotated[bool, typer.Option("--allow-other-arch", help="Check the numerics on a machine "
                                                                                 "of another architecture.")] = False,
@@ -595,8 +602,38 @@ def doctor(
         render_checks(checks)
 
 
+# The click that typer runs on: the click package, or the copy newer typer releases carry.
+_click_errors = sys.modules[next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException").__module__]
+_NoArgsIsHelp = getattr(_click_errors, "NoArgsIsHelpError", None) or type("_Never", (Exception,), {})
+
+
+def _usage_error(exc: Exception) -> int:
+    """A click/typer usage error as deploykit's one line (exit 2)."""
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "deploykit"
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    print(f"deploykit: error: {where}: {message}; fix: see '{where} --help'", file=sys.stderr)
+    return exc.exit_code if exc.exit_code else EXIT_USER_ERROR
+
+
 def main() -> None:
-    app()
+    from deploykit.io import install_signal_handlers
+
+    install_signal_handlers()
+    try:
+        rc = app(standalone_mode=False)
+    except _NoArgsIsHelp as exc:
+        exc.show()
+        rc = exc.exit_code
+    except _click_errors.ClickException as exc:
+        rc = _usage_error(exc)
+    except _click_errors.Abort:
+        print("deploykit: interrupted", file=sys.stderr)
+        rc = 130
+    except KeyboardInterrupt as exc:     # outside any command (e.g. while importing)
+        rc = getattr(exc, "exit_code", 130)
+        print("deploykit: interrupted", file=sys.stderr)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":
