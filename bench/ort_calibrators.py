@@ -53,7 +53,10 @@ def ort_quantize(model: Path, out: Path, feeds: dict, method: str, ops: list[str
         def get_next(self):
             return next(self.batches, None)
 
-    quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    import onnx
+
+    # A ModelProto: given a path, ORT writes "<model>-inferred.onnx" beside the input.
+    quantize_static(onnx.load(str(model)), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     op_types_to_quantize=ops, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                                       "entropy": CalibrationMethod.Entropy}[method],

@@ -101,6 +101,25 @@ def _temp_beside(dest: Path) -> Path:
 
 
 @contextlib.contextmanager
+def _folders_locked(paths: list[Path]) -> Iterator[None]:
+    """An exclusive ``flock`` on each destination folder: two processes committing groups into
+    one folder (two calibrations of one model onto one output) cannot interleave their renames,
+    so the files of a group always come from the same process. No lock file is left behind."""
+    import fcntl
+
+    fds = []
+    try:
+        for folder in sorted({str(p.parent.resolve()) for p in paths}):
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            fds.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)                 # closing releases the lock
+
+
+@contextlib.contextmanager
 def atomic_paths(*dests: str | Path, inputs: tuple[str | Path, ...] = ()) -> Iterator[tuple[Path, ...]]:
     """Temporary paths next to each of ``dests``; when the block succeeds, all are renamed
     onto their destinations in one critical section (a signal cannot land between two
@@ -115,7 +134,7 @@ def atomic_paths(*dests: str | Path, inputs: tuple[str | Path, ...] = ()) -> Ite
         for dest in paths:
             temps.append(_temp_beside(dest))
         yield tuple(temps)
-        with critical_section():
+        with critical_section(), _folders_locked(paths if len(paths) > 1 else []):
             for tmp, dest in zip(temps, paths):
                 os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
                 os.replace(tmp, dest)
@@ -184,8 +203,13 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def json_text(data: Any) -> str:
+    """The JSON text deploykit writes (indented, numpy values as numbers, NaN refused)."""
+    return json.dumps(data, indent=2, default=_json_default, allow_nan=False) + "\n"
+
+
 def write_json(dest: str | Path, data: Any, *, inputs: tuple[str | Path, ...] = ()) -> Path:
-    return write_text(dest, json.dumps(data, indent=2, default=_json_default, allow_nan=False) + "\n", inputs=inputs)
+    return write_text(dest, json_text(data), inputs=inputs)
 
 
 def read_json(path: str | Path, *, what: str = "JSON file") -> Any:

@@ -196,13 +196,19 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
     from deploykit.targets import check_model, get_target
     from deploykit.verify import evaluate_checks, parity_entry, run_split
 
+    from deploykit.runfolder import check_complete
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError("run folder not found", path=run_dir, fix="give the folder of a deploykit run (runs/<name>)")
+    check_complete(run_dir)
     target = get_target(target_name, targets_file)
     report = read_json(_run_file(run_dir, "report.json", "report"), what="report")
     models, ranges_path, stem = _run_models(run_dir, report, target, variant)
     inputs_path = _run_file(run_dir, "data/evaluation.npz", "saved evaluation inputs")
+    from deploykit.quantize.record import read_ranges
+
+    ranges = read_ranges(ranges_path, quantized=models["int8"], fp32=models["fp32"])   # refuses mixed runs
     notes = []
     for name_, path in models.items():
         notes += [f"{name_}: {n}" for n in check_model(path, target)]   # refuses what the target cannot run
@@ -286,7 +292,7 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
 
             try:
                 files["model/calibration.cache"] = calibration_cache(
-                    read_json(ranges_path, what="calibration ranges"), target.runtime.min_version,
+                    ranges, target.runtime.min_version,
                     load_onnx(models["fp32"], load_weights=False)).encode()
             except UserError as exc:       # e.g. smoothed ranges: they describe another graph than model.onnx
                 notes.append(f"no calibration cache: {exc.message}")

@@ -43,11 +43,12 @@ import deploykit
 from deploykit.calib.calibrators import METHODS, CalibrationConfig, RangeCollector, TensorRange
 from deploykit.data import Split
 from deploykit.errors import UserError
-from deploykit.io import atomic_path, refuse_overwriting_inputs, write_json
+from deploykit.io import atomic_paths, json_text, refuse_overwriting_inputs, sha256_file
 from deploykit.onnx_utils import get_metadata, load_onnx, set_metadata
 from deploykit.plugins import DOMAIN, INT8_FORMS
 from deploykit.quantize.plugin_int8 import fold_into_plugins
 from deploykit.quantize.graph import constant_names, is_float, iterate_activations, value_types
+from deploykit.quantize.record import ranges_path_for
 
 ACTIVATION_TYPES = ("int8", "uint8")
 PRESETS: dict[str, dict[str, Any]] = {
@@ -226,9 +227,33 @@ def load_for_quantization(model_path: Path) -> tuple[onnx.ModelProto, onnx.Model
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         raise UserError("the model is already quantized (it has Q/DQ nodes)", path=model_path,
                         fix="calibrate the FP32 export, not an INT8 model")
-    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
+    return model, _shape_inferred(model, model_path)
 
-    return model, load_model_with_shape_infer(model_path)
+
+# protobuf refuses to serialise a model of 2 GiB or more in one piece.
+_IN_MEMORY_LIMIT = 2**31 - 1
+
+
+def _shape_inferred(model: onnx.ModelProto, model_path: Path) -> onnx.ModelProto:
+    """A shape-inferred copy of ``model``, marked as ORT's quantizer expects (``onnx.infer``).
+
+    In memory when the model fits in one protobuf; a larger one goes through a private
+    temporary folder that is removed on every exit path. Nothing is written beside the input
+    (ORT's own helper writes ``<model>-inferred.onnx`` there, which could delete a user's file
+    of that name and collides when two calibrations of one model run at once)."""
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    if model.ByteSize() < _IN_MEMORY_LIMIT:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="deploykit-infer-") as tmp:
+            out = Path(tmp) / "inferred.onnx"
+            onnx.shape_inference.infer_shapes_path(str(model_path), str(out))
+            inferred = onnx.load(str(out))
+    add_infer_metadata(inferred)
+    return inferred
 
 
 def prepare(inferred: onnx.ModelProto, split: Split, config: QuantConfig, *, alpha: float | None = None,
@@ -421,20 +446,22 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
                                              "float_fallback": len(fallback),
                                              "data_sha256": split.sha256, "samples": split.count}})
     onnx.checker.check_model(quantized, full_check=bool(custom))   # full: types through the local functions
-    with atomic_path(out_path, inputs=(model_path,)) as tmp_path:
-        onnx.save_model(quantized, str(tmp_path))
     qdq = {op: sum(1 for n in quantized.graph.node if n.op_type == op) for op in ("QuantizeLinear", "DequantizeLinear")}
     float_nodes = sorted(set(prepared.mask_float_nodes) | set(fallback))
     quantized_nodes = [n.name for n in prepared.nodes if n.name not in float_nodes]
-    ranges_path = out_path.with_name(out_path.stem + ".ranges.json")
+    ranges_path = ranges_path_for(out_path)
+    # The model and its ranges are one result: both are renamed into place together, or neither.
+    with atomic_paths(out_path, ranges_path, inputs=(model_path,)) as (tmp_model, tmp_ranges):
+        onnx.save_model(quantized, str(tmp_model))
+        tmp_ranges.write_text(json_text({
+            "model": str(model_path), "model_sha256": sha256_file(model_path),
+            "quantized_model": str(out_path), "quantized_model_sha256": sha256_file(tmp_model),
+            "data": {"sha256": split.sha256, "samples": split.count},
+            "config": config.summary(), "smoothing": prepared.smoothing,
+            "float_nodes": float_nodes, "tensors": {k: r.to_dict() for k, r in ranges.items()}}), encoding="utf-8")
     result = CalibrationResult(path=out_path, ranges_path=ranges_path, config=config, ranges=ranges,
                                quantized_nodes=quantized_nodes, float_nodes=float_nodes, fallback_nodes=fallback,
                                masked_tensors=prepared.masked_tensors, qdq_counts=qdq,
                                seconds=time.perf_counter() - start, data_sha256=split.sha256,
                                smoothing=prepared.smoothing, tuning=tuning, plugin_int8_nodes=plugin_nodes)
-    write_json(ranges_path, {"model": str(model_path), "quantized_model": str(out_path),
-                             "data": {"sha256": split.sha256, "samples": split.count},
-                             "config": config.summary(), "smoothing": prepared.smoothing,
-                             "float_nodes": float_nodes, "tensors": {k: r.to_dict() for k, r in ranges.items()}},
-               inputs=(model_path,))
     return result

@@ -27,14 +27,17 @@ def make_baseline(kind: str, model_path: Path, out_path: Path) -> Path:
         raise UserError(f"unknown baseline '{kind}'", fix=f"use one of {', '.join(BASELINES)}")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    meta = get_metadata(load_onnx(model_path, load_weights=False))
+    source = load_onnx(model_path)
+    meta = get_metadata(source)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
         with tempfile.TemporaryDirectory(prefix="deploykit-") as tmp:
             raw = Path(tmp) / "dynamic.onnx"
-            quantize_dynamic(str(model_path), str(raw), op_types_to_quantize=["MatMul"],
+            # A ModelProto, not the path: given a path, ORT writes "<model>-inferred.onnx" beside
+            # the user's file (and deletes it after); given a model it works in its own temp folder.
+            quantize_dynamic(source, str(raw), op_types_to_quantize=["MatMul"],
                              weight_type=QuantType.QInt8, per_channel=True)
             model = onnx.load(str(raw))
     finally:

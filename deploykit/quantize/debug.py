@@ -181,15 +181,17 @@ def node_errors(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, split:
     return sorted(errors, key=lambda e: (e.added_snr_db, e.node))
 
 
-def float_counterpart(fp32_model: onnx.ModelProto, ranges_json: Path | None) -> onnx.ModelProto:
+def float_counterpart(fp32_model: onnx.ModelProto, ranges_json: Path | None, *,
+                      quantized: Path | None = None, fp32: Path | None = None) -> onnx.ModelProto:
     """The float graph an INT8 model was quantized from: ``fp32_model``, smoothed again
-    from the record in its ``.ranges.json`` when there is one."""
+    from the record in its ``.ranges.json`` when there is one. ``quantized`` and ``fp32`` are
+    the files the record must belong to (checked by hash)."""
     if ranges_json is None or not Path(ranges_json).is_file():
         return fp32_model
-    from deploykit.io import read_json
+    from deploykit.quantize.record import read_ranges
     from deploykit.quantize.smoothquant import reapply
 
-    record = read_json(ranges_json, what="calibration ranges").get("smoothing") or []
+    record = read_ranges(ranges_json, quantized=quantized, fp32=fp32).get("smoothing") or []
     return reapply(fp32_model, record) if record else fp32_model
 
 

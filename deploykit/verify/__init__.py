@@ -252,9 +252,11 @@ def localize(fp32_path, qdq_path, split: Split, *, samples: int = 64, top: int =
 
     from deploykit.onnx_utils import load_onnx
     from deploykit.quantize.debug import float_counterpart, node_errors
+    from deploykit.quantize.record import ranges_path_for
 
     qdq_path = Path(qdq_path)
-    float_model = float_counterpart(load_onnx(Path(fp32_path)), qdq_path.with_name(qdq_path.stem + ".ranges.json"))
+    float_model = float_counterpart(load_onnx(Path(fp32_path)), ranges_path_for(qdq_path),
+                                    quantized=qdq_path, fp32=Path(fp32_path))
     part = Split(split.name, {k: v[:samples] for k, v in split.feeds.items()}, split.sha256)
     errors = node_errors(float_model, load_onnx(qdq_path), part)
     return {"samples": part.count, "nodes": [e.to_dict() for e in errors[:top]],
