@@ -179,10 +179,12 @@ def debug_quant(fp32_path: Path, int8_path: Path, out_dir: Path, *, source: str 
                 samples: int = 64, top: int = 20, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per-node quantization error of ``int8_path`` against its float counterpart, worst first."""
     from deploykit.quantize.debug import float_counterpart, node_errors, plot_node_errors
+    from deploykit.quantize.record import ranges_path_for
 
     if samples < 1:
         raise UserError("--samples must be at least 1", fix="e.g. --samples 64")
-    float_model = float_counterpart(load_onnx(fp32_path), int8_path.with_name(int8_path.stem + ".ranges.json"))
+    float_model = float_counterpart(load_onnx(fp32_path), ranges_path_for(int8_path),
+                                    quantized=int8_path, fp32=fp32_path)
     qdq = load_onnx(int8_path)
     bundle = model_for(fp32_path, source, options)
     split = stage_split(bundle, data, "evaluation", spec)
@@ -380,8 +382,9 @@ def run_artifacts(run_dir: Path) -> dict[str, Any]:
     """What ``deploykit verify <run folder>`` checks: the run's FP32 and Q/DQ models, its saved
     evaluation inputs and torch reference, its recipe's thresholds, its TensorRT shapes, its report."""
     from deploykit.package import bundle_profile
+    from deploykit.runfolder import check_complete
 
-    report_path = run_dir / "report.json"
+    report_path = check_complete(run_dir) / "report.json"
     if not report_path.is_file():
         raise UserError("not a run folder (no report.json)", path=run_dir,
                         fix="pass a runs/<name> folder, or the ONNX models themselves")
@@ -534,9 +537,8 @@ class RunResult:
 
 def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"), name: str | None = None,
                overrides: list[str] | None = None) -> RunResult:
-    from deploykit.export import export_onnx
-    from deploykit.models import load_model
-
+    """Run a recipe into ``out_root/<name>``: that folder ends up holding either the previous
+    run, untouched, or this whole run (``deploykit.runfolder``)."""
     rec: Recipe = load_recipe(recipe, overrides)
     rec.quantize.validate()
     rec.bench.validate()
@@ -547,11 +549,21 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
     for kind in rec.baselines:
         if kind not in BASELINE_VARIANT:
             raise UserError(f"unknown baseline '{kind}'", path=rec.path, fix=f"use {', '.join(BASELINE_VARIANT)}")
-    run_dir = Path(out_root) / (name or rec.name)
-    if rec.study.variants:
-        from deploykit.study import run_study
+    from deploykit.runfolder import check_name, run_folder
 
-        return run_study(rec, run_dir)
+    run_dir = Path(out_root) / check_name(name or rec.name, rec.path)
+    with run_folder(run_dir):
+        if rec.study.variants:
+            from deploykit.study import run_study
+
+            return run_study(rec, run_dir)
+        return _run_single(rec, run_dir)
+
+
+def _run_single(rec: Recipe, run_dir: Path) -> RunResult:
+    from deploykit.export import export_onnx
+    from deploykit.models import load_model
+
     timings: dict[str, float] = {}
     t = time.perf_counter()
 
