@@ -67,10 +67,15 @@ def temp_leftovers(*roots: Path) -> list[str]:
     return sorted(found)
 
 
+# Files other libraries keep in TMPDIR on purpose (not temporary, not deploykit's): importing
+# onnxruntime writes a small session-id file ".ses" there and reuses it on the next start.
+_NOT_OURS = {".ses"}
+
+
 def assert_no_temp_files(*roots: Path, tmpdir: Path | None = None) -> None:
     """No temporary name below ``roots``, and (when the run had its own TMPDIR) nothing at all in it."""
     left = temp_leftovers(*roots)
     assert not left, f"temporary files left behind: {left}"
     if tmpdir is not None and Path(tmpdir).exists():
-        extra = sorted(str(p) for p in Path(tmpdir).iterdir())
+        extra = sorted(str(p) for p in Path(tmpdir).iterdir() if p.name not in _NOT_OURS)
         assert not extra, f"left in TMPDIR: {extra}"
