@@ -55,13 +55,11 @@ def new_report(model: str, recipe: str | None, target: str) -> dict[str, Any]:
 
 
 def save_report(path: Path, report: dict[str, Any]) -> Path:
-    """Validate and write ``report`` to ``path``, then render report.md and plots next to it."""
-    from deploykit.report import render_report, validate_report
+    """Validate and write ``report`` to ``path`` together with its markdown and plots next to it
+    (``report.json`` -> ``report.md``; ``X.json`` -> ``X.md``, ``X-*.png``), all or none."""
+    from deploykit.report import save_and_render_report
 
-    validate_report(report, path=path)
-    write_json(path, report)
-    render_report(path)
-    return path
+    return save_and_render_report(path, report)
 
 
 def update_report(path: Path, update: dict[str, Any], *, model: str, target: str) -> Path:
