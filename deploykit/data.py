@@ -100,9 +100,13 @@ def _split_indices(n: int, spec: DataSpec, where: str) -> list[np.ndarray | None
 _SPLIT_NAMES = ("calibration", "evaluation", "tuning", "training")
 
 
-def _check_feeds(feeds: dict[str, np.ndarray], bundle: ModelBundle, where: str | Path) -> None:
+def _check_feeds(feeds: dict[str, np.ndarray], bundle: ModelBundle, where: str | Path) -> dict[str, np.ndarray]:
     """Names, dtypes, ranks, fixed sizes and finiteness of saved feeds against the model's
-    inputs (a wrong file must fail here in one line, not deep inside torch or ORT)."""
+    inputs (a wrong file must fail here in one line, not deep inside torch or ORT). Returns the
+    feeds, a dtype cast where no value changes (int32 ids -> int64)."""
+    from deploykit.feeds import castable
+
+    feeds = dict(feeds)
     missing = [n for n in bundle.input_names if n not in feeds]
     if missing:
         raise UserError(f"the feeds lack input(s) {missing}; they have {sorted(feeds)}", path=where,
@@ -114,8 +118,10 @@ def _check_feeds(feeds: dict[str, np.ndarray], bundle: ModelBundle, where: str |
         dynamic = set(bundle.dynamic_axes.get(name, {}))
         fixed = [(axis, size) for axis, size in enumerate(want.shape) if axis not in dynamic and axis > 0]
         if got.dtype != want.dtype:
-            raise UserError(f"input '{name}' is {got.dtype}, the model takes {want.dtype}", path=where,
-                            fix=f"save '{name}' as {want.dtype}")
+            if not castable(got, want.dtype):
+                raise UserError(f"input '{name}' is {got.dtype}, the model takes {want.dtype}", path=where,
+                                fix=f"save '{name}' as {want.dtype}")
+            feeds[name] = got = got.astype(want.dtype)
         if got.ndim != want.ndim or any(got.shape[axis] != size for axis, size in fixed):
             shape = ["N" if a == 0 or a in dynamic else s for a, s in enumerate(want.shape)]
             raise UserError(f"input '{name}' has shape {tuple(got.shape)}, the model takes "
@@ -127,6 +133,7 @@ def _check_feeds(feeds: dict[str, np.ndarray], bundle: ModelBundle, where: str |
     if len(sizes) > 1 or 0 in sizes:
         raise UserError(f"the feeds hold {sorted(sizes)} samples per input", path=where,
                         fix="save the same, non-zero number of samples for every input")
+    return feeds
 
 
 def make_splits(bundle: ModelBundle, spec: DataSpec) -> DataSplits:
@@ -171,7 +178,7 @@ def make_splits(bundle: ModelBundle, spec: DataSpec) -> DataSplits:
     if source.endswith(".npz"):
         arrays = read_npz(source, what="feeds file")
         labels = arrays.pop("labels", None)
-        _check_feeds(arrays, bundle, source)
+        arrays = _check_feeds(arrays, bundle, source)
         arrays = {n: arrays[n] for n in bundle.input_names}
         n = int(next(iter(arrays.values())).shape[0])
         splits = []
@@ -220,7 +227,7 @@ def load_split(path: str | Path, input_names: list[str], bundle: ModelBundle | N
                         fix=f"save arrays named {input_names}")
     feeds = {n: arrays[n] for n in input_names}
     if bundle is not None:
-        _check_feeds(feeds, bundle, path)
+        feeds = _check_feeds(feeds, bundle, path)
     meta_path = path.with_suffix(".json")
     meta = read_json(meta_path) if meta_path.is_file() else {}
     recorded = meta.get("feeds_sha256")

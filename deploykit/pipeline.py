@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +55,11 @@ def new_report(model: str, recipe: str | None, target: str) -> dict[str, Any]:
 
 
 def save_report(path: Path, report: dict[str, Any]) -> Path:
-    """Validate and write ``report`` to ``path``, then render report.md and plots next to it."""
-    from deploykit.report import render_report, validate_report
+    """Validate and write ``report`` to ``path`` together with its markdown and plots next to it
+    (``report.json`` -> ``report.md``; ``X.json`` -> ``X.md``, ``X-*.png``), all or none."""
+    from deploykit.report import save_and_render_report
 
-    validate_report(report, path=path)
-    write_json(path, report)
-    render_report(path)
-    return path
+    return save_and_render_report(path, report)
 
 
 def update_report(path: Path, update: dict[str, Any], *, model: str, target: str) -> Path:
@@ -109,6 +107,27 @@ def variant_names(onnx_paths: list[Path]) -> list[str]:
     return out
 
 
+def check_data_file(data: str | Path | None, models: list[Path]) -> None:
+    """A saved .npz of feeds checked against each ONNX model before it is split or run
+    (:func:`deploykit.feeds.check_feeds`: names, rank, dtype, shared sizes, ids, positions)."""
+    from deploykit.feeds import check_feeds_file
+
+    if data is not None and str(data).endswith(".npz") and Path(data).is_file():
+        check_feeds_file(data, models)
+
+
+def checked_split(split: Split | None, models: list[Path], data: str | Path, **kwargs: Any) -> Split | None:
+    """``split`` with its feeds checked against (and cast to) each ONNX model it will be fed to."""
+    from deploykit.feeds import check_feeds
+
+    if split is None:
+        return None
+    feeds = split.feeds
+    for model in models:
+        feeds = check_feeds(feeds, model, data=data, **kwargs)
+    return replace(split, feeds=feeds)
+
+
 def stage_split(bundle, data: str, which: str, spec: DataSpec) -> Split:
     """The calibration or evaluation set: a saved .npz used whole, or the seeded split of a source."""
     if data.endswith(".npz"):
@@ -144,6 +163,7 @@ def calibrate_model(model_path: Path, out: Path, *, source: str | None, data: st
     for name in targets or []:
         check_quant_config(config, preset, get_target(name))
     refuse_overwriting_inputs(out, (model_path,))
+    check_data_file(data, [model_path])
     bundle = model_for(model_path, source, options)
     tuning = config.tune.enabled
     if data.endswith(".npz"):
@@ -156,6 +176,7 @@ def calibrate_model(model_path: Path, out: Path, *, source: str | None, data: st
         splits = make_splits(bundle, DataSpec(source=data, calibration=spec.calibration, evaluation=spec.evaluation,
                                               seed=spec.seed, tuning=config.tune.samples if tuning else 0))
         split, tuning_split = splits.calibration, splits.tuning
+    split, tuning_split = checked_split(split, [model_path], data), checked_split(tuning_split, [model_path], data)
     label = "tuning" if tuning else config.resolved(preset).method
     with stage(f"calibrate {model_path} ({preset}, {label}, {split.count} samples)"):
         result = calibrate(model_path, split, out, config, tuning_split=tuning_split, default_preset=preset)
@@ -186,8 +207,9 @@ def debug_quant(fp32_path: Path, int8_path: Path, out_dir: Path, *, source: str 
     float_model = float_counterpart(load_onnx(fp32_path), ranges_path_for(int8_path),
                                     quantized=int8_path, fp32=fp32_path)
     qdq = load_onnx(int8_path)
+    check_data_file(data, [fp32_path, int8_path])
     bundle = model_for(fp32_path, source, options)
-    split = stage_split(bundle, data, "evaluation", spec)
+    split = checked_split(stage_split(bundle, data, "evaluation", spec), [fp32_path, int8_path], data)
     split = Split(split.name, {k: v[:samples] for k, v in split.feeds.items()}, split.sha256)
     with stage(f"debug-quant {int8_path} vs {fp32_path} ({split.count} samples)"):
         errors = node_errors(float_model, qdq, split)
@@ -291,12 +313,16 @@ def check_targets(models: list[Path], targets: list[str], where: str | None = No
     return notes
 
 
-def verification_inputs(bundle, inputs: Path | None, data: str, spec: DataSpec) -> tuple[Split, Path | None]:
+def verification_inputs(bundle, inputs: Path | None, data: str, spec: DataSpec,
+                        models: list[Path] = ()) -> tuple[Split, Path | None]:
     """The saved inputs every backend runs on: ``inputs`` if it exists (its recorded hash is
-    checked), else the evaluation split, saved to ``inputs`` once when a path is given."""
+    checked), else the evaluation split, saved to ``inputs`` once when a path is given. Either
+    is checked against ``models`` (the ONNX files it will be fed to) first."""
     if inputs is not None and inputs.is_file():
-        return load_split(inputs, bundle.input_names, bundle), inputs
-    split = stage_split(bundle, data, "evaluation", spec)
+        check_data_file(inputs, list(models))
+        return checked_split(load_split(inputs, bundle.input_names, bundle), list(models), inputs), inputs
+    check_data_file(data, list(models))
+    split = checked_split(stage_split(bundle, data, "evaluation", spec), list(models), data)
     if inputs is None:
         return split, None
     if inputs.suffix != ".npz":
@@ -411,7 +437,7 @@ def verify_models(models: list[Path], report: Path, *, source: str | None, data:
         raise UserError("no ONNX model given", fix="pass one or more .onnx files")
     notes = check_targets(models, targets or [])
     bundle = model_for(models[0], source, options)
-    split, inputs_path = verification_inputs(bundle, inputs, data, spec)
+    split, inputs_path = verification_inputs(bundle, inputs, data, spec, models)
     if reference is not None:
         ref = read_npz(reference, what="reference file").get("output")
         if ref is None or ref.shape[0] != split.count:
@@ -466,7 +492,9 @@ def bench_models(models: list[Path], report: Path, *, source: str | None, data: 
         bundle = load_model(source, options)
     else:
         raise UserError("the torch baseline alone needs the model source", fix="pass --model")
-    split = stage_split(bundle, data, "evaluation", spec)
+    check_data_file(data, models)
+    split = checked_split(stage_split(bundle, data, "evaluation", spec), models, data)
+    check_bench_length(split, models, data, config)
     threads = config.threads or default_threads()
     latency = _bench_all(bundle, split, models, backends, config, threads, torch_baseline)
     _print_latency(latency)
@@ -481,8 +509,10 @@ def bench_models_on_targets(models: list[Path], report: Path, targets: list[str]
     if not models:
         raise UserError("no ONNX model given", fix="pass the .onnx files to time on the target")
     notes = check_targets(models, targets)
+    check_data_file(data, models)
     bundle = model_for(models[0], source, options)
-    split = stage_split(bundle, data, "evaluation", spec)
+    split = checked_split(stage_split(bundle, data, "evaluation", spec), models, data)
+    check_bench_length(split, models, data, config)
     section = bench_targets(dict(zip(variant_names(models), models)), split, targets, config)
     update = {"targets": section,
               **({"notes": [f"{t}: {n}" for t, ns in notes.items() for n in ns]} if notes else {})}
@@ -507,6 +537,14 @@ def bench_targets(models: dict[str, Path], split: Split, targets: list[str], con
                 say(f"  {name} {variant}: p50 {fig['p50_ms']:.2f} ms at batch 1 on {fig['threads']} threads, "
                     f"peak RSS {fig['peak_rss_mib']:.0f} MiB of {entry['memory_budget_mib']:.0f}")
     return out
+
+
+def check_bench_length(split: Split, models: list[Path], data: str, config: BenchConfig) -> None:
+    """The feeds bench runs (``--seq`` columns, padding kept) fit each model's position table."""
+    from deploykit.bench import bench_feeds
+
+    checked_split(replace(split, feeds=bench_feeds(split, 1, config.seq_len)), models, data, trimmed=False,
+                  length_fix=f"lower --seq (bench.seq_len, now {config.seq_len}) to the model's positions")
 
 
 def _bench_all(bundle, split, models, backends, config, threads, torch_baseline) -> dict[str, Any]:

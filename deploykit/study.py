@@ -570,8 +570,9 @@ def plot_losses(variants: dict[str, Any], dest: Path, inputs: tuple[Path, ...] =
     return _save(fig, dest, inputs)
 
 
-def study_section(report: dict[str, Any], out: Path, inputs: tuple[Path, ...]) -> list[str]:
-    """report.md lines for a study: the comparison table, outlier and loss plots."""
+def study_section(report: dict[str, Any], rendering: Any) -> list[str]:
+    """report.md lines for a study: the comparison table, outlier and loss plots (registered on
+    ``rendering``, a :class:`deploykit.report.render.Rendering`)."""
     from deploykit.outliers import plot_outliers
 
     study = report["study"]
@@ -588,12 +589,14 @@ def study_section(report: dict[str, Any], out: Path, inputs: tuple[Path, ...]) -
     md += compression_lines(study.get("compression_table") or [])
     if study.get("layer_latency"):
         md += layer_latency_lines(study["layer_latency"])
-        plot_layer_latency(study["layer_latency"], out / LAYER_PLOT, inputs)
-        md += [f"![One attention layer by sequence length]({LAYER_PLOT})", ""]
-    plot_outliers({k: v["outliers"] for k, v in study["variants"].items()}, out / OUTLIER_PLOT, inputs)
-    md += [f"![Outliers per layer]({OUTLIER_PLOT})", ""]
-    if plot_losses(study["variants"], out / LOSS_PLOT, inputs):
-        md += [f"![Training loss]({LOSS_PLOT})", ""]
+        layer = rendering.add(LAYER_PLOT, lambda dest: plot_layer_latency(study["layer_latency"], dest))
+        md += [f"![One attention layer by sequence length]({layer})", ""]
+    outliers = rendering.add(OUTLIER_PLOT, lambda dest: plot_outliers(
+        {k: v["outliers"] for k, v in study["variants"].items()}, dest))
+    md += [f"![Outliers per layer]({outliers})", ""]
+    if any(v.get("train") and v["train"].get("losses") for v in study["variants"].values()):
+        losses = rendering.add(LOSS_PLOT, lambda dest: plot_losses(study["variants"], dest))
+        md += [f"![Training loss]({losses})", ""]
     return md
 
 

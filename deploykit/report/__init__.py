@@ -6,8 +6,9 @@ from deploykit.report.render import (
     format_number,
     merge_report,
     render_report,
+    save_and_render_report,
     validate_report,
 )
 
-__all__ = ["validate_report", "merge_report", "render_report", "format_latency_table", "format_number",
+__all__ = ["validate_report", "merge_report", "render_report", "save_and_render_report", "format_latency_table", "format_number",
            "LATENCY_KEY"]

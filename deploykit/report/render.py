@@ -27,8 +27,11 @@ plus optional ``created``, ``deploykit_version``, ``data``, ``export``, ``calibr
 Unknown extra fields are allowed and kept.
 
 Rendering writes ``report.md`` and PNG plots (Agg, object-oriented matplotlib: no global
-state, no creation time or software tag in the PNGs) atomically next to the report or into
-``out_dir``; it never writes onto report.json.
+state, no creation time or software tag in the PNGs) next to the report or into ``out_dir``,
+all in one group of atomic renames; it never writes onto report.json. The rendered files
+follow the report's name: ``report.json`` gives ``report.md`` and ``latency_by_batch.png`` …,
+any other ``X.json`` gives ``X.md`` and ``X-latency_by_batch.png`` …, so two reports in one
+folder never write over each other's files.
 """
 
 from __future__ import annotations
@@ -38,10 +41,10 @@ import math
 import re
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from deploykit.errors import UserError
-from deploykit.io import atomic_path, read_json, write_text
+from deploykit.io import atomic_path, atomic_paths, read_json, write_json
 
 LATENCY_KEY = re.compile(r"^(?P<variant>[^@/]+)@(?P<backend>[^@/]+)/b(?P<batch>[1-9][0-9]*)$")
 LATENCY_FIELDS = ("batch", "p50_ms", "p90_ms", "p99_ms", "throughput_per_s")
@@ -58,6 +61,7 @@ TUNING_PLOT = "tuning_trials.png"
 PARITY_PLOT = "parity_by_backend.png"
 TARGETS_PLOT = "latency_by_target.png"
 LOCALIZATION_ROWS = 10
+DEFAULT_REPORT_STEM = "report"   # report.json renders report.md and unprefixed plot names
 _FIX = "regenerate the report with deploykit or correct the field in report.json"
 
 
@@ -674,7 +678,7 @@ def plot_targets(targets: dict, dest: Path, inputs: tuple[Path, ...] = ()) -> Pa
     return _save(fig, dest, inputs)
 
 
-def _tuning_section(tuning: dict) -> list[str]:
+def _tuning_section(tuning: dict, plot: str = TUNING_PLOT) -> list[str]:
     chosen = tuning.get("chosen") or {}
     criteria = tuning.get("criteria") or {}
     head = (f"Criteria {', '.join(f'`{k} {v}`' for k, v in criteria.items())} on the tuning split "
@@ -689,7 +693,7 @@ def _tuning_section(tuning: dict) -> list[str]:
             is not None else ""), str(t["float_node_count"]), *(format_number(t["metrics"].get(m), m) for m in metrics),
              "✅" if t["passed"] else ""] for t in tuning["trials"]]
     table = _table(["trial", "phase", "alpha", "method", "float nodes", *metrics, "pass"], rows)
-    out = ["## Tuning", "", head, "", f"![Tuning trials]({TUNING_PLOT})", "", *table]
+    out = ["## Tuning", "", head, "", f"![Tuning trials]({plot})", "", *table]
     ranking = tuning.get("ranking") or []
     if ranking:
         out += ["", "Worst nodes by the error each adds alone (fallback order):", "",
@@ -715,7 +719,8 @@ def _acceptance_section(acceptance: list[dict]) -> list[str]:
     return ["## Acceptance", "", *_checks_table(acceptance)]
 
 
-def _latency_section(rows: list[dict]) -> list[str]:
+def _latency_section(rows: list[dict], latency_plot: str = LATENCY_PLOT,
+                     throughput_plot: str = THROUGHPUT_PLOT) -> list[str]:
     batches = sorted({r["batch"] for r in rows})
     header = ["variant@backend"]
     for b in batches:
@@ -730,8 +735,8 @@ def _latency_section(rows: list[dict]) -> list[str]:
                      if p else ["—", "—"])
         table.append(line)
     return ["## Latency", "", "Wall time of one call (host to host); throughput in items per second.", "",
-            *_table(header, table), "", f"![Latency by batch size]({LATENCY_PLOT})", "",
-            f"![Throughput by batch size]({THROUGHPUT_PLOT})"]
+            *_table(header, table), "", f"![Latency by batch size]({latency_plot})", "",
+            f"![Throughput by batch size]({throughput_plot})"]
 
 
 def _db(value: Any) -> str:
@@ -757,7 +762,7 @@ def _exclude_command(report: dict, exclude: list[str]) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
-def _parity_section(report: dict, plotted: bool) -> list[str]:
+def _parity_section(report: dict, plot: str | None) -> list[str]:
     parity = report.get("parity") or {}
     ver = report.get("verification") or {}
     source = ""
@@ -781,8 +786,8 @@ def _parity_section(report: dict, plotted: bool) -> list[str]:
         skipped = ver["backends_skipped"]
         out += ["Backends skipped: " + ("; ".join(f"`{b}` ({_cell(r)})" for b, r in skipped.items()) if skipped
                                          else "none") + ".", ""]
-    if plotted:
-        out += [f"![Parity by backend]({PARITY_PLOT})", ""]
+    if plot:
+        out += [f"![Parity by backend]({plot})", ""]
     checks = ver.get("checks") or []
     if checks:
         failed = [c["check"] for c in checks if not c["passed"]]
@@ -819,7 +824,7 @@ def _parity_section(report: dict, plotted: bool) -> list[str]:
     return out[:-1] if out[-1] == "" else out
 
 
-def _targets_section(targets: dict, plotted: bool) -> list[str]:
+def _targets_section(targets: dict, plot: str | None) -> list[str]:
     rows = []
     for name, target in targets.items():
         runtime = f"`{_cell(target.get('runtime'))}`"
@@ -855,8 +860,8 @@ def _targets_section(targets: dict, plotted: bool) -> list[str]:
         bullets.insert(0, "- cores of the machine measured on: " + ", ".join(f"`{n}` {c}" for n, c in cores.items()))
     if bullets:
         out += ["", *bullets]
-    if plotted:
-        out += ["", f"![Latency by target]({TARGETS_PLOT})"]
+    if plot:
+        out += ["", f"![Latency by target]({plot})"]
     return out
 
 
@@ -898,14 +903,55 @@ def _bundles_section(bundles: dict) -> list[str]:
                                            ["l", "l", "l", "r", "r"])]
 
 
-def render_report(report_json: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Render ``report.md`` and its PNG plots from ``report_json``; return the report.md path."""
-    report_json = Path(report_json)
-    report = read_json(report_json, what="report")
-    validate_report(report, path=report_json)
-    out = Path(out_dir) if out_dir is not None else report_json.parent
-    inputs = (report_json,)
+class Rendering:
+    """The files one report renders to: its markdown and plots, named after the report
+    (``report.json`` -> ``report.md``, ``latency_by_batch.png``; ``X.json`` -> ``X.md``,
+    ``X-latency_by_batch.png``). Plots are registered with a drawing function and written
+    together with the markdown by :meth:`write`."""
 
+    def __init__(self, report_json: str | Path, out_dir: str | Path | None = None):
+        report_json = Path(report_json)
+        self.report_json = report_json
+        self.out = Path(out_dir) if out_dir is not None else report_json.parent
+        self.stem = report_json.stem if report_json.suffix else report_json.name
+        self.md_name = f"{self.stem}.md"
+        self.plots: dict[str, Callable[[Path], Any]] = {}
+
+    def name(self, plot: str) -> str:
+        """The file name of ``plot`` for this report."""
+        return plot if self.stem == DEFAULT_REPORT_STEM else f"{self.stem}-{plot}"
+
+    def add(self, plot: str, draw: Callable[[Path], Any]) -> str:
+        """Register ``draw(dest)`` as the writer of ``plot``; return its file name (for the link)."""
+        name = self.name(plot)
+        self.plots[name] = draw
+        return name
+
+    def paths(self) -> list[Path]:
+        return [self.out / self.md_name, *(self.out / name for name in self.plots)]
+
+    def write(self, md_text: str, *, report: dict | None = None, inputs: tuple[Path, ...] = ()) -> Path:
+        """Write the markdown and every plot (and ``report`` as the report JSON itself, when given)
+        in one group of atomic renames: all of them change, or none. Returns the markdown path."""
+        dests = self.paths()
+        resolved = [d.resolve() for d in [self.report_json, *dests]]
+        if len(set(resolved)) != len(resolved):
+            raise UserError(f"the report's name makes its rendered files ({self.md_name}) collide with it",
+                            path=self.report_json, fix="name the report file with a .json suffix, e.g. report.json")
+        if report is not None:
+            dests.insert(0, self.report_json)
+        with atomic_paths(*dests, inputs=inputs) as temps:
+            temps = list(temps)
+            if report is not None:
+                write_json(temps.pop(0), report)
+            temps[0].write_text(md_text, encoding="utf-8")
+            for tmp, draw in zip(temps[1:], self.plots.values()):
+                draw(tmp)
+        return self.out / self.md_name
+
+
+def render_markdown(report: dict, rendering: Rendering) -> str:
+    """The markdown of ``report``; the plots it links are registered on ``rendering``."""
     title = f"# deploykit report: {report['model']}"
     meta = [f"**recipe** `{report['recipe']}`" if report["recipe"] else "**recipe** —",
             f"**target** `{report['target']}`"]
@@ -927,42 +973,38 @@ def render_report(report_json: str | Path, out_dir: str | Path | None = None) ->
     if isinstance(report.get("study"), dict) and report["study"].get("table"):
         from deploykit.study import study_section
 
-        md += study_section(report, out, inputs)
+        md += study_section(report, rendering)
     if report["accuracy"]:
         md += [*_accuracy_section(report["accuracy"]), ""]
     cosines = {v: d["cosine"] for v, d in (report.get("distributions") or {}).items() if d.get("cosine")}
     if cosines:
-        plot_cosine(cosines, out / COSINE_PLOT, inputs)
+        cosine_plot = rendering.add(COSINE_PLOT, lambda dest: plot_cosine(cosines, dest))
         md += ["### Cosine distribution", "",
                "Per-sample `1 − cosine` against the reference, log scale (cosines near 1 are unreadable "
-               "on a linear axis).", "", f"![Cosine distribution]({COSINE_PLOT})", ""]
+               "on a linear axis).", "", f"![Cosine distribution]({cosine_plot})", ""]
     if acceptance:
         md += [*_acceptance_section(acceptance), ""]
 
     rows = format_latency_table(report)
     if rows:
-        plot_latency(rows, out / LATENCY_PLOT, inputs)
-        plot_throughput(rows, out / THROUGHPUT_PLOT, inputs)
-        md += [*_latency_section(rows), ""]
+        md += [*_latency_section(rows, rendering.add(LATENCY_PLOT, lambda dest: plot_latency(rows, dest)),
+                                 rendering.add(THROUGHPUT_PLOT, lambda dest: plot_throughput(rows, dest))), ""]
 
     parity = report.get("parity") or {}
     if parity or report.get("verification"):
         plotted = any(_is_number(m.get("cosine_mean")) or _is_number(m.get("snr_db")) for m in parity.values())
-        if plotted:
-            plot_parity(parity, out / PARITY_PLOT, inputs)
-        md += [*_parity_section(report, plotted), ""]
+        plot = rendering.add(PARITY_PLOT, lambda dest: plot_parity(parity, dest)) if plotted else None
+        md += [*_parity_section(report, plot), ""]
     targets = report.get("targets") or {}
     if targets:
-        plot_targets(targets, out / TARGETS_PLOT, inputs)
-        md += [*_targets_section(targets, True), ""]
+        md += [*_targets_section(targets, rendering.add(TARGETS_PLOT, lambda dest: plot_targets(targets, dest))), ""]
         md += [*_target_accuracy_section(targets, parity, (report.get("verification") or {}).get("checks") or []), ""]
     if report.get("bundles"):
         md += [*_bundles_section(report["bundles"]), ""]
 
     tuning = report.get("tuning")
     if isinstance(tuning, dict) and tuning.get("trials"):
-        plot_tuning(tuning, out / TUNING_PLOT, inputs)
-        md += [*_tuning_section(tuning), ""]
+        md += [*_tuning_section(tuning, rendering.add(TUNING_PLOT, lambda dest: plot_tuning(tuning, dest))), ""]
 
     for key, heading in (("data", "Data"), ("export", "Export"), ("calibration", "Calibration"),
                          ("bench", "Bench settings")):
@@ -981,9 +1023,32 @@ def render_report(report_json: str | Path, out_dir: str | Path | None = None) ->
     if report.get("notes"):
         md += ["## Notes", "", *(f"- {n}" for n in report["notes"]), ""]
 
-    return write_text(out / "report.md", "\n".join(md).rstrip() + "\n", inputs=inputs)
+    return "\n".join(md).rstrip() + "\n"
 
 
-__all__ = ["validate_report", "merge_report", "render_report", "format_latency_table", "format_number",
+def render_report(report_json: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Render the markdown and PNG plots of ``report_json`` (``report.json`` -> ``report.md``,
+    ``X.json`` -> ``X.md`` and ``X-*.png``), all written together; return the markdown path."""
+    report_json = Path(report_json)
+    report = read_json(report_json, what="report")
+    validate_report(report, path=report_json)
+    rendering = Rendering(report_json, out_dir)
+    return rendering.write(render_markdown(report, rendering), inputs=(report_json,))
+
+
+def save_and_render_report(report_json: str | Path, report: dict) -> Path:
+    """Write ``report`` to ``report_json`` together with its markdown and plots next to it,
+    in one group of atomic renames; return the report path."""
+    report_json = Path(report_json)
+    validate_report(report, path=report_json)
+    rendering = Rendering(report_json)
+    rendering.write(render_markdown(report, rendering), report=report)
+    return report_json
+
+
+
+
+__all__ = ["validate_report", "merge_report", "render_report", "save_and_render_report",
+           "Rendering", "format_latency_table", "format_number",
            "plot_latency", "plot_throughput", "plot_cosine", "plot_parity", "plot_targets", "LATENCY_KEY",
            "PARITY_KEY"]
