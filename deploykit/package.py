@@ -753,7 +753,8 @@ def _remove_created(created: list[Path]) -> None:
             pass
 
 
-def unpack_bundle(archive: str | Path, dest: str | Path | None = None, *, target: str | None = None) -> Path:
+def unpack_bundle(archive: str | Path, dest: str | Path | None = None, *, target: str | None = None,
+                  announce: bool = True) -> Path:
     """Unpack and check a bundle into ``dest`` (default ``./<bundle name>``); the folder.
 
     Members are checked from their headers first (names, types, duplicates, sizes against the
@@ -842,8 +843,9 @@ def unpack_bundle(archive: str | Path, dest: str | Path | None = None, *, target
                 raise UserError(f"cannot unpack into {dest} ({reason}); nothing was written", path=archive,
                                 fix="free disk space or choose another --out") from None
             raise
-    say(f"unpacked {archive} -> {dest} ({len(manifest['files'])} files, hashes checked, target "
-        f"{manifest['target']['name']})")
+    if announce:        # device-verify unpacks into a private folder whose name is no concern of the user's
+        say(f"unpacked {archive} -> {dest} ({len(manifest['files'])} files, hashes checked, target "
+            f"{manifest['target']['name']})")
     return dest
 
 
@@ -856,7 +858,7 @@ def device_verify(bundle: str | Path, *, target: str | None = None, out: str | P
     if bundle.is_file():
         with tempfile.TemporaryDirectory(prefix="deploykit-bundle-") as tmp:
             with _shown_as(Path(tmp) / "bundle", bundle):
-                folder = unpack_bundle(bundle, Path(tmp) / "bundle", target=target)
+                folder = unpack_bundle(bundle, Path(tmp) / "bundle", target=target, announce=False)
                 return _device_verify(folder, bundle, target, out, variants, threads, iterations, allow_other_arch)
     if not bundle.is_dir():
         raise UserError("bundle not found", path=bundle, fix="give the .tar.gz or the folder deploykit unpack wrote")

@@ -197,3 +197,140 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _bundle_with(place, files=None, manifest=None, **kw) -> Path:
+    return write_bundle(place[0] / "b.tar.gz", files, manifest, **kw)
+
+
+def _honest(files: dict[str, bytes], change=None) -> dict:
+    """The files' own manifest (hashes and sizes right), changed by ``change(manifest)``."""
+    manifest = _manifest(files)
+    if change is not None:
+        change(manifest)
+    return manifest
+
+
+def _unpacked_folder(place, files: dict[str, bytes], manifest: dict) -> Path:
+    """A folder as unpack writes it, with files and manifest as given (no unpack checks)."""
+    folder = place[0] / "folder"
+    for rel, data in {**files, "manifest.json": json.dumps(manifest).encode()}.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    return folder
+
+
+# ----------------------------------------------------------------------------- 1. paths outside the bundle
+OUTSIDE_CASES = {
+    "absolute-variant": lambda sentinel: {"variants": {"int8": str(sentinel / "outside.onnx"),
+                                                       "fp32": "model/model.onnx"}},
+    "dotdot-variant": lambda sentinel: {"variants": {"int8": "../sentinel/outside.onnx", "fp32": "model/model.onnx"}},
+    "unlisted-variant": lambda sentinel: {"variants": {"int8": "model/other.onnx", "fp32": "model/model.onnx"}},
+    "non-onnx-variant": lambda sentinel: {"variants": {"int8": "README.md", "fp32": "model/model.onnx"}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTSIDE_CASES))
+def test_a_variant_outside_the_bundle_or_unhashed_is_never_run(case, place):
+    """The manifest names a model outside the bundle, or one it does not hash: unpack and
+    device-verify (archive and folder) refuse before any model is opened. The outside model
+    is a FIFO in these runs: opening it would block (the run would time out)."""
+    work, sentinel, tmpdir = place
+    fifo = sentinel / "outside.onnx"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    global SENTINEL_HASHES
+    saved, SENTINEL_HASHES = SENTINEL_HASHES, {"keep.txt": SENTINEL_HASHES["keep.txt"]}
+    try:
+        files = _valid_files()
+        archive = _bundle_with(place, files, _honest(files, lambda m: m.update(OUTSIDE_CASES[case](sentinel))))
+        line = unpack_refused(archive, place, "variants['int8']")
+        assert "unsafe path" in line or "not an ONNX file the manifest lists" in line
+        refused(run_cli("device-verify", archive.name, cwd=work, tmpdir=tmpdir), place, "variants['int8']")
+        folder = _unpacked_folder(place, files, _honest(files, lambda m: m.update(OUTSIDE_CASES[case](sentinel))))
+        refused(run_cli("device-verify", "folder", cwd=work, tmpdir=tmpdir), place, "variants['int8']",
+                shown="folder")
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and tree_hashes(folder)
+    finally:
+        SENTINEL_HASHES = saved
+
+
+@pytest.mark.parametrize("rel,fragment", [
+    ("/etc/evil.onnx", "absolute path"),
+    ("../evil.onnx", "climbs out of the bundle"),
+    ("model/../../evil.onnx", "climbs out of the bundle"),
+    ("model//x.onnx", "not a plain relative path"),
+    ("model\\..\\x.onnx", "backslash"),
+    ("manifest.json", "the manifest itself"),
+])
+def test_a_files_entry_outside_the_bundle_is_refused(rel, fragment, place):
+    files = _valid_files()
+    manifest = _honest(files, lambda m: m["files"].update({rel: {"sha256": "0" * 64, "bytes": 1}}))
+    unpack_refused(_bundle_with(place, files, manifest), place, "unsafe path", fragment)
+    _unpacked_folder(place, files, manifest)
+    refused(run_cli("device-verify", "folder", cwd=place[0], tmpdir=place[2]), place, "unsafe path",
+            shown="folder")
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_a_symlink_out_of_an_unpacked_folder_is_refused(what, place):
+    """A folder whose model (or model folder) is a link to a file outside, with the manifest's
+    hash even matching the outside file: refused as a link, the outside file never run."""
+    work, sentinel, tmpdir = place
+    files = _valid_files()
+    folder = _unpacked_folder(place, files, _honest(files))
+    if what == "file":
+        (folder / "model/model.int8.onnx").unlink()
+        (folder / "model/model.int8.onnx").symlink_to(sentinel / "outside.onnx")
+        fragment = "model/model.int8.onnx is a link"
+    else:
+        outside = sentinel / "models"
+        outside.mkdir()
+        for rel in ("model.onnx", "model.int8.onnx"):
+            (outside / rel).write_bytes(files[f"model/{rel}"])
+        (folder / "model/model.onnx").unlink()
+        (folder / "model/model.int8.onnx").unlink()
+        (folder / "model").rmdir()
+        (folder / "model").symlink_to(outside)
+        SENTINEL_HASHES.update(tree_hashes(sentinel))
+        fragment = "model is a link"
+    try:
+        refused(run_cli("device-verify", "folder", cwd=work, tmpdir=tmpdir), place, fragment, shown="folder")
+    finally:
+        for rel in ("models/model.onnx", "models/model.int8.onnx"):
+            SENTINEL_HASHES.pop(rel, None)
+
+
+@pytest.mark.parametrize("location", ["../../sentinel/weights.bin", "/etc/passwd", "model/unlisted.bin"])
+def test_external_weights_outside_the_bundle_are_never_read(location, place):
+    """A hash-checked model whose weights live in an external file outside the bundle (or in
+    one the manifest does not list): device-verify refuses before ONNX Runtime reads it."""
+    work, sentinel, tmpdir = place
+    files = _valid_files()
+    files["model/model.int8.onnx"] = _model(external=location)
+    archive = _bundle_with(place, files, _honest(files))
+    line = refused(run_cli("device-verify", archive.name, cwd=work, tmpdir=tmpdir), place,
+                   "model/model.int8.onnx reads its weights from", location)
+    assert "manifest does not list" in line or "climbs out" in line or "absolute" in line
+
+
+@pytest.mark.parametrize("rel", ["model/model.int8.onnx", "verify/expected.npz", "README.md"])
+def test_a_hash_mismatch_is_refused_whatever_the_file(rel, place):
+    files = _valid_files()
+    manifest = _manifest(files)
+    files[rel] = files[rel][:-1] + bytes([files[rel][-1] ^ 1])     # same size, other content
+    archive = _bundle_with(place, files, manifest)
+    unpack_refused(archive, place, rel, "does not match its manifest SHA-256")
+    refused(run_cli("device-verify", archive.name, cwd=place[0], tmpdir=place[2]), place, rel,
+            "does not match its manifest SHA-256")
+    _unpacked_folder(place, files, manifest)
+    refused(run_cli("device-verify", "folder", cwd=place[0], tmpdir=place[2]), place, rel,
+            "does not match its manifest SHA-256", shown="folder")
+
+
+def test_a_file_the_manifest_does_not_list_is_refused_in_a_folder(place):
+    files = _valid_files()
+    folder = _unpacked_folder(place, files, _manifest(files))
+    (folder / "model/extra.onnx").write_bytes(_model())
+    refused(run_cli("device-verify", "folder", cwd=place[0], tmpdir=place[2]), place, "model/extra.onnx",
+            "not in the manifest", shown="folder")
