@@ -862,25 +862,28 @@ def device_verify(bundle: str | Path, *, target: str | None = None, out: str | P
                 return _device_verify(folder, bundle, target, out, variants, threads, iterations, allow_other_arch)
     if not bundle.is_dir():
         raise UserError("bundle not found", path=bundle, fix="give the .tar.gz or the folder deploykit unpack wrote")
-    return _device_verify(bundle, bundle, target, out, variants, threads, iterations, allow_other_arch)
+    with _shown_as(bundle, bundle):
+        return _device_verify(bundle, bundle, target, out, variants, threads, iterations, allow_other_arch)
 
 
 @contextlib.contextmanager
 def _shown_as(folder: Path, shown: Path):
-    """Errors about files below ``folder`` (an internal unpack folder) name ``shown`` (the
-    archive the user gave) and the file's path inside the bundle instead."""
+    """Errors about files below ``folder`` (the bundle's folder, or the private folder an archive
+    was unpacked into) name ``shown`` (what the user gave) and the file's path inside the bundle;
+    their fix is the bundle's (the file was hash-checked: only a new bundle mends it)."""
     try:
         yield
     except UserError as exc:
         root = str(folder)
         path = exc.path or ""
-        if not (path.startswith(root) or root in exc.message or root in (exc.fix or "")):
+        inside = path.startswith(root + os.sep)
+        if not (inside or path == root or root in exc.message or root in (exc.fix or "")):
             raise
-        rel = Path(path).relative_to(folder).as_posix() if path.startswith(root) else ""
+        rel = Path(path).relative_to(folder).as_posix() if inside else ""
         message = exc.message.replace(root + os.sep, "").replace(root, str(shown))
-        if rel and rel != "." and not message.startswith(rel):
+        if rel and not message.startswith(rel):
             message = f"{rel}: {message}"
-        fix = (exc.fix or "").replace(root + os.sep, "").replace(root, str(shown)) or None
+        fix = _FIX_BAD if rel else (exc.fix or "").replace(root + os.sep, "").replace(root, str(shown)) or None
         raise UserError(message, path=shown, fix=fix) from None
 
 
@@ -983,7 +986,10 @@ def _device_verify(folder: Path, shown: Path, target_name: str | None, out, vari
         info = read_json(meta, what="engine metadata")
         if not isinstance(info, dict):
             raise _bad(f"bundle file engines/{meta.name} is {_kind(info)}, not an object", shown)
-        check_engine(info, target, shown / "engines" / meta.name)
+        try:
+            check_engine(info, target, shown / "engines" / meta.name)
+        except UserError as exc:        # its own fix (build on the target), not a broken bundle's
+            raise UserError(f"engines/{meta.name}: {exc.message}", path=shown, fix=exc.fix) from None
     thresholds = read_json(folder / "verify/thresholds.json", what="thresholds")
     rules = thresholds.get("rules") or {} if isinstance(thresholds, dict) else None
     if not isinstance(rules, dict) or not all(isinstance(k, str) and "." in k and parse_rule(v) is not None

@@ -334,3 +334,251 @@ def test_a_file_the_manifest_does_not_list_is_refused_in_a_folder(place):
     (folder / "model/extra.onnx").write_bytes(_model())
     refused(run_cli("device-verify", "folder", cwd=place[0], tmpdir=place[2]), place, "model/extra.onnx",
             "not in the manifest", shown="folder")
+
+
+# ----------------------------------------------------------------------------- 2. bombs, member types, duplicates
+MIB = 2**20
+
+
+def test_a_member_bigger_than_its_declared_size_is_refused_before_writing(place):
+    """4 MiB of zeros (a few KiB compressed) where the manifest declares the small inputs file."""
+    files = _valid_files()
+    manifest = _manifest(files)
+    files["verify/inputs.npz"] = bytes(4 * MIB)
+    archive = _bundle_with(place, files, manifest)
+    assert archive.stat().st_size < 64 * 1024
+    declared = manifest["files"]["verify/inputs.npz"]["bytes"]
+    unpack_refused(archive, place, "verify/inputs.npz", f"more than the {declared} its manifest declares")
+    refused(run_cli("device-verify", archive.name, cwd=place[0], tmpdir=place[2]), place, "verify/inputs.npz",
+            "more than the")
+
+
+def test_the_ceilings_bound_an_honest_manifest(place):
+    """A manifest that declares its zeros honestly: the per-file and the total ceilings (lowered
+    here to 1 and 3 MiB) refuse it from the member headers, before anything is written."""
+    files = {**_valid_files(), "data/a.bin": bytes(2 * MIB), "data/b.bin": bytes(2 * MIB)}
+    archive = _bundle_with(place, files, _honest(files))
+    unpack_refused(archive, place, "data/a.bin", f"over the {MIB} a bundle file may hold",
+                   patch={"MAX_MEMBER_BYTES": MIB})
+    unpack_refused(archive, place, "more than 3145728 bytes", patch={"MAX_TOTAL_BYTES": 3 * MIB})
+    refused(run_cli("device-verify", archive.name, cwd=place[0], tmpdir=place[2],
+                    patch={"MAX_TOTAL_BYTES": 3 * MIB}), place, "more than 3145728 bytes")
+
+
+@pytest.mark.parametrize("size,fragment", [(10 * 2**30, "over the"), (2**40, "over the")])
+def test_a_manifest_declaring_more_than_the_ceilings_is_refused(size, fragment, place):
+    files = _valid_files()
+    manifest = _honest(files, lambda m: m["files"]["README.md"].update(bytes=size))
+    unpack_refused(_bundle_with(place, files, manifest), place, "README.md", fragment)
+
+
+def test_too_many_members_are_refused(place):
+    files = {**_valid_files(), **{f"data/{i}.txt": b"" for i in range(40)}}
+    unpack_refused(_bundle_with(place, files, _honest(files)), place, "more than 20 entries",
+                   patch={"MAX_MEMBERS": 20})
+
+
+def test_extraction_stops_at_the_declared_size_and_removes_the_partial_file(tmp_path, monkeypatch):
+    """The streaming bound itself (what holds whatever a header says): chunks are written until
+    the next would pass the limit; then the partial file is removed and nothing more is read."""
+    import deploykit.package as package
+    from deploykit.errors import UserError
+
+    monkeypatch.setattr(package, "_CHUNK", 1024)
+
+    class Zeros(io.RawIOBase):
+        served = 0
+
+        def read(self, n=-1):
+            Zeros.served += n
+            return bytes(n)                  # an endless stream of zeros
+
+    out = tmp_path / "member.bin"
+    with pytest.raises(UserError, match="holds more than the 10000 bytes"):
+        package._write_member(Zeros(), out, 10_000, "verify/inputs.npz", "b.tar.gz")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert Zeros.served == 10 * 1024                 # 9 chunks written, the 10th refused, no more read
+    ok = tmp_path / "ok.bin"
+    assert package._write_member(io.BytesIO(b"x" * 3000), ok, 3000, "r", "b")[0] == 3000 and ok.stat().st_size == 3000
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes | None = b"x", link: str = ""):
+    return _info(name, kind, link=link), (data if kind in (tarfile.REGTYPE,) else None)
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (_member(f"{TOP}/model/out", tarfile.SYMTYPE, link="../../sentinel/outside.onnx"), "is a link"),
+    (_member(f"{TOP}/model/abs", tarfile.SYMTYPE, link="/etc/passwd"), "is a link"),
+    (_member(f"{TOP}/model/hard", tarfile.LNKTYPE, link="/etc/passwd"), "is a link"),
+    (_member(f"{TOP}/dev", tarfile.BLKTYPE), "device or FIFO"),
+    (_member(f"{TOP}/fifo", tarfile.FIFOTYPE), "device or FIFO"),
+    (_member(f"{TOP}/sparse", tarfile.GNUTYPE_SPARSE), "not a regular file or folder"),
+    (_member(f"{TOP}/README.md", data=b"# other\n"), "appears twice"),
+    (_member(f"{TOP}/readme.MD", data=b"# other\n"), "appears twice"),
+    (_member(f"./{TOP}/README.md", data=b"# other\n"), "not a plain relative path"),
+    (_member(f"{TOP}/README.md/inner", data=b"x"), "both a file and a folder"),
+    (_member("other-top/README.md"), "exactly one bundle folder"),
+    (_member(f"{TOP}/../sentinel/keep.txt", data=b"overwritten"), "climbs out of the bundle"),
+    (_member(str(Path.cwd() / "evil.txt")), "absolute path"),
+])
+def test_unsafe_archive_members_are_refused(extra, fragment, place):
+    unpack_refused(_bundle_with(place, members=[extra]), place, fragment)
+    assert not (place[0].parent / "evil.txt").exists()
+
+
+# ----------------------------------------------------------------------------- 3. broken manifests
+def _set(path: str, value):
+    def change(m):
+        *keys, last = path.split("/")
+        node = m
+        for k in keys:
+            node = node[k]
+        if value is KeyError:
+            del node[last]
+        else:
+            node[last] = value
+    return change
+
+
+MANIFEST_CASES = [
+    ("list", lambda m: m.clear(), "a list, not a JSON object"),
+    ("files-as-list", _set("files", ["README.md", "model/model.onnx"]), "'files' is a list, not an object"),
+    ("entry-as-string", _set("files/README.md", "0" * 64), "files['README.md'] is a string"),
+    ("variants-as-list", _set("variants", ["model/model.onnx"]), "'variants' is a list"),
+    ("variant-as-number", _set("variants/int8", 3), "variants['int8'] is a number"),
+    ("variant-as-object", _set("variants/int8", {"path": "model/model.onnx"}), "variants['int8'] is an object"),
+    ("no-files", _set("files", KeyError), "lacks 'files'"),
+    ("no-variants", _set("variants", KeyError), "lacks 'variants'"),
+    ("no-name", _set("name", KeyError), "lacks 'name'"),
+    ("target-as-list", _set("target", ["edge-cpu-x86"]), "'target' is a list"),
+    ("target-no-name", _set("target/name", KeyError), "target has no name"),
+    ("inputs-names-string", _set("inputs/names", "x"), "inputs.names is not a list"),
+    ("bad-sha", _set("files/README.md/sha256", "not-a-hash"), "has no SHA-256"),
+    ("negative-size", _set("files/README.md/bytes", -1), "has no size"),
+    ("bool-size", _set("files/README.md/bytes", True), "has no size"),
+    ("string-size", _set("files/README.md/bytes", "7"), "has no size"),
+    ("other-format", _set("format", "zip/1"), "not a deploykit-bundle/1 manifest"),
+    ("no-thresholds", lambda m: m["files"].pop("verify/thresholds.json"), "does not list verify/thresholds.json"),
+    ("primary-unknown", _set("primary", "int4"), "primary 'int4'"),
+    ("profile-strings", _set("profile/batch", ["1", "8", "32"]), "profile['batch']"),
+]
+
+
+@pytest.mark.parametrize("case,change,fragment", MANIFEST_CASES, ids=[c[0] for c in MANIFEST_CASES])
+def test_a_malformed_manifest_is_refused_naming_the_archive(case, change, fragment, place):
+    files = _valid_files()
+    if case == "list":
+        manifest = ["README.md", "model/model.onnx"]
+    else:
+        manifest = _honest(files, change)
+        if case == "no-thresholds":
+            files.pop("verify/thresholds.json")
+    unpack_refused(_bundle_with(place, files, manifest), place, fragment)
+    _unpacked_folder(place, files, manifest)
+    refused(run_cli("device-verify", "folder", cwd=place[0], tmpdir=place[2]), place, fragment, shown="folder")
+
+
+@pytest.mark.parametrize("raw,fragment", [
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe{}", "not valid JSON"),
+    (b"[" * 200_000, "not valid JSON"),             # nesting deep enough to exhaust the parser
+    (b"1" * 100_000, "not valid JSON"),             # an integer longer than Python converts
+    (b"", "not valid JSON"),
+])
+def test_a_manifest_that_is_not_json_is_refused(raw, fragment, place):
+    unpack_refused(_bundle_with(place, manifest=raw), place, "manifest.json", fragment)
+
+
+def test_a_missing_manifest_is_refused(place):
+    unpack_refused(_bundle_with(place, manifest=False), place, "no manifest.json")
+    files = _valid_files()
+    folder = _unpacked_folder(place, files, _manifest(files))
+    (folder / "manifest.json").unlink()
+    refused(run_cli("device-verify", "folder", cwd=place[0], tmpdir=place[2]), place, "no manifest.json",
+            shown="folder")
+
+
+def test_an_oversized_manifest_is_refused(place):
+    unpack_refused(_bundle_with(place, manifest=b" " * 5000 + b"{}"), place, "manifest.json is over 4096 bytes",
+                   patch={"MAX_MANIFEST_BYTES": 4096})
+
+
+def _npy_claiming(shape: tuple[int, ...]) -> bytes:
+    """A .npy whose header declares ``shape`` float32 but which holds 16 bytes."""
+    from numpy.lib import format as npy
+
+    buf = io.BytesIO()
+    npy.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buf.getvalue() + bytes(16)
+
+
+CONTENT_CASES = {
+    "thresholds-list": ("verify/thresholds.json", b'["fp32.cosine_min >= 0.9"]', "verify/thresholds.json"),
+    "thresholds-bad-rule": ("verify/thresholds.json", json.dumps({"task": "text-embedding",
+                            "rules": {"fp32.cosine_min": "about 1"}}).encode(), "verify/thresholds.json"),
+    "thresholds-not-json": ("verify/thresholds.json", b"{", "verify/thresholds.json"),
+    "expected-no-reference": ("verify/expected.npz", _npz(other=np.zeros((8, 4), np.float32)), "'reference'"),
+    "expected-not-zip": ("verify/expected.npz", b"PK\x03\x04 not a zip", "verify/expected.npz"),
+    "expected-npy-bomb": ("verify/expected.npz", None, "declares more data than it holds"),
+    "inputs-lack-x": ("verify/inputs.npz", _npz(y=np.zeros((8, 4), np.float32)), "lack input(s) ['x']"),
+    "model-not-onnx": ("model/model.int8.onnx", b"\x08\x07garbage", "model/model.int8.onnx"),
+    "expected-wrong-shape": ("verify/expected.npz", _npz(reference=np.zeros((8, 3), np.float32)), "shape"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONTENT_CASES))
+def test_hashed_but_malformed_content_is_refused_naming_the_archive(case, place):
+    """The manifest rewritten to hash a broken file (only the outer .sha256 catches that): the
+    file is refused in one line that names the archive and the file inside it, never the
+    temporary folder device-verify unpacked into."""
+    rel, data, fragment = CONTENT_CASES[case]
+    if data is None:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("reference.npy", _npy_claiming((10**12, 4)))
+        data = buf.getvalue()
+    files = {**_valid_files(), rel: data}
+    archive = _bundle_with(place, files, _honest(files))
+    refused(run_cli("device-verify", archive.name, cwd=place[0], tmpdir=place[2]), place, fragment)
+
+
+# ----------------------------------------------------------------------------- 5. destinations
+def test_unpack_into_a_path_below_a_file_is_one_line(valid, place):
+    work = place[0]
+    archive = work / "b.tar.gz"
+    archive.write_bytes(valid.read_bytes())
+    (work / "afile").write_text("mine")
+    for out in ("afile/dest", "afile/deeper/dest", "b.tar.gz/x"):
+        proc = run_cli("unpack", archive.name, "--out", out, cwd=work, tmpdir=place[2])
+        refused(proc, place, "is a file, not a folder", "b.tar.gz", shown=out)
+    assert (work / "afile").read_text() == "mine"
+    assert sorted(p.name for p in work.iterdir()) == ["afile", "b.tar.gz"]
+
+
+def test_a_failed_unpack_leaves_the_empty_destination_as_it_was(place):
+    """A late failure (a hash, found while writing): the folders created for the destination go,
+    an empty destination that was there stays, nothing partial is left."""
+    work = place[0]
+    files = _valid_files()
+    manifest = _manifest(files)
+    files["verify/thresholds.json"] = files["verify/thresholds.json"].replace(b"0.99", b"0.10")
+    archive = _bundle_with(place, files, manifest)
+    (work / "empty").mkdir()
+    proc = run_cli("unpack", archive.name, "--out", "empty", cwd=work, tmpdir=place[2])
+    refused(proc, place, "does not match its manifest SHA-256")
+    assert list((work / "empty").iterdir()) == []
+    unpack_refused(archive, place, "does not match its manifest SHA-256")     # new/dest: neither is left
+    assert sorted(p.name for p in work.iterdir()) == ["b.tar.gz", "empty"]
+
+
+def test_unpack_never_writes_into_a_busy_or_linked_destination(valid, place):
+    work, sentinel, tmpdir = place
+    archive = work / "b.tar.gz"
+    archive.write_bytes(valid.read_bytes())
+    (work / "linked").symlink_to(sentinel)
+    refused(run_cli("unpack", archive.name, "--out", "linked", cwd=work, tmpdir=tmpdir), place, "is a link",
+            shown="linked")
+    refused(run_cli("unpack", archive.name, "--out", str(sentinel), cwd=work, tmpdir=tmpdir), place, "not empty",
+            shown=str(sentinel))
+    deploykit("-q", "unpack", archive.name, "--out", "d", cwd=work, tmpdir=tmpdir)
+    refused(run_cli("unpack", archive.name, "--out", "d", cwd=work, tmpdir=tmpdir), place, "not empty", shown="d")
