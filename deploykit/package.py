@@ -18,13 +18,22 @@ A bundle is one ``.tar.gz`` holding a single folder (``<run>-<target>/``)::
 
 Next to the archive, ``<bundle>.sha256`` (``sha256sum`` format) covers the archive itself.
 
-``unpack`` refuses, with one line and exit code 2, and without writing outside the
-destination: archive members with absolute paths, ``..``, links, devices or FIFOs (tarfile's
-``data`` filter also runs); a file whose SHA-256 differs from the manifest, a file the
-manifest does not list, or one it lists that is missing; a bundle for another target; a
-TensorRT bundle on a machine whose TensorRT the target's range excludes. ``device-verify``
-adds: another CPU architecture than the target's, an engine whose metadata names another GPU
-or TensorRT. The manifest's hashes catch corruption and edits of single files; a bundle whose
+``unpack`` refuses, with one line naming the archive and exit code 2, and without writing
+outside the destination: archive members with absolute paths, ``..`` or odd names, links,
+devices, FIFOs or sparse files, names that appear twice (also differing only in case) or as
+both file and folder; a manifest that is missing, not JSON, or not the expected objects and
+types; any path the manifest names (``files``, ``variants``) that is not a plain relative path
+inside the bundle, a variant that is not a listed (hashed) ONNX file; a member larger than the
+size its manifest declares, or past the ceilings (``MAX_MEMBER_BYTES``, ``MAX_TOTAL_BYTES``,
+``MAX_MEMBERS``); a file whose SHA-256 differs from the manifest, a file the manifest does not
+list, or one it lists that is missing; a bundle for another target; a TensorRT bundle on a
+machine whose TensorRT the target's range excludes. All of that but the hashes is checked
+before anything is written; files are then streamed into a private staging folder, each
+stopped at its declared size and hashed as written, and the folder is renamed into place (a
+failed unpack leaves nothing). ``device-verify`` adds: another CPU architecture than the
+target's, an engine whose metadata names another GPU or TensorRT, a model whose external
+weights are not listed files of the bundle, and malformed thresholds or arrays (checked before
+numpy allocates them). The manifest's hashes catch corruption and edits of single files; a bundle whose
 manifest was rewritten as well is only caught by the outer ``.sha256`` (or a signature over
 it, which deploykit leaves to the release process).
 """
@@ -538,7 +547,7 @@ def _scan_members(tar: tarfile.TarFile, archive: Path) -> tuple[str, dict[str, t
         rel = name.rstrip("/") if member.isdir() else name
         why = _unsafe_rel(rel)
         if why:
-            raise _member_error(name, why if "absolute" in why or ".." in why else f"{why}", archive)
+            raise _member_error(name, why, archive)
         key = rel.casefold()
         if key in seen:
             raise _member_error(name, f"appears twice in the archive (as '{seen[key]}' too)", archive)

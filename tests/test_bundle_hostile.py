@@ -582,3 +582,36 @@ def test_unpack_never_writes_into_a_busy_or_linked_destination(valid, place):
             shown=str(sentinel))
     deploykit("-q", "unpack", archive.name, "--out", "d", cwd=work, tmpdir=tmpdir)
     refused(run_cli("unpack", archive.name, "--out", "d", cwd=work, tmpdir=tmpdir), place, "not empty", shown="d")
+
+
+@pytest.mark.parametrize("failure", ["disk-full", "interrupt"])
+def test_a_write_failure_or_interrupt_mid_unpack_leaves_nothing(failure, valid, tmp_path, monkeypatch):
+    import errno
+    import signal
+
+    from typer.testing import CliRunner
+
+    import deploykit.package as package
+    from deploykit.cli import app
+    from deploykit.io import Interrupted
+
+    real = package._copy_bounded
+    calls = {"n": 0}
+
+    def failing(src, fd, limit, rel, where):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.write(fd, b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device") if failure == "disk-full" else Interrupted(signal.SIGINT)
+        return real(src, fd, limit, rel, where)
+
+    monkeypatch.setattr(package, "_copy_bounded", failing)
+    archive = tmp_path / "b.tar.gz"
+    archive.write_bytes(valid.read_bytes())
+    result = CliRunner().invoke(app, ["unpack", str(archive), "--out", str(tmp_path / "new" / "dest")])
+    if failure == "disk-full":
+        assert result.exit_code == 2, result.output
+        assert f"deploykit: error: {archive}: cannot unpack into" in result.output and "No space left" in result.output
+    else:
+        assert result.exit_code == 130, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.tar.gz"]
