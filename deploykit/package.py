@@ -18,37 +18,50 @@ A bundle is one ``.tar.gz`` holding a single folder (``<run>-<target>/``)::
 
 Next to the archive, ``<bundle>.sha256`` (``sha256sum`` format) covers the archive itself.
 
-``unpack`` refuses, with one line and exit code 2, and without writing outside the
-destination: archive members with absolute paths, ``..``, links, devices or FIFOs (tarfile's
-``data`` filter also runs); a file whose SHA-256 differs from the manifest, a file the
-manifest does not list, or one it lists that is missing; a bundle for another target; a
-TensorRT bundle on a machine whose TensorRT the target's range excludes. ``device-verify``
-adds: another CPU architecture than the target's, an engine whose metadata names another GPU
-or TensorRT. The manifest's hashes catch corruption and edits of single files; a bundle whose
+``unpack`` refuses, with one line naming the archive and exit code 2, and without writing
+outside the destination: archive members with absolute paths, ``..`` or odd names, links,
+devices, FIFOs or sparse files, names that appear twice (also differing only in case) or as
+both file and folder; a manifest that is missing, not JSON, or not the expected objects and
+types; any path the manifest names (``files``, ``variants``) that is not a plain relative path
+inside the bundle, a variant that is not a listed (hashed) ONNX file; a member larger than the
+size its manifest declares, or past the ceilings (``MAX_MEMBER_BYTES``, ``MAX_TOTAL_BYTES``,
+``MAX_MEMBERS``); a file whose SHA-256 differs from the manifest, a file the manifest does not
+list, or one it lists that is missing; a bundle for another target; a TensorRT bundle on a
+machine whose TensorRT the target's range excludes. All of that but the hashes is checked
+before anything is written; files are then streamed into a private staging folder, each
+stopped at its declared size and hashed as written, and the folder is renamed into place (a
+failed unpack leaves nothing). ``device-verify`` adds: another CPU architecture than the
+target's, an engine whose metadata names another GPU or TensorRT, a model whose external
+weights are not listed files of the bundle, and malformed thresholds or arrays (checked before
+numpy allocates them). The manifest's hashes catch corruption and edits of single files; a bundle whose
 manifest was rewritten as well is only caught by the outer ``.sha256`` (or a signature over
 it, which deploykit leaves to the release process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import io
 import json
 import platform
+import os
 import shutil
+import stat
 import tarfile
 import tempfile
+import zlib
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 import deploykit
 from deploykit.errors import UserError
-from deploykit.io import atomic_path, read_json, sha256_file, write_json, write_text
+from deploykit.io import _umask, atomic_path, critical_section, read_json, sha256_file, write_json, write_text
 from deploykit.progress import say, stage
 
 FORMAT = "deploykit-bundle/1"
@@ -390,68 +403,299 @@ def _add_file(tar: tarfile.TarFile, arcname: str, content: bytes | Path, mtime: 
 
 
 # ----------------------------------------------------------------------------- unpack
-def _check_members(members: list[tarfile.TarInfo], archive: Path) -> str:
-    """The bundle's one top folder; refuses unsafe members."""
-    tops = set()
-    for m in members:
-        path = PurePosixPath(m.name)
-        if m.name.startswith(("/", "\\")) or path.is_absolute() or (len(m.name) > 1 and m.name[1] == ":"):
-            raise UserError(f"archive member '{m.name}' has an absolute path", path=archive,
-                            fix="do not use this bundle; re-package it with deploykit package")
-        if ".." in path.parts:
-            raise UserError(f"archive member '{m.name}' climbs out of the bundle ('..')", path=archive,
-                            fix="do not use this bundle; re-package it with deploykit package")
-        if m.issym() or m.islnk():
-            raise UserError(f"archive member '{m.name}' is a link", path=archive,
-                            fix="do not use this bundle; deploykit bundles hold only files and folders")
-        if m.isdev() or m.ischr() or m.isblk() or m.isfifo():
-            raise UserError(f"archive member '{m.name}' is a device or FIFO", path=archive,
-                            fix="do not use this bundle; deploykit bundles hold only files and folders")
-        if not (m.isfile() or m.isdir()):
-            raise UserError(f"archive member '{m.name}' is not a regular file or folder", path=archive,
-                            fix="do not use this bundle")
-        tops.add(path.parts[0] if path.parts else "")
-    if len(tops) != 1 or "" in tops or "." in tops:
+# Ceilings on what reading a bundle may write or load, whatever its manifest declares. A bundle
+# holds one transformer (FP32 and INT8, a few hundred MiB at most for the models deploykit ships),
+# its engines and the verification arrays; these leave room for models up to about 2 GiB (ONNX's
+# protobuf limit without external data) and refuse a decompression bomb long before a disk fills.
+MAX_MEMBER_BYTES = 4 * 2**30        # one file of the bundle
+MAX_TOTAL_BYTES = 8 * 2**30         # all its files together
+MAX_MEMBERS = 10_000                # archive entries (files and folders)
+MAX_MANIFEST_BYTES = 16 * 2**20     # manifest.json, read into memory
+_CHUNK = 1 << 20                    # extraction writes (and checks its bounds) this much at a time
+_HEX = frozenset("0123456789abcdef")
+_REQUIRED = ("verify/inputs.npz", "verify/expected.npz", "verify/thresholds.json")
+_FIX_BAD = "do not use this bundle; re-package the run with deploykit package"
+
+
+def _unsafe_rel(rel: Any) -> str | None:
+    """Why ``rel`` is not a plain relative path inside a bundle (None when it is)."""
+    if not isinstance(rel, str) or not rel:
+        return "is not a non-empty string"
+    if len(rel) > 4096 or any(ord(c) < 32 for c in rel):
+        return "is too long or holds control characters"
+    if rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        return "is an absolute path"
+    if "\\" in rel:
+        return "holds a backslash"
+    parts = rel.split("/")
+    if ".." in parts:
+        return "climbs out of the bundle ('..')"
+    if any(p in ("", ".") or len(p) > 255 for p in parts):
+        return "is not a plain relative path"
+    return None
+
+
+def _bad(message: str, where: Path | str) -> UserError:
+    return UserError(message, path=where, fix=_FIX_BAD)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def check_manifest(manifest: Any, where: Path | str) -> dict[str, Any]:
+    """The manifest's structure, every path it names and every size it declares; the manifest.
+
+    Every path (``files``' keys, ``variants``' values) must be a plain relative path inside the
+    bundle, and every model a variant names must be one of ``files`` (so it is hash-checked)."""
+    if not isinstance(manifest, dict):
+        raise _bad(f"manifest.json is {_kind(manifest)}, not a JSON object", where)
+    if manifest.get("format") != FORMAT:
+        raise _bad(f"manifest.json is not a {FORMAT} manifest (format {manifest.get('format')!r})", where)
+    for key, kind in (("name", str), ("files", dict), ("variants", dict), ("target", dict), ("inputs", dict)):
+        if key not in manifest:
+            raise _bad(f"manifest.json lacks '{key}'", where)
+        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            raise _bad(f"manifest.json '{key}' is {_kind(manifest[key])}, not {_kind(kind())}", where)
+    files = manifest["files"]
+    total = 0
+    for rel, entry in files.items():
+        why = _unsafe_rel(rel)
+        if why or rel == "manifest.json":
+            raise _bad(f"the manifest lists an unsafe path '{rel}' ({why or 'the manifest itself'})", where)
+        if not isinstance(entry, dict):
+            raise _bad(f"manifest.json files['{rel}'] is {_kind(entry)}, not an object with sha256 and bytes",
+                       where)
+        digest, size = entry.get("sha256"), entry.get("bytes")
+        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+            raise _bad(f"manifest.json files['{rel}'] has no SHA-256 (64 lowercase hex digits)", where)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise _bad(f"manifest.json files['{rel}'] has no size in bytes", where)
+        if size > MAX_MEMBER_BYTES:
+            raise _bad(f"bundle file {rel} declares {size} bytes, over the {MAX_MEMBER_BYTES} a bundle file may hold",
+                       where)
+        total += size
+    if total > MAX_TOTAL_BYTES:
+        raise _bad(f"the bundle declares {total} bytes, over the {MAX_TOTAL_BYTES} a bundle may hold", where)
+    for rel in _REQUIRED:
+        if rel not in files:
+            raise _bad(f"manifest.json does not list {rel}", where)
+    variants = manifest["variants"]
+    if not variants:
+        raise _bad("manifest.json names no variants", where)
+    for variant, rel in variants.items():
+        if not isinstance(rel, str):
+            raise _bad(f"manifest.json variants['{variant}'] is {_kind(rel)}, not a path in the bundle", where)
+        why = _unsafe_rel(rel)
+        if why:
+            raise _bad(f"manifest.json variants['{variant}'] names an unsafe path '{rel}' ({why})", where)
+        if rel not in files or not rel.endswith(".onnx"):
+            raise _bad(f"manifest.json variants['{variant}'] names '{rel}', which is not an ONNX file the "
+                       "manifest lists (and hashes)", where)
+    if manifest.get("primary") is not None and manifest["primary"] not in variants:
+        raise _bad(f"manifest.json primary '{manifest['primary']}' is not one of its variants", where)
+    name = manifest["target"].get("name")
+    if not isinstance(name, str) or not name:
+        raise _bad("manifest.json target has no name", where)
+    names = manifest["inputs"].get("names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise _bad("manifest.json inputs.names is not a list of input names", where)
+    profile = manifest.get("profile")
+    if profile is not None:
+        if not isinstance(profile, dict):
+            raise _bad(f"manifest.json profile is {_kind(profile)}, not an object", where)
+        for key, value in profile.items():
+            if not (isinstance(value, list) and len(value) == 3
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+                raise _bad(f"manifest.json profile['{key}'] is not [min, opt, max] positive integers", where)
+    return manifest
+
+
+def _parse_manifest(data: bytes, where: Path | str) -> dict[str, Any]:
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = " ".join(str(getattr(exc, "msg", exc)).split())[:120] or type(exc).__name__
+        raise _bad(f"manifest.json is not valid JSON ({reason})", where) from None
+    return check_manifest(manifest, where)
+
+
+def _member_error(name: str, why: str, archive: Path) -> UserError:
+    fix = ("do not use this bundle; deploykit bundles hold only files and folders" if "link" in why or "device" in why
+           else _FIX_BAD)
+    return UserError(f"archive member '{name}' {why}", path=archive, fix=fix)
+
+
+def _scan_members(tar: tarfile.TarFile, archive: Path) -> tuple[str, dict[str, tarfile.TarInfo], set[str]]:
+    """(top folder, ``{relative path: member}`` of the files, relative folders), reading headers one
+    at a time: names, types, duplicates and the size ceilings are checked before the next header
+    is read, so a bomb is refused after reading at most the ceilings' worth of the archive."""
+    tops: set[str] = set()
+    files: dict[str, tarfile.TarInfo] = {}
+    dirs: set[str] = set()
+    seen: dict[str, str] = {}
+    total = count = 0
+    while True:
+        member = tar.next()
+        if member is None:
+            break
+        count += 1
+        if count > MAX_MEMBERS:
+            raise UserError(f"the archive holds more than {MAX_MEMBERS} entries", path=archive, fix=_FIX_BAD)
+        name = member.name
+        if member.issym() or member.islnk():
+            raise _member_error(name, "is a link", archive)
+        if member.isdev() or member.ischr() or member.isblk() or member.isfifo():
+            raise _member_error(name, "is a device or FIFO", archive)
+        if member.type == tarfile.GNUTYPE_SPARSE or member.issparse() or not (member.isfile() or member.isdir()):
+            raise _member_error(name, "is not a regular file or folder", archive)
+        rel = name.rstrip("/") if member.isdir() else name
+        why = _unsafe_rel(rel)
+        if why:
+            raise _member_error(name, why, archive)
+        key = rel.casefold()
+        if key in seen:
+            raise _member_error(name, f"appears twice in the archive (as '{seen[key]}' too)", archive)
+        seen[key] = name
+        if member.size > MAX_MEMBER_BYTES:
+            raise _member_error(name, f"holds {member.size} bytes, over the {MAX_MEMBER_BYTES} a bundle file may hold",
+                                archive)
+        total += member.size
+        if total > MAX_TOTAL_BYTES:
+            raise UserError(f"the archive holds more than {MAX_TOTAL_BYTES} bytes", path=archive, fix=_FIX_BAD)
+        parts = rel.split("/")
+        tops.add(parts[0])
+        inner = "/".join(parts[1:])
+        if member.isdir():
+            if inner:
+                dirs.add(inner)
+        elif not inner:
+            tops.add("")              # a file at the top: not a bundle folder
+        else:
+            files[inner] = member
+    if len(tops) != 1 or "" in tops:
         raise UserError("the archive does not hold exactly one bundle folder", path=archive,
                         fix="use an archive written by deploykit package")
-    return tops.pop()
+    for rel in files:                 # a file where a folder is needed ('model' and 'model/x.onnx')
+        parents = ["/".join(rel.split("/")[:i]) for i in range(1, rel.count("/") + 1)]
+        clash = next((p for p in parents if p in files), None) or (rel if rel in dirs else None)
+        if clash:
+            raise _member_error(clash, "is both a file and a folder in the archive", archive)
+    return tops.pop(), files, dirs
+
+
+def _copy_bounded(src, fd: int, limit: int, rel: str, where: Path | str) -> tuple[int, str]:
+    """Copy ``src`` into the open file ``fd`` in chunks; (bytes, SHA-256). Refuses as soon as more
+    than ``limit`` bytes arrive: at most one chunk past the limit is read, none of it written."""
+    h = hashlib.sha256()
+    written = 0
+    while True:
+        chunk = src.read(_CHUNK)
+        if not chunk:
+            return written, h.hexdigest()
+        if written + len(chunk) > limit:
+            raise _bad(f"bundle file {rel} holds more than the {limit} bytes its manifest declares "
+                       "(or the ceiling allows)", where)
+        h.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view):]
+        written += len(chunk)
+
+
+def _write_member(src, path: Path, limit: int, rel: str, where: Path | str) -> tuple[int, str]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        return _copy_bounded(src, fd, limit, rel, where)
+    except BaseException:
+        os.close(fd)
+        fd = -1
+        path.unlink(missing_ok=True)          # the partial file goes at once, not with the staging folder
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _hash_file(folder: Path, rel: str, entry: dict[str, Any], where: Path | str) -> None:
+    """The file ``rel`` of an unpacked bundle: a regular file (no link on the way), of the
+    declared size and SHA-256."""
+    path = folder
+    for part in rel.split("/"):
+        path = path / part
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise UserError(f"bundle file {rel} is missing", path=where, fix="fetch the bundle again") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise UserError(f"bundle file {rel} is a link", path=where, fix="do not use this bundle")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"bundle file {rel} is not a regular file", path=where, fix="do not use this bundle")
+    if st.st_size != entry["bytes"]:
+        raise UserError(f"bundle file {rel} is {st.st_size} bytes, not the {entry['bytes']} its manifest declares "
+                        "(tampered or corrupted)", path=where, fix="do not use this bundle; fetch it again")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as fh:
+        h = hashlib.sha256()
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            h.update(chunk)
+    if h.hexdigest() != entry["sha256"]:
+        raise UserError(f"bundle file {rel} does not match its manifest SHA-256 (tampered or corrupted)",
+                        path=where, fix="do not use this bundle; fetch it again")
 
 
 def _check_sidecar(archive: Path) -> None:
     sidecar = archive.with_name(archive.name + ".sha256")
     if not sidecar.is_file():
         return
-    recorded = sidecar.read_text(encoding="utf-8", errors="replace").split()
+    with open(sidecar, "rb") as fh:
+        recorded = fh.read(4096).decode("utf-8", errors="replace").split()
     if not recorded or recorded[0].lower() != sha256_file(archive):
         raise UserError(f"the archive does not match its SHA-256 in {sidecar.name} (tampered or corrupted)",
                         path=archive, fix="fetch the bundle again")
 
 
-def verify_tree(folder: Path) -> dict[str, Any]:
-    """Check an unpacked bundle against its manifest; the manifest."""
+def verify_tree(folder: Path, shown: Path | str | None = None) -> dict[str, Any]:
+    """Check an unpacked bundle against its manifest; the manifest. Refuses links, anything
+    that is not a file or folder, files the manifest does not list, listed files that are missing
+    or differ in size or SHA-256, and any manifest :func:`check_manifest` refuses. Errors name
+    ``shown`` (default: the folder)."""
+    folder = Path(folder)
+    where = shown if shown is not None else folder
     manifest_path = folder / "manifest.json"
-    manifest = read_json(manifest_path, what="bundle manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        raise UserError(f"not a {FORMAT} manifest", path=manifest_path, fix="use a bundle written by deploykit package")
+    try:
+        st = os.lstat(manifest_path)
+    except FileNotFoundError:
+        raise UserError("the bundle has no manifest.json", path=where,
+                        fix="give a folder deploykit unpack wrote, or the bundle archive") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _bad("manifest.json is not a regular file", where)
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise _bad(f"manifest.json is over {MAX_MANIFEST_BYTES} bytes", where)
+    with open(manifest_path, "rb") as fh:
+        manifest = _parse_manifest(fh.read(MAX_MANIFEST_BYTES + 1), where)
     listed = manifest["files"]
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
-               if p.is_file() or p.is_symlink()} - {"manifest.json"}
-    for rel in sorted(present):
-        if (folder / rel).is_symlink():
-            raise UserError(f"bundle file {rel} is a link", path=folder, fix="do not use this bundle")
+    present: set[str] = set()
+    for root, dirnames, filenames in os.walk(folder):          # does not follow links
+        for name in dirnames + filenames:
+            path = Path(root) / name
+            rel = path.relative_to(folder).as_posix()
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                raise UserError(f"bundle file {rel} is a link", path=where, fix="do not use this bundle")
+            if stat.S_ISREG(mode):
+                present.add(rel)
+            elif not stat.S_ISDIR(mode):
+                raise UserError(f"bundle file {rel} is not a regular file or folder", path=where,
+                                fix="do not use this bundle")
+    present.discard("manifest.json")
     extra = sorted(present - set(listed))
     if extra:
-        raise UserError(f"bundle file {extra[0]} is not in the manifest (added after packaging)", path=folder,
+        raise UserError(f"bundle file {extra[0]} is not in the manifest (added after packaging)", path=where,
                         fix="do not use this bundle; fetch it again")
     for rel, entry in sorted(listed.items()):
-        path = folder / rel
-        if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
-            raise UserError(f"the manifest lists an unsafe path '{rel}'", path=manifest_path, fix="do not use this bundle")
-        if not path.is_file():
-            raise UserError(f"bundle file {rel} is missing", path=folder, fix="fetch the bundle again")
-        if sha256_file(path) != entry.get("sha256"):
-            raise UserError(f"bundle file {rel} does not match its manifest SHA-256 (tampered or corrupted)",
-                            path=folder, fix="do not use this bundle; fetch it again")
+        _hash_file(folder, rel, entry, where)
     return manifest
 
 
@@ -491,8 +735,48 @@ def _tensorrt_version() -> str | None:
     return None
 
 
-def unpack_bundle(archive: str | Path, dest: str | Path | None = None, *, target: str | None = None) -> Path:
-    """Unpack and check a bundle into ``dest`` (default ``./<bundle name>``); the folder."""
+def _prepare_parent(dest: Path, archive: Path) -> list[Path]:
+    """Create the missing folders above ``dest``; the ones created (outermost first). A parent
+    that is a file, or an existing ``dest`` that is a link, a file or a non-empty folder, is refused."""
+    for parent in reversed(dest.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"cannot unpack {archive} here: {parent} is a file, not a folder", path=dest,
+                            fix="choose an --out path whose folders are folders")
+    if dest.is_symlink():
+        raise UserError("the destination is a link", path=dest, fix="choose a new folder with --out")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UserError("the destination exists and is not empty", path=dest,
+                        fix="choose a new folder with --out (unpack never overwrites)")
+    created: list[Path] = []
+    missing = [p for p in reversed(dest.parents) if not p.exists()]
+    try:
+        for parent in missing:
+            parent.mkdir()
+            created.append(parent)
+    except OSError as exc:
+        _remove_created(created)
+        raise UserError(f"cannot create the folder to unpack {archive} into ({os.strerror(exc.errno or 0) or exc})",
+                        path=dest, fix="choose an --out path you can write to") from None
+    return created
+
+
+def _remove_created(created: list[Path]) -> None:
+    for parent in reversed(created):
+        try:
+            parent.rmdir()
+        except OSError:
+            pass
+
+
+def unpack_bundle(archive: str | Path, dest: str | Path | None = None, *, target: str | None = None,
+                  announce: bool = True) -> Path:
+    """Unpack and check a bundle into ``dest`` (default ``./<bundle name>``); the folder.
+
+    Members are checked from their headers first (names, types, duplicates, sizes against the
+    ceilings and the manifest's declared sizes), the manifest and target before anything is
+    written; files are then streamed into a private staging folder beside ``dest``, each bounded
+    by its declared size and hashed as it is written, and the folder is renamed onto ``dest`` at
+    the end. On any error the staging folder and the folders created for it are removed."""
     archive = Path(archive)
     if archive.is_dir():
         raise UserError("this is a folder, not a bundle archive", path=archive,
@@ -500,49 +784,83 @@ def unpack_bundle(archive: str | Path, dest: str | Path | None = None, *, target
     if not archive.is_file():
         raise UserError("bundle not found", path=archive, fix="check the path")
     _check_sidecar(archive)
+    damaged = (tarfile.TarError, OSError, EOFError, zlib.error)
     try:
         tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except damaged as exc:
         raise UserError(f"not a readable bundle archive ({exc})", path=archive,
                         fix="use the .tar.gz written by deploykit package; fetch it again if it was cut short") from None
-    created = False
     with tar:
         try:
-            members = tar.getmembers()
-        except (tarfile.TarError, OSError, EOFError) as exc:
+            top, members, dirs = _scan_members(tar, archive)
+            if "manifest.json" not in members:
+                raise UserError("the archive holds no manifest.json", path=archive,
+                                fix="use an archive written by deploykit package")
+            if members["manifest.json"].size > MAX_MANIFEST_BYTES:
+                raise _bad(f"manifest.json is over {MAX_MANIFEST_BYTES} bytes", archive)
+            manifest_bytes = tar.extractfile(members["manifest.json"]).read(MAX_MANIFEST_BYTES + 1)
+        except damaged as exc:
             raise UserError(f"the bundle archive is damaged ({exc})", path=archive, fix="fetch it again") from None
-        top = _check_members(members, archive)
+        manifest = _parse_manifest(manifest_bytes, archive)
+        listed = manifest["files"]
+        extra = sorted(set(members) - set(listed) - {"manifest.json"})
+        if extra:
+            raise UserError(f"bundle file {extra[0]} is not in the manifest (added after packaging)", path=archive,
+                            fix="do not use this bundle; fetch it again")
+        missing = sorted(set(listed) - set(members))
+        if missing:
+            raise UserError(f"bundle file {missing[0]} is missing", path=archive, fix="fetch the bundle again")
+        for rel, member in sorted(members.items()):
+            declared = listed[rel]["bytes"] if rel != "manifest.json" else member.size
+            if member.size > declared:
+                raise _bad(f"bundle file {rel} holds {member.size} bytes, more than the {declared} its manifest "
+                           "declares", archive)
+        _check_target(manifest, target, archive)
+
         dest = Path(dest) if dest is not None else Path.cwd() / top
-        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-            raise UserError("the destination exists and is not empty", path=dest,
-                            fix="choose a new folder with --out (unpack never overwrites)")
-        created = not dest.exists()
-        dest.mkdir(parents=True, exist_ok=True)
-
-        def strip_top(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
-            rel = PurePosixPath(member.name).relative_to(top)
-            if not rel.parts:
-                return None
-            return tarfile.data_filter(member.replace(name=rel.as_posix(), deep=False), path)
-
+        created = _prepare_parent(dest, archive)
+        staging: Path | None = None
         try:
-            tar.extractall(dest, filter=strip_top)
-            manifest = verify_tree(dest)
-            _check_target(manifest, target, archive)
+            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".staging", dir=dest.parent))
+            for rel in sorted(dirs):
+                (staging / rel).mkdir(parents=True, exist_ok=True)
+            (staging / "manifest.json").write_bytes(manifest_bytes)
+            budget = MAX_TOTAL_BYTES
+            for rel, member in sorted(members.items(), key=lambda item: item[1].offset):
+                if rel == "manifest.json":
+                    continue
+                entry = listed[rel]
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                size, digest = _write_member(tar.extractfile(member), staging / rel,
+                                             min(entry["bytes"], MAX_MEMBER_BYTES, budget), rel, archive)
+                budget -= size
+                if size != entry["bytes"]:
+                    raise UserError(f"bundle file {rel} is {size} bytes, not the {entry['bytes']} its manifest "
+                                    "declares (tampered or corrupted)", path=archive,
+                                    fix="do not use this bundle; fetch it again")
+                if digest != entry["sha256"]:
+                    raise UserError(f"bundle file {rel} does not match its manifest SHA-256 (tampered or corrupted)",
+                                    path=archive, fix="do not use this bundle; fetch it again")
+            os.chmod(staging, 0o777 & ~_umask())
+            with critical_section():
+                os.replace(staging, dest)         # onto a missing or empty folder
+            staging = None
         except BaseException as exc:
-            if created:
-                shutil.rmtree(dest, ignore_errors=True)
-            else:
-                for child in list(dest.iterdir()):
-                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
-            if isinstance(exc, tarfile.TarError):
-                raise UserError(f"the bundle archive is unsafe or damaged ({exc})", path=archive,
-                                fix="do not use this bundle; fetch it again") from None
-            if isinstance(exc, (OSError, EOFError)) and not isinstance(exc, UserError):
-                raise UserError(f"cannot unpack ({exc})", path=dest, fix="free disk space or choose --out") from None
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            _remove_created(created)
+            if isinstance(exc, UserError):
+                raise
+            if isinstance(exc, (tarfile.TarError, EOFError, zlib.error)):
+                raise UserError(f"the bundle archive is damaged ({exc})", path=archive, fix="fetch it again") from None
+            if isinstance(exc, OSError):
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise UserError(f"cannot unpack into {dest} ({reason}); nothing was written", path=archive,
+                                fix="free disk space or choose another --out") from None
             raise
-    say(f"unpacked {archive} -> {dest} ({len(manifest['files'])} files, hashes checked, target "
-        f"{manifest['target']['name']})")
+    if announce:        # device-verify unpacks into a private folder whose name is no concern of the user's
+        say(f"unpacked {archive} -> {dest} ({len(manifest['files'])} files, hashes checked, target "
+            f"{manifest['target']['name']})")
     return dest
 
 
@@ -554,12 +872,111 @@ def device_verify(bundle: str | Path, *, target: str | None = None, out: str | P
     bundle = Path(bundle)
     if bundle.is_file():
         with tempfile.TemporaryDirectory(prefix="deploykit-bundle-") as tmp:
-            folder = unpack_bundle(bundle, Path(tmp) / "bundle", target=target)
-            return _device_verify(folder, bundle, target, out, variants, threads, iterations, allow_other_arch)
+            with _shown_as(Path(tmp) / "bundle", bundle):
+                folder = unpack_bundle(bundle, Path(tmp) / "bundle", target=target, announce=False)
+                return _device_verify(folder, bundle, target, out, variants, threads, iterations, allow_other_arch)
     if not bundle.is_dir():
         raise UserError("bundle not found", path=bundle, fix="give the .tar.gz or the folder deploykit unpack wrote")
-    verify_tree(bundle)
-    return _device_verify(bundle, bundle, target, out, variants, threads, iterations, allow_other_arch)
+    with _shown_as(bundle, bundle):
+        return _device_verify(bundle, bundle, target, out, variants, threads, iterations, allow_other_arch)
+
+
+@contextlib.contextmanager
+def _shown_as(folder: Path, shown: Path):
+    """Errors about files below ``folder`` (the bundle's folder, or the private folder an archive
+    was unpacked into) name ``shown`` (what the user gave) and the file's path inside the bundle;
+    their fix is the bundle's (the file was hash-checked: only a new bundle mends it)."""
+    try:
+        yield
+    except UserError as exc:
+        root = str(folder)
+        path = exc.path or ""
+        inside = path.startswith(root + os.sep)
+        if not (inside or path == root or root in exc.message or root in (exc.fix or "")):
+            raise
+        rel = Path(path).relative_to(folder).as_posix() if inside else ""
+        message = exc.message.replace(root + os.sep, "").replace(root, str(shown))
+        if rel and not message.startswith(rel):
+            message = f"{rel}: {message}"
+        fix = _FIX_BAD if rel else (exc.fix or "").replace(root + os.sep, "").replace(root, str(shown)) or None
+        raise UserError(message, path=shown, fix=fix) from None
+
+
+def _all_tensors(graph) -> Iterator[Any]:
+    """Every tensor a graph (or a function) holds: initializers, sparse ones, and node
+    attributes, subgraphs included."""
+    yield from getattr(graph, "initializer", ())
+    for sparse in getattr(graph, "sparse_initializer", ()):
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
+def _check_model_data(folder: Path, rel: str, listed: dict[str, Any], where: Path) -> None:
+    """A bundled ONNX model whose weights live in external files may name only files of the
+    bundle that the manifest lists (and that were hash-checked): never a path outside it."""
+    import onnx
+
+    try:
+        model = onnx.load(str(folder / rel), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises its own types for bad files
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise _bad(f"bundle model {rel} is not a readable ONNX file ({first})", where) from None
+    base = PurePosixPath(rel).parent
+    for tensor in (t for g in [model.graph, *model.functions] for t in _all_tensors(g)):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        why = _unsafe_rel(location)
+        inside = (base / location).as_posix() if not why else None
+        if why or inside not in listed:
+            raise _bad(f"bundle model {rel} reads its weights from '{location}', "
+                       f"{'which ' + why if why else 'a file the manifest does not list'}", where)
+
+
+def _check_npz(folder: Path, rel: str, where: Path) -> None:
+    """A bundled .npz (a zip of .npy arrays), before numpy loads it: plain .npy members, no
+    duplicates, each within the ceilings, each array's header no larger than its member."""
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    try:
+        with zipfile.ZipFile(folder / rel) as zf:
+            infos = zf.infolist()
+            names = [i.filename for i in infos]
+            if len(set(names)) != len(names):
+                raise _bad(f"bundle file {rel} holds an array name twice", where)
+            if sum(i.file_size for i in infos) > MAX_TOTAL_BYTES or len(infos) > MAX_MEMBERS:
+                raise _bad(f"bundle file {rel} unpacks to more than {MAX_TOTAL_BYTES} bytes", where)
+            for info in infos:
+                if info.is_dir() or not info.filename.endswith(".npy") or _unsafe_rel(info.filename) \
+                        or "/" in info.filename:
+                    raise _bad(f"bundle file {rel} holds '{info.filename}', not an array", where)
+                if info.file_size > MAX_MEMBER_BYTES:
+                    raise _bad(f"bundle file {rel}: array {info.filename} unpacks to {info.file_size} bytes, "
+                               f"over the {MAX_MEMBER_BYTES} allowed", where)
+                with zf.open(info) as fh:
+                    version = npy.read_magic(fh)
+                    reader = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                    shape, _, dtype = reader(fh)
+                if dtype.hasobject or int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > info.file_size:
+                    raise _bad(f"bundle file {rel}: array {info.filename} declares more data than it holds "
+                               f"(shape {list(shape)}, {dtype})", where)
+    except UserError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile,
+            NotImplementedError) as exc:
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise _bad(f"bundle file {rel} is not a readable .npz ({reason})", where) from None
 
 
 def _device_verify(folder: Path, shown: Path, target_name: str | None, out, variants, threads, iterations,
@@ -571,7 +988,9 @@ def _device_verify(folder: Path, shown: Path, target_name: str | None, out, vari
     from deploykit.targets import check_engine, machine_arch
     from deploykit.verify import evaluate_checks, parity_entry
 
-    manifest = verify_tree(folder)
+    from deploykit.verify import parse_rule
+
+    manifest = verify_tree(folder, shown)
     target = _check_target(manifest, target_name, shown)
     arch = machine_arch()
     if arch != target.arch and not allow_other_arch:
@@ -579,12 +998,28 @@ def _device_verify(folder: Path, shown: Path, target_name: str | None, out, vari
                         path=shown, fix=f"run device-verify on the {target.name} device (or --allow-other-arch to "
                                         "check the numerics here anyway)")
     for meta in sorted((folder / "engines").glob("*.json")) if (folder / "engines").is_dir() else []:
-        check_engine(read_json(meta, what="engine metadata"), target, shown / "engines" / meta.name)
+        info = read_json(meta, what="engine metadata")
+        if not isinstance(info, dict):
+            raise _bad(f"bundle file engines/{meta.name} is {_kind(info)}, not an object", shown)
+        try:
+            check_engine(info, target, shown / "engines" / meta.name)
+        except UserError as exc:        # its own fix (build on the target), not a broken bundle's
+            raise UserError(f"engines/{meta.name}: {exc.message}", path=shown, fix=exc.fix) from None
     thresholds = read_json(folder / "verify/thresholds.json", what="thresholds")
+    rules = thresholds.get("rules") or {} if isinstance(thresholds, dict) else None
+    if not isinstance(rules, dict) or not all(isinstance(k, str) and "." in k and parse_rule(v) is not None
+                                              for k, v in rules.items()):
+        raise _bad("bundle file verify/thresholds.json is not {task, rules: {'<variant>.<metric>': '>= x'}}", shown)
     task = thresholds.get("task", manifest.get("task"))
+    if not isinstance(task, str):
+        raise _bad("bundle file verify/thresholds.json names no task", shown)
+    for rel in ("verify/expected.npz", "verify/inputs.npz"):
+        _check_npz(folder, rel, shown)
     expected = read_npz(folder / "verify/expected.npz", what="expected outputs")
-    reference = expected["reference"]
     split = load_split(folder / "verify/inputs.npz", list(manifest["inputs"]["names"]))
+    reference = expected.get("reference")
+    if reference is None or reference.ndim < 1 or reference.shape[0] != split.count:
+        raise _bad(f"bundle file verify/expected.npz holds no 'reference' outputs for the {split.count} inputs", shown)
     chosen = variants or list(manifest["variants"])
     unknown = [v for v in chosen if v not in manifest["variants"]]
     if unknown:
@@ -596,10 +1031,23 @@ def _device_verify(folder: Path, shown: Path, target_name: str | None, out, vari
     latency: dict[str, Any] = {}
     with stage(f"device-verify {manifest['name']} on {backend} ({split.count} inputs)"):
         for variant, runner in runners.items():
-            output = np.concatenate([runner.infer(f) for f in iterate_batches(split.feeds, VERIFY_BATCH)], axis=0)
+            try:
+                output = np.concatenate([runner.infer(f) for f in iterate_batches(split.feeds, VERIFY_BATCH)],
+                                        axis=0)
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the runtimes raise their own types for bad graphs or feeds
+                first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                raise _bad(f"variant {variant} cannot run on the bundle's inputs ({first})", shown) from None
+            if output.shape != reference.shape:
+                raise _bad(f"variant {variant} gives outputs of shape {list(output.shape)}, the expected outputs "
+                           f"are {list(reference.shape)}", shown)
             key = f"{variant}@{backend}"
             parity[key] = parity_entry(task, reference, output, split.labels)
             here = expected.get(variant)
+            if here is not None and here.shape != output.shape:
+                raise _bad(f"bundle file verify/expected.npz: '{variant}' has shape {list(here.shape)}, the "
+                           f"variant gives {list(output.shape)}", shown)
             if here is not None:
                 entry = parity_entry(task, here, output, None)
                 vs_here[key] = {k: entry[k] for k in ("cosine_mean", "cosine_min", "max_abs_diff", "snr_db")}
@@ -641,12 +1089,15 @@ def _device_runners(folder: Path, manifest: dict[str, Any], target, chosen: list
             raise UserError(f"the bundle's target '{target.name}' runs {target.runtime.describe()}; this machine has "
                             f"onnxruntime {ort.__version__}", path=shown, fix="install an onnxruntime in that range")
         n = threads or min(target.threads or default_threads(), default_threads())
+        for v in chosen:
+            _check_model_data(folder, manifest["variants"][v], manifest["files"], shown)
         return "ort-cpu", {v: OrtRunner(folder / manifest["variants"][v], threads=n) for v in chosen}
     from deploykit.engine import ShapeRanges, TrtRunner, build_engine, engine_info, require_tensorrt
 
     env = require_tensorrt(shown, plugins=False)   # deploykit ops: plugins from 10.15, else their decomposition
     runners = {}
     for variant in chosen:
+        _check_model_data(folder, manifest["variants"][variant], manifest["files"], shown)
         onnx_path = folder / manifest["variants"][variant]
         bundled = folder / "engines" / (Path(manifest["variants"][variant]).stem + ".engine")
         engine = None
