@@ -36,7 +36,7 @@ def _guard(fn):
         except KeyboardInterrupt as exc:
             # SIGINT, or SIGTERM/SIGHUP turned into Interrupted: every finally block has run by now
             code = getattr(exc, "exit_code", 130)
-            print(f"deploykit: interrupted ({getattr(exc, 'args', ('',))[0] or 'SIGINT'}); "
+            print(f"deploykit: interrupted ({(exc.args[0] if exc.args else '') or 'SIGINT'}); "
                   "temporary files removed, earlier outputs kept", file=sys.stderr)
             raise typer.Exit(code) from None
 
