@@ -116,8 +116,24 @@ def docstring_sentences(stdlib_dir: str | None = None) -> tuple[str, ...]:
 
 def read_text_file(path: str | Path) -> list[str]:
     """A user's own samples: one per line; blank lines and duplicates dropped, order kept."""
+    from deploykit.errors import UserError
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read the text file ({exc.strerror or exc})", path=path, fix="check the path") from None
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise UserError(f"not a text file (a NUL byte at offset {nul})", path=path,
+                        fix="give UTF-8 text, one sample per line")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})", path=path,
+                        fix="save it as UTF-8 text, one sample per line") from None
     seen: dict[str, None] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         line = " ".join(line.split())
         if line:
             seen.setdefault(line, None)

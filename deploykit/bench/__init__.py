@@ -32,6 +32,9 @@ class BenchConfig:
     def validate(self) -> None:
         if not self.batches or any(b < 1 for b in self.batches):
             raise UserError("bench.batches must be positive batch sizes", fix="e.g. batches: [1, 8, 32]")
+        if not isinstance(self.seq_len, int) or self.seq_len < 1:
+            raise UserError(f"bench.seq_len must be a positive number of tokens, not {self.seq_len!r}",
+                            fix="e.g. seq_len: 128")
         if self.iterations < 1 or self.warmup < 0:
             raise UserError("bench.iterations must be >= 1 and bench.warmup >= 0", fix="fix the bench settings")
 

@@ -110,6 +110,10 @@ def classification_metrics(reference: np.ndarray, output: np.ndarray,
 
 
 def run_split(runner, split: Split, *, batch_size: int = 32, description: str = "") -> np.ndarray:
+    if batch_size < 1:
+        from deploykit.errors import UserError
+
+        raise UserError(f"batch size must be at least 1, not {batch_size}", fix="e.g. verify.batch_size: 32")
     n_batches = -(-split.count // batch_size)
     outs = [runner.infer(feeds) for feeds in track(iterate_batches(split.feeds, batch_size), total=n_batches,
                                                     description=description or f"verify {runner.backend}")]
