@@ -73,6 +73,9 @@ def load_text_model(folder: Path, *, source: str, options: dict[str, Any], name:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     attn = options.get("attn_implementation", "eager")
+    if not isinstance(attn, str):
+        raise UserError(f"model option attn_implementation must be a name (eager, sdpa), not {attn!r}",
+                        path="model.options.attn_implementation", fix="e.g. --option attn_implementation=eager")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         encoder = AutoModel.from_pretrained(str(folder), local_files_only=True, attn_implementation=attn)
@@ -81,9 +84,9 @@ def load_text_model(folder: Path, *, source: str, options: dict[str, Any], name:
                         fix="the folder needs config.json, model weights and tokenizer files") from None
     encoder.eval()
     if options.get("checkpoint"):
-        from deploykit.models.weights import load_state_dict
+        from deploykit.models.weights import apply_state_dict, load_state_dict
 
-        encoder.load_state_dict(load_state_dict(options["checkpoint"]))
+        apply_state_dict(encoder, load_state_dict(options["checkpoint"]), options["checkpoint"])
     input_names = ["input_ids", "attention_mask"]
     if "token_type_ids" in tokenizer.model_input_names:
         input_names.append("token_type_ids")
@@ -93,7 +96,9 @@ def load_text_model(folder: Path, *, source: str, options: dict[str, Any], name:
     module.eval()
     config = encoder.config
     max_positions = int(getattr(config, "max_position_embeddings", 512))
-    max_length = int(options.get("max_length", min(128, max_positions)))
+    from deploykit.models.weights import option_int
+
+    max_length = option_int(options, "max_length", min(128, max_positions))
     if not 2 <= max_length <= max_positions:
         raise UserError(f"max_length {max_length} is outside 2..{max_positions} for this model",
                         fix=f"set model.options.max_length between 2 and {max_positions}")

@@ -27,21 +27,24 @@ def load_timm_model(arch: str, *, source: str, options: dict[str, Any]) -> Model
         hint = f"did you mean {', '.join('timm:' + c for c in close)}?" if close else \
             "use a name from timm.list_models(), e.g. timm:vit_tiny_patch16_224"
         raise UserError(f"unknown timm architecture '{arch}'", fix=hint)
+    from deploykit.models.weights import apply_state_dict, load_state_dict, option_int
+
+    if not isinstance(options.get("kwargs") or {}, dict):
+        raise UserError("model option kwargs must be a mapping of timm.create_model arguments",
+                        path="model.options.kwargs", fix="e.g. kwargs: {drop_rate: 0.0}")
     kwargs: dict[str, Any] = dict(options.get("kwargs") or {})
     for key in ("img_size", "patch_size", "num_classes", "in_chans"):
         if key in options:
-            kwargs[key] = options[key]
-    torch.manual_seed(int(options.get("seed", 0)))
+            kwargs[key] = option_int(options, key, minimum=1)
+    torch.manual_seed(option_int(options, "seed", 0))
     try:
         model = timm.create_model(arch, pretrained=False, **kwargs)
-    except TypeError as exc:
-        raise UserError(f"timm:{arch} does not accept these options ({exc})",
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        raise UserError(f"timm:{arch} does not accept these options ({' '.join(str(exc).split())[:200]})",
                         fix="remove the options this architecture does not take") from None
     model.eval()
     if options.get("checkpoint"):
-        from deploykit.models.weights import load_state_dict
-
-        model.load_state_dict(load_state_dict(options["checkpoint"]))
+        apply_state_dict(model, load_state_dict(options["checkpoint"]), options["checkpoint"])
     cfg = model.pretrained_cfg or {}
     input_size = cfg.get("input_size", (3, 224, 224))
     in_chans = int(kwargs.get("in_chans", input_size[0]))
