@@ -605,6 +605,8 @@ def doctor(
 # The click that typer runs on: the click package, or the copy newer typer releases carry.
 _click_errors = sys.modules[next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException").__module__]
 _NoArgsIsHelp = getattr(_click_errors, "NoArgsIsHelpError", None) or type("_Never", (Exception,), {})
+# Not every click copy typer bundles defines Abort in its exceptions module; typer re-exports it.
+_Abort = getattr(_click_errors, "Abort", None) or typer.Abort
 
 
 def _usage_error(exc: Exception) -> int:
@@ -627,7 +629,7 @@ def main() -> None:
         rc = exc.exit_code
     except _click_errors.ClickException as exc:
         rc = _usage_error(exc)
-    except _click_errors.Abort:
+    except _Abort:
         print("deploykit: interrupted", file=sys.stderr)
         rc = 130
     except KeyboardInterrupt as exc:     # outside any command (e.g. while importing)
