@@ -9,26 +9,9 @@ from __future__ import annotations
 
 import functools
 
-DOMAIN = "deploykit"                 # ONNX domain of every deploykit node
-PLUGIN_NAMESPACE = "deploykit"       # the TensorRT plugin namespace the nodes name
+from deploykit.plugins.common import DOMAIN, INT8_FORMS, PLUGIN_NAMESPACE, script_env
 
-# Each op's INT8 form: same attributes, inputs (q, k, v, key_mask, q_scale, k_scale, v_scale,
-# y_scale) with q, k, v and the output symmetric int8 (zero point 0, per-tensor scales). It is
-# what ``deploykit calibrate`` writes between a QuantizeLinear and a DequantizeLinear.
-INT8_FORMS = {
-    "NeighborhoodAttention1D": "NeighborhoodAttention1DInt8",
-    "NeighborhoodAttention2D": "NeighborhoodAttention2DInt8",
-    "LinearAttention": "LinearAttentionInt8",
-}
-
-
-def script_env():
-    """(onnxscript, the opset-18 ops, the deploykit opset) for writing ONNX functions."""
-    import onnxscript
-    from onnxscript import opset18 as op
-    from onnxscript.values import Opset
-
-    return onnxscript, op, Opset(DOMAIN, 1)
+__all__ = ["DOMAIN", "INT8_FORMS", "PLUGIN_NAMESPACE", "attach_functions", "function_protos", "script_env"]
 
 
 @functools.lru_cache(maxsize=None)

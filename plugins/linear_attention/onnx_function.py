@@ -22,15 +22,13 @@ from typing import Sequence
 import onnx
 import torch
 
-from deploykit.plugins import DOMAIN, PLUGIN_NAMESPACE, script_env
+from deploykit.plugins.common import DOMAIN, PLUGIN_NAMESPACE, script_env
 from deploykit.plugins.linear_attention.reference import EPS, FEATURE_MAPS, linear_attention
 
 OP = "LinearAttention"
 
 
-def _functions():
-    onnxscript, op, dk = script_env()
-
+def _feature_map_function(onnxscript, op, dk):
     @onnxscript.script(dk, default_opset=op)
     def FeatureMap(x, feature_map: int):
         code = op.Constant(value_int=feature_map)
@@ -43,6 +41,10 @@ def _functions():
                 y = op.Sigmoid(x)
         return y
 
+    return FeatureMap
+
+
+def _float_function(onnxscript, op, dk, FeatureMap):
     @onnxscript.script(dk, default_opset=op)
     def LinearAttention(q, k, v, key_mask, feature_map: int, is_causal: int, normalize: int, decay: Sequence[float],
                         chunk_size: int, eps: float, plugin_namespace: str):
@@ -111,6 +113,10 @@ def _functions():
             out = num / (den + epsilon)
         return out
 
+    return LinearAttention
+
+
+def _int8_function(onnxscript, op, dk, LinearAttention):
     # INT8 form (Q -> op -> DQ), as NeighborhoodAttention1DInt8: int8 q, k, v and output, scales
     # shared with the Q/DQ nodes around it.
     @onnxscript.script(dk, default_opset=op)
@@ -124,7 +130,14 @@ def _functions():
                             plugin_namespace=plugin_namespace)
         return op.QuantizeLinear(y, y_scale, zero)
 
-    return [FeatureMap, LinearAttention, LinearAttentionInt8]
+    return LinearAttentionInt8
+
+
+def _functions():
+    onnxscript, op, dk = script_env()
+    feature_map = _feature_map_function(onnxscript, op, dk)
+    linear = _float_function(onnxscript, op, dk, feature_map)
+    return [feature_map, linear, _int8_function(onnxscript, op, dk, linear)]
 
 
 def function_protos() -> list[onnx.FunctionProto]:

@@ -21,15 +21,15 @@ from typing import Sequence
 import onnx
 import torch
 
-from deploykit.plugins import DOMAIN, PLUGIN_NAMESPACE, script_env
-from deploykit.plugins.neighborhood_attention.reference import _per_axis, check_window, neighborhood_attention
+from deploykit.plugins.common import DOMAIN, PLUGIN_NAMESPACE, script_env
+from deploykit.plugins.neighborhood_attention.reference import check_window, neighborhood_attention, per_axis
 
 OP_1D = "NeighborhoodAttention1D"
 OP_2D = "NeighborhoodAttention2D"
 
 
-def _functions():
-    onnxscript, op, dk = script_env()
+def _window_functions(onnxscript, op, dk):
+    """The helpers both ops call: one axis's window, and attention over gathered neighbours."""
 
     @onnxscript.script(dk, default_opset=op)
     def AxisWindow(length, real_length, kernel, dilation, causal):
@@ -64,6 +64,12 @@ def _functions():
         probs = op.Where(allowed, op.Softmax(scores, axis=-1), op.CastLike(op.Constant(value_float=0.0), q))
         return op.ReduceSum(op.Unsqueeze(probs, op.Constant(value_ints=[-1])) * values, op.Constant(value_ints=[3]),
                             keepdims=0)
+
+    return AxisWindow, AttendNeighbours
+
+
+def _float_functions(onnxscript, op, dk, AxisWindow, AttendNeighbours):
+    """The float ops, 1-D and 2-D, over the window helpers."""
 
     @onnxscript.script(dk, default_opset=op)
     def NeighborhoodAttention1D(q, k, v, key_mask, kernel_size: Sequence[int], dilation: Sequence[int],
@@ -128,6 +134,12 @@ def _functions():
             op.Shape(v), op.Constant(value_ints=[4]), op.Constant(value_ints=[5])), axis=0)
         return op.Reshape(out, out_shape)
 
+    return NeighborhoodAttention1D, NeighborhoodAttention2D
+
+
+def _int8_functions(onnxscript, op, dk, NeighborhoodAttention1D, NeighborhoodAttention2D):
+    """The INT8 forms, each around its float op."""
+
     # INT8 forms (Q -> op -> DQ): q, k, v arrive as symmetric int8 from their QuantizeLinear, the
     # output leaves as int8 for its DequantizeLinear; the scales are the very initializers those
     # Q/DQ nodes use. ORT runs DQ -> float op -> Q, equal to the Q/DQ graph it replaces; a
@@ -156,8 +168,14 @@ def _functions():
                                     plugin_namespace=plugin_namespace)
         return op.QuantizeLinear(y, y_scale, zero)
 
-    return [AxisWindow, AttendNeighbours, NeighborhoodAttention1D, NeighborhoodAttention2D,
-            NeighborhoodAttention1DInt8, NeighborhoodAttention2DInt8]
+    return NeighborhoodAttention1DInt8, NeighborhoodAttention2DInt8
+
+
+def _functions():
+    onnxscript, op, dk = script_env()
+    helpers = _window_functions(onnxscript, op, dk)
+    floats = _float_functions(onnxscript, op, dk, *helpers)
+    return [*helpers, *floats, *_int8_functions(onnxscript, op, dk, *floats)]
 
 
 def function_protos() -> list[onnx.FunctionProto]:
@@ -172,9 +190,9 @@ def na_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size, dilati
         return neighborhood_attention(q, k, v, kernel_size, dilation, is_causal, scale=scale, key_mask=key_mask)
     if key_mask is None:
         key_mask = torch.ones_like(q[:, 0, ..., 0], dtype=torch.bool)
-    kernels = [int(x) for x in _per_axis(kernel_size, ndim, "kernel_size")]
-    dilations = [int(x) for x in _per_axis(dilation, ndim, "dilation")]
-    causals = [int(bool(x)) for x in _per_axis(is_causal, ndim, "is_causal")]
+    kernels = [int(x) for x in per_axis(kernel_size, ndim, "kernel_size")]
+    dilations = [int(x) for x in per_axis(dilation, ndim, "dilation")]
+    causals = [int(bool(x)) for x in per_axis(is_causal, ndim, "is_causal")]
     for axis, (n, kk, dd) in enumerate(zip(q.shape[2:-1], kernels, dilations)):
         if isinstance(n, int):
             check_window(n, kk, dd, axis)

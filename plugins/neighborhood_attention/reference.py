@@ -37,7 +37,7 @@ import torch
 from deploykit.errors import UserError
 
 
-def _per_axis(value, ndim: int, name: str) -> tuple:
+def per_axis(value, ndim: int, name: str) -> tuple:
     if isinstance(value, (list, tuple)):
         if len(value) != ndim:
             raise UserError(f"neighborhood attention: {name} has {len(value)} entries for {ndim} axes",
@@ -97,9 +97,9 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     if ndim < 1 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
         raise UserError(f"neighborhood attention needs q, k (B, H, *spatial, D) of one shape and v (.., Dv); got "
                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}", fix="check the tensor layouts")
-    kernels = _per_axis(kernel_size, ndim, "kernel_size")
-    dilations = _per_axis(dilation, ndim, "dilation")
-    causals = _per_axis(is_causal, ndim, "is_causal")
+    kernels = per_axis(kernel_size, ndim, "kernel_size")
+    dilations = per_axis(dilation, ndim, "dilation")
+    causals = per_axis(is_causal, ndim, "is_causal")
     if rpb is not None and any(causals):
         raise UserError("relative position bias is not defined for causal neighborhood attention (as in NATTEN)",
                         fix="drop rpb or use a non-causal axis")
@@ -107,8 +107,8 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     scale = d ** -0.5 if scale is None else scale
     if ndim == 1 and key_mask is not None:
         return _padded_rows(q, k, v, kernels[0], dilations[0], causals[0], rpb, key_mask, scale)
-    per_axis = [window_indices(n, kk, dd, cc, q.device) for n, kk, dd, cc in zip(spatial, kernels, dilations, causals)]
-    flat_index, valid, offsets = _combine_axes(per_axis, spatial)
+    axes = [window_indices(n, kk, dd, cc, q.device) for n, kk, dd, cc in zip(spatial, kernels, dilations, causals)]
+    flat_index, valid, offsets = _combine_axes(axes, spatial)
     n_total = flat_index.shape[0]
     qf = q.reshape(b, h, n_total, d)
     kf = k.reshape(b, h, n_total, d)
@@ -150,7 +150,7 @@ def _padded_rows(q, k, v, kernel, dilation, causal, rpb, key_mask, scale):
     return out
 
 
-def _combine_axes(per_axis, spatial):
+def _combine_axes(axes, spatial):
     """Per-axis windows -> (N, K) flat key indices, validity and per-axis bias offsets.
 
     Query (q_0, .., q_{D-1}) and neighbour (t_0, .., t_{D-1}) each span one dimension per
@@ -160,7 +160,7 @@ def _combine_axes(per_axis, spatial):
     for a in range(ndim - 2, -1, -1):
         strides[a] = strides[a + 1] * spatial[a + 1]
     flat, valid, offsets = 0, True, []
-    for a, (index, ok, off) in enumerate(per_axis):
+    for a, (index, ok, off) in enumerate(axes):
         shape = [1] * (2 * ndim)
         shape[a], shape[ndim + a] = index.shape
         flat = flat + index.reshape(shape) * strides[a]
@@ -169,7 +169,7 @@ def _combine_axes(per_axis, spatial):
     n = 1
     for x in spatial:
         n *= x
-    full = [*spatial, *[idx.shape[1] for idx, _, _ in per_axis]]
+    full = [*spatial, *[idx.shape[1] for idx, _, _ in axes]]
     return (flat.expand(full).reshape(n, -1), valid.expand(full).reshape(n, -1),
             [o.expand(full).reshape(n, -1) for o in offsets])
 
@@ -189,9 +189,9 @@ def dense_mask(spatial: Sequence[int], kernel_size, dilation=1, is_causal=False,
     neither see nor are seen.
     """
     ndim = len(spatial)
-    kernels = _per_axis(kernel_size, ndim, "kernel_size")
-    dilations = _per_axis(dilation, ndim, "dilation")
-    causals = _per_axis(is_causal, ndim, "is_causal")
+    kernels = per_axis(kernel_size, ndim, "kernel_size")
+    dilations = per_axis(dilation, ndim, "dilation")
+    causals = per_axis(is_causal, ndim, "is_causal")
 
     def axis_allowed(i: int, n: int, length: int, kk: int, dd: int, causal: bool) -> bool:
         if i % dd != n % dd:

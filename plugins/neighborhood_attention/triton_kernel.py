@@ -101,7 +101,7 @@ import types
 from collections import namedtuple
 
 from deploykit.errors import UserError
-from deploykit.plugins.neighborhood_attention.reference import _per_axis, check_window
+from deploykit.plugins.neighborhood_attention.reference import check_window, per_axis
 
 try:
     import triton
@@ -439,10 +439,10 @@ def launch_grid(ndim: int, *shape, block_m, dilation=1):
     if len(shape) != ndim + 2:
         raise ValueError(f"launch_grid({ndim}, ...) takes {ndim + 2} shape entries, got {len(shape)}")
     if ndim == 1:
-        return grid_1d(*shape, int(block_m), int(_per_axis(dilation, 1, "dilation")[0]))
+        return grid_1d(*shape, int(block_m), int(per_axis(dilation, 1, "dilation")[0]))
     if ndim == 2:
         bx, by = tile_2d(block_m)
-        dx, dy = (int(d) for d in _per_axis(dilation, 2, "dilation"))
+        dx, dy = (int(d) for d in per_axis(dilation, 2, "dilation"))
         return grid_2d(*shape, bx, by, dx, dy)
     raise ValueError(f"neighborhood attention (Triton) supports 1-D and 2-D, not {ndim}-D")
 
@@ -505,9 +505,9 @@ SIGNATURES = {(ndim, dtype): kernel_signature(ndim, dtype)
 def kernel_constexprs(ndim: int, *, kernel_size, dilation=1, is_causal=False, scale, head_dim: int,
                       head_dim_v: int | None = None, has_mask: bool, block_m, block_n: int) -> dict:
     """The constexpr values, keyed by argument name, for a kernel of ``ndim`` axes."""
-    kernels = [int(x) for x in _per_axis(kernel_size, ndim, "kernel_size")]
-    dilations = [int(x) for x in _per_axis(dilation, ndim, "dilation")]
-    causals = [bool(x) for x in _per_axis(is_causal, ndim, "is_causal")]
+    kernels = [int(x) for x in per_axis(kernel_size, ndim, "kernel_size")]
+    dilations = [int(x) for x in per_axis(dilation, ndim, "dilation")]
+    causals = [bool(x) for x in per_axis(is_causal, ndim, "is_causal")]
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     for axis, (kk, dd) in enumerate(zip(kernels, dilations)):
         check_window(kk * dd, kk, dd, axis)                     # k >= 1, d >= 1
@@ -592,9 +592,9 @@ def _check_inputs(q, k, v, key_mask, kernel_size, dilation, is_causal, int8: boo
         raise UserError(f"neighborhood attention (Triton) needs q, k (B, H, L | X, Y, D) of one shape and v "
                         f"(.., Dv); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}",
                         fix="check the tensor layouts (1-D or 2-D)")
-    kernels = _per_axis(kernel_size, ndim, "kernel_size")
-    dilations = _per_axis(dilation, ndim, "dilation")
-    causals = _per_axis(is_causal, ndim, "is_causal")
+    kernels = per_axis(kernel_size, ndim, "kernel_size")
+    dilations = per_axis(dilation, ndim, "dilation")
+    causals = per_axis(is_causal, ndim, "is_causal")
     if ndim == 1 and key_mask is not None:          # windows are placed on each row's own length
         check_window(kernels[0] * dilations[0], kernels[0], dilations[0])
     else:
