@@ -342,7 +342,7 @@ def verify(
     same saved inputs: task metric, cosine, SNR, max abs; exit code 1 when a threshold is missed."""
     from deploykit.data import DataSpec
     from deploykit.pipeline import verify_models
-    from deploykit.recipe import _check_acceptance, load_recipe
+    from deploykit.recipe import check_acceptance, load_recipe
 
     rules: dict[str, str] = {}
     ranges = None
@@ -364,7 +364,7 @@ def verify(
         ranges = ShapeRanges.from_recipe(rec)
     for key, rule in (_criteria(threshold, dotted=True) or {}).items():
         rules[key] = rule
-    _check_acceptance(rules, "--threshold")
+    check_acceptance(rules, "--threshold")
     result = verify_models(models, report, source=source, data=data, inputs=inputs, reference=reference,
                            backends=list(backend or ["auto"]), batch_size=batch_size, options=_options(option),
                            rules=rules, localize_failures=localize, targets=list(target or []), ranges=ranges,

@@ -94,13 +94,13 @@ def _call(module: nn.Module, example_inputs: Any) -> None:
 
 
 def _attention_kind(m: nn.Module) -> str | None:
-    from deploykit.recipes.attention import AttentionCore, _is_hf_self_attention, _is_timm_attention
+    from deploykit.recipes.attention import AttentionCore, is_hf_self_attention, is_timm_attention
 
     if isinstance(m, AttentionCore):
         return "core"
-    if _is_hf_self_attention(m) and not isinstance(getattr(m, "core", None), AttentionCore):
+    if is_hf_self_attention(m) and not isinstance(getattr(m, "core", None), AttentionCore):
         return "hf"
-    if _is_timm_attention(m) and not isinstance(getattr(m, "core", None), AttentionCore):
+    if is_timm_attention(m) and not isinstance(getattr(m, "core", None), AttentionCore):
         return "timm"
     return None
 

@@ -328,7 +328,7 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = 
     recipe_obj = _build(Recipe, data, str(path))
     recipe_obj.path = str(path)
     _check_counts(recipe_obj, str(path))
-    _check_acceptance(recipe_obj.acceptance, str(path))
+    check_acceptance(recipe_obj.acceptance, str(path))
     _check_model(recipe_obj, str(path))
     _check_tune_criteria(recipe_obj.quantize.tune.criteria, str(path))
     _check_targets(recipe_obj, str(path))
@@ -402,7 +402,9 @@ def variant_spec(value: Any, name: str = "", where: str | None = None) -> tuple[
                     fix="write e.g. binary: {transforms: [{name: binary-attention}], stages: [attention, all]}")
 
 
-def _check_acceptance(acceptance: dict[str, str], where: str) -> None:
+def check_acceptance(acceptance: dict[str, str], where: str) -> None:
+    """Refuse, naming ``where`` (a recipe path or a CLI option), a rule that is not
+    ``<variant>[@<backend>].<metric>: <op> <number>``."""
     for key, rule in acceptance.items():
         if key.count(".") != 1 or key.count("@") > 1 or parse_rule(rule) is None:
             raise UserError(f"acceptance rule '{key}: {rule}' is not '<variant>[@<backend>].<metric>: <op> <number>'",

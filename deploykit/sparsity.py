@@ -203,11 +203,11 @@ def parameter_counts(root: nn.Module) -> dict[str, Any]:
     """Total parameters, those of the attention layers (q/k/v or qkv and output projection),
     and heads per layer."""
     from deploykit.recipes.attention import attention_modules
-    from deploykit.recipes.sparsify import _output_projection, head_layout
+    from deploykit.recipes.sparsify import output_projection, head_layout
 
     layers = []
     for i, m in enumerate(attention_modules(root)):
-        proj = _output_projection(root, m)
+        proj = output_projection(root, m)
         params = sum(p.numel() for n, p in m.named_parameters() if not n.startswith("core.")) + \
             sum(p.numel() for p in proj.parameters())
         heads, head_dim = head_layout(m)
@@ -278,8 +278,8 @@ def head_importance(bundle_or_module, batches: Any, *, method: str = "gradient",
     ``gradient`` (Michel et al. 2019), ``output-norm`` or ``weight-norm`` (module docstring).
     The attention modules are swapped to deploykit's (weights, names and outputs kept).
     """
-    from deploykit.recipes.attention import TimmAttention, _swap_all
-    from deploykit.recipes.sparsify import _output_projection, head_layout, pad_layers, weight_norm_importance
+    from deploykit.recipes.attention import TimmAttention, swap_all
+    from deploykit.recipes.sparsify import output_projection, head_layout, pad_layers, weight_norm_importance
 
     bundle = bundle_or_module if hasattr(bundle_or_module, "input_names") else None
     module = bundle.module if bundle is not None else bundle_or_module
@@ -287,14 +287,14 @@ def head_importance(bundle_or_module, batches: Any, *, method: str = "gradient",
         return weight_norm_importance(module)
     if method not in ("gradient", "output-norm"):
         raise UserError(f"unknown head importance '{method}'", fix="use gradient, output-norm or weight-norm")
-    modules = _swap_all(module)
+    modules = swap_all(module)
     layouts = [head_layout(m) for m in modules]
     masks = [torch.ones(h, requires_grad=method == "gradient") for h, _ in layouts]
     totals = [torch.zeros(h, dtype=torch.float64) for h, _ in layouts]
     captured: list[torch.Tensor | None] = [None] * len(modules)
     projections = []
     for m in modules:
-        proj = _output_projection(module, m)
+        proj = output_projection(module, m)
         usable = not isinstance(m, TimmAttention) or isinstance(m.norm, nn.Identity)
         projections.append(proj.weight if usable else None)
 

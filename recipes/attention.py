@@ -302,12 +302,12 @@ class AttentionCore(nn.Module):
 
 
 # ----------------------------------------------------------------------------- module swaps
-def _is_hf_self_attention(module: nn.Module) -> bool:
+def is_hf_self_attention(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value")) and \
         hasattr(module, "num_attention_heads") and hasattr(module, "attention_head_size")
 
 
-def _is_timm_attention(module: nn.Module) -> bool:
+def is_timm_attention(module: nn.Module) -> bool:
     return isinstance(getattr(module, "qkv", None), nn.Linear) and isinstance(getattr(module, "proj", None), nn.Linear) \
         and hasattr(module, "num_heads") and hasattr(module, "head_dim")
 
@@ -376,19 +376,19 @@ class TimmAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
-def _swap_all(root: nn.Module) -> list[nn.Module]:
+def swap_all(root: nn.Module) -> list[nn.Module]:
     """Every attention module of ``root`` as a deploykit module (swapping where needed)."""
     ours: list[nn.Module] = []
     for parent_name, parent in list(root.named_modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, (HFSelfAttention, TimmAttention)):
                 ours.append(child)
-            elif _is_hf_self_attention(child):
+            elif is_hf_self_attention(child):
                 new = HFSelfAttention(child)
                 new.train(child.training)
                 setattr(parent, child_name, new)
                 ours.append(new)
-            elif _is_timm_attention(child):
+            elif is_timm_attention(child):
                 new = TimmAttention(child)
                 new.train(child.training)
                 setattr(parent, child_name, new)
@@ -411,7 +411,7 @@ def attention_modules(root: nn.Module) -> list[nn.Module]:
 
 def apply_clipped_softmax(root: nn.Module, spec: SoftmaxSpec) -> int:
     spec.validate()
-    modules = _swap_all(root)
+    modules = swap_all(root)
     for m in modules:
         m.core.set_softmax(spec)
     return len(modules)
@@ -419,7 +419,7 @@ def apply_clipped_softmax(root: nn.Module, spec: SoftmaxSpec) -> int:
 
 def apply_gated_attention(root: nn.Module, spec: GateSpec, *, seed: int | None = None) -> int:
     spec.validate()
-    modules = _swap_all(root)
+    modules = swap_all(root)
     generator_state = torch.random.get_rng_state()
     if seed is not None:
         torch.manual_seed(seed)
@@ -434,7 +434,7 @@ def apply_gated_attention(root: nn.Module, spec: GateSpec, *, seed: int | None =
 
 def apply_attention_swap(root: nn.Module, spec: MixerSpec) -> int:
     spec.validate()
-    modules = _swap_all(root)
+    modules = swap_all(root)
     patch_embed = getattr(root, "patch_embed", None)
     for m in modules:
         m_spec = MixerSpec(**asdict(spec))

@@ -337,10 +337,10 @@ class BinaryLinear(nn.Linear):
 
 # ----------------------------------------------------------------------------- finding the blocks' linears
 def _attention_names(root: nn.Module) -> list[str]:
-    from deploykit.recipes.attention import HFSelfAttention, TimmAttention, _is_hf_self_attention, _is_timm_attention
+    from deploykit.recipes.attention import HFSelfAttention, TimmAttention, is_hf_self_attention, is_timm_attention
 
     return [name for name, m in root.named_modules()
-            if isinstance(m, (HFSelfAttention, TimmAttention)) or _is_hf_self_attention(m) or _is_timm_attention(m)]
+            if isinstance(m, (HFSelfAttention, TimmAttention)) or is_hf_self_attention(m) or is_timm_attention(m)]
 
 
 def block_linears(root: nn.Module) -> list[tuple[str, str]]:
@@ -415,10 +415,10 @@ def binary_attention_modules(root: nn.Module) -> list[BinaryAttention]:
 
 # ----------------------------------------------------------------------------- transforms
 def apply_binary_attention(root: nn.Module, *, beta: float = 0.25, scale: bool = False, ste: bool = True) -> int:
-    from deploykit.recipes.attention import _swap_all
+    from deploykit.recipes.attention import swap_all
 
     BinaryAttention(beta, scale, ste)                   # validates before any module is swapped
-    modules = _swap_all(root)
+    modules = swap_all(root)
     for m in modules:
         prob = BinaryAttention(beta, scale, ste)
         prob.train(m.training)

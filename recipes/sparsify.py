@@ -252,12 +252,12 @@ def _is_attention(module: nn.Module) -> bool:
     from deploykit.recipes.attention import (
         HFSelfAttention,
         TimmAttention,
-        _is_hf_self_attention,
-        _is_timm_attention,
+        is_hf_self_attention,
+        is_timm_attention,
     )
 
-    return isinstance(module, (HFSelfAttention, TimmAttention)) or _is_hf_self_attention(module) \
-        or _is_timm_attention(module)
+    return isinstance(module, (HFSelfAttention, TimmAttention)) or is_hf_self_attention(module) \
+        or is_timm_attention(module)
 
 
 def block_linears(root: nn.Module) -> list[tuple[str, str, nn.Linear]]:
@@ -428,10 +428,10 @@ class TopKAttention(nn.Module):
 
 
 def apply_topk_attention(root: nn.Module, *, k: int | None = None, ratio: float | None = None) -> int:
-    from deploykit.recipes.attention import _swap_all
+    from deploykit.recipes.attention import swap_all
 
     TopKAttention(k=k, ratio=ratio)        # validates before anything is swapped
-    modules = _swap_all(root)
+    modules = swap_all(root)
     for m in modules:
         m.core.set_probabilities(TopKAttention(k=k, ratio=ratio))
     return len(modules)
@@ -445,7 +445,7 @@ def topk_modules(root: nn.Module) -> list[TopKAttention | None]:
 
 
 # ============================================================================= head pruning
-def _output_projection(root: nn.Module, attention: nn.Module) -> nn.Linear:
+def output_projection(root: nn.Module, attention: nn.Module) -> nn.Linear:
     """The Linear that maps the heads' concatenated context back to the residual width."""
     from deploykit.recipes.attention import TimmAttention
 
@@ -498,9 +498,9 @@ def prune_heads(root: nn.Module, heads_to_prune: dict[int, Iterable[int]]) -> di
     them); the modules are swapped to deploykit's attention first (weights and names kept).
     Returns the heads left per layer and the parameters removed.
     """
-    from deploykit.recipes.attention import TimmAttention, _swap_all
+    from deploykit.recipes.attention import TimmAttention, swap_all
 
-    modules = _swap_all(root)
+    modules = swap_all(root)
     plan = normalise_heads(heads_to_prune)
     for layer, heads in plan.items():
         if not 0 <= layer < len(modules):
@@ -526,7 +526,7 @@ def prune_heads(root: nn.Module, heads_to_prune: dict[int, Iterable[int]]) -> di
                             fix="use one decay for every head")
         count, head_dim = head_layout(m)
         kept = [h for h in range(count) if h not in set(heads)]
-        proj = _output_projection(root, m)
+        proj = output_projection(root, m)
         device = proj.weight.device
         rows = _rows(kept, head_dim, device)
         if isinstance(m, TimmAttention):
@@ -571,9 +571,9 @@ def normalise_heads(heads: dict[Any, Iterable[int]] | None) -> dict[int, list[in
 def weight_norm_importance(root: nn.Module) -> torch.Tensor:
     """Data-free importance ``[layers, max_heads]``: ``||W_V,h||_F * ||W_O[:, h]||_F`` (NaN pads
     layers with fewer heads)."""
-    from deploykit.recipes.attention import TimmAttention, _swap_all
+    from deploykit.recipes.attention import TimmAttention, swap_all
 
-    modules = _swap_all(root)
+    modules = swap_all(root)
     rows = []
     for m in modules:
         count, d = head_layout(m)
@@ -581,7 +581,7 @@ def weight_norm_importance(root: nn.Module) -> torch.Tensor:
             value = m.qkv.weight[2 * count * d: 3 * count * d]
         else:
             value = m.value.weight
-        proj = _output_projection(root, m).weight
+        proj = output_projection(root, m).weight
         rows.append(torch.stack([value[h * d:(h + 1) * d].float().norm() * proj[:, h * d:(h + 1) * d].float().norm()
                                  for h in range(count)]))
     return pad_layers(rows)

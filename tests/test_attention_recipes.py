@@ -122,14 +122,14 @@ def test_fine_tuning_gate_starts_as_identity(kind, tiny_bundle):
 
 
 def test_swapping_alone_changes_nothing(tiny_bundle):
-    from deploykit.recipes.attention import _swap_all
+    from deploykit.recipes.attention import swap_all
 
     feeds = tiny_bundle.example_feeds(batch=2, seq=9)
     ref = tiny_bundle.run_torch(feeds)
     import copy
 
     swapped = copy.deepcopy(tiny_bundle)
-    assert len(_swap_all(swapped.module)) == 2
+    assert len(swap_all(swapped.module)) == 2
     np.testing.assert_array_equal(swapped.run_torch(feeds), ref)
 
 

@@ -407,9 +407,9 @@ def test_pruned_bert_equals_zeroed_heads_and_exports(tmp_path, tiny_bundle):
     assert pruned.module.model.encoder.layer[0].attention.output.dense.weight.shape == (32, 16)
     assert self0.num_attention_heads == 1 and self0.core.num_heads == 1 and self0.all_head_size == 16
     reference = copy.deepcopy(tiny_bundle)
-    from deploykit.recipes.attention import _swap_all
+    from deploykit.recipes.attention import swap_all
 
-    _swap_all(reference.module)
+    swap_all(reference.module)
     feeds = tiny_bundle.example_feeds(batch=3, seq=11)
     with zeroed_heads(reference.module, plan):
         expected = reference.run_torch(feeds)
