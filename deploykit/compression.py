@@ -105,6 +105,105 @@ def _attention_kind(m: nn.Module) -> str | None:
     return None
 
 
+class _OpCounter:
+    """Forward hooks that count one forward's MACs by kind (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.counts = {"linear_float_flops": 0, "linear_binary_weight_flops": 0, "linear_bops": 0,
+                       "conv_flops": 0, "attention_qk_flops": 0, "attention_av_flops": 0,
+                       "attention_av_adds": 0, "attention_scale_mults": 0, "attention_av_dense_macs": 0,
+                       "attention_mixer_flops": 0}
+        self.nnz: dict[int, int] = {}        # id(prob module) -> non-zeros of its last output
+        self.handles: list = []
+
+    def linear(self, m, args, out):
+        x = args[0]
+        rows = x.numel() // m.in_features
+        macs = rows * m.in_features * m.out_features
+        info = _info(m)
+        wb, ib = info.get("weight_bits", 32), info.get("input_bits", 32)
+        if wb == 1 and ib == 1:
+            self.counts["linear_bops"] += macs
+        elif wb == 1:
+            self.counts["linear_binary_weight_flops"] += macs
+        else:
+            self.counts["linear_float_flops"] += macs
+
+    def conv(self, m, args, out):
+        k = math.prod(m.kernel_size) * (m.in_channels // m.groups)
+        self.counts["conv_flops"] += out.numel() * k
+
+    def prob(self, m, args, out):
+        self.nnz[id(m)] = int(torch.count_nonzero(out))
+
+    def attention_products(self, b: int, h: int, t: int, s: int, d: int, dv: int, prob: nn.Module | None) -> None:
+        counts = self.counts
+        counts["attention_qk_flops"] += b * h * t * s * d
+        dense = b * h * t * s * dv
+        counts["attention_av_dense_macs"] += dense
+        info = _info(prob) if prob is not None else {}
+        kind = info.get("probabilities", "float")
+        if kind == "binary" and id(prob) in self.nnz:
+            counts["attention_av_adds"] += self.nnz[id(prob)] * dv
+            if info.get("scaled"):
+                counts["attention_scale_mults"] += b * h * t * dv
+        elif kind == "sparse" and id(prob) in self.nnz:
+            counts["attention_av_flops"] += self.nnz[id(prob)] * dv
+        else:
+            counts["attention_av_flops"] += dense
+
+    def core(self, m, args, out):
+        _, q, k, v = args[:4]
+        b, h, t, d = q.shape
+        s, dv = k.shape[-2], v.shape[-1]
+        if m.mixer is None:
+            self.attention_products(b, h, t, s, d, dv, m.prob_fn if isinstance(m.prob_fn, nn.Module) else None)
+        elif m.mixer.kind == "linear":      # phi(K)^T V, then phi(Q) (K^T V) and the normaliser
+            self.counts["attention_mixer_flops"] += 2 * b * h * t * d * dv + b * h * t * d
+        else:                               # neighborhood: a window of keys per query
+            ks = m.mixer.kernel_size
+            window = math.prod(ks) if isinstance(ks, (list, tuple)) else int(ks)
+            if m.mixer.grid is not None and not isinstance(ks, (list, tuple)):
+                window = int(ks) ** len(m.mixer.grid)
+            self.counts["attention_mixer_flops"] += b * h * t * min(window, s) * (d + dv)
+
+    def plain_attention(self, kind):
+        def hook(m, args, kwargs, out):
+            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+            b, t = x.shape[0], x.shape[1]
+            if kind == "timm":
+                h, d = int(m.num_heads), int(m.head_dim)
+            else:
+                h, d = int(m.num_attention_heads), int(m.attention_head_size)
+            self.attention_products(b, h, t, t, d, d, None)
+        return hook
+
+    def attach(self, module: nn.Module) -> None:
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                self.handles.append(m.register_forward_hook(self.linear))
+            elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                self.handles.append(m.register_forward_hook(self.conv))
+            kind = _attention_kind(m)
+            if kind == "core":
+                self.handles.append(m.register_forward_hook(self.core))
+                if isinstance(m.prob_fn, nn.Module):
+                    self.handles.append(m.prob_fn.register_forward_hook(self.prob))
+            elif kind is not None:
+                self.handles.append(m.register_forward_hook(self.plain_attention(kind), with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def flops(self) -> int:
+        c = self.counts
+        return (c["linear_float_flops"] + c["linear_binary_weight_flops"] + c["conv_flops"]
+                + c["attention_qk_flops"] + c["attention_av_flops"] + c["attention_av_adds"]
+                + c["attention_scale_mults"] + c["attention_mixer_flops"])
+
+
 def model_stats(module: nn.Module, example_inputs: Any) -> dict[str, Any]:
     """Sizes and operation counts of ``module`` for one forward of ``example_inputs``.
 
@@ -118,103 +217,23 @@ def model_stats(module: nn.Module, example_inputs: Any) -> dict[str, Any]:
     MACs), ``ops = bops / 64 + flops`` and a ``breakdown`` (see the module docstring for the
     convention).
     """
-    counts = {"linear_float_flops": 0, "linear_binary_weight_flops": 0, "linear_bops": 0, "conv_flops": 0,
-              "attention_qk_flops": 0, "attention_av_flops": 0, "attention_av_adds": 0,
-              "attention_scale_mults": 0, "attention_av_dense_macs": 0, "attention_mixer_flops": 0}
-    nnz: dict[int, int] = {}                  # id(prob module) -> non-zeros of its last output
-    handles = []
-
-    def linear_hook(m, args, out):
-        x = args[0]
-        rows = x.numel() // m.in_features
-        macs = rows * m.in_features * m.out_features
-        info = _info(m)
-        wb, ib = info.get("weight_bits", 32), info.get("input_bits", 32)
-        if wb == 1 and ib == 1:
-            counts["linear_bops"] += macs
-        elif wb == 1:
-            counts["linear_binary_weight_flops"] += macs
-        else:
-            counts["linear_float_flops"] += macs
-
-    def conv_hook(m, args, out):
-        k = math.prod(m.kernel_size) * (m.in_channels // m.groups)
-        counts["conv_flops"] += out.numel() * k
-
-    def prob_hook(m, args, out):
-        nnz[id(m)] = int(torch.count_nonzero(out))
-
-    def attention_products(b: int, h: int, t: int, s: int, d: int, dv: int, prob: nn.Module | None) -> None:
-        counts["attention_qk_flops"] += b * h * t * s * d
-        dense = b * h * t * s * dv
-        counts["attention_av_dense_macs"] += dense
-        info = _info(prob) if prob is not None else {}
-        kind = info.get("probabilities", "float")
-        if kind == "binary" and id(prob) in nnz:
-            counts["attention_av_adds"] += nnz[id(prob)] * dv
-            if info.get("scaled"):
-                counts["attention_scale_mults"] += b * h * t * dv
-        elif kind == "sparse" and id(prob) in nnz:
-            counts["attention_av_flops"] += nnz[id(prob)] * dv
-        else:
-            counts["attention_av_flops"] += dense
-
-    def core_hook(m, args, out):
-        _, q, k, v = args[:4]
-        b, h, t, d = q.shape
-        s, dv = k.shape[-2], v.shape[-1]
-        if m.mixer is None:
-            attention_products(b, h, t, s, d, dv, m.prob_fn if isinstance(m.prob_fn, nn.Module) else None)
-        elif m.mixer.kind == "linear":      # phi(K)^T V, then phi(Q) (K^T V) and the normaliser
-            counts["attention_mixer_flops"] += 2 * b * h * t * d * dv + b * h * t * d
-        else:                               # neighborhood: a window of keys per query
-            ks = m.mixer.kernel_size
-            window = math.prod(ks) if isinstance(ks, (list, tuple)) else int(ks)
-            if m.mixer.grid is not None and not isinstance(ks, (list, tuple)):
-                window = int(ks) ** len(m.mixer.grid)
-            counts["attention_mixer_flops"] += b * h * t * min(window, s) * (d + dv)
-
-    def plain_attention_hook(kind):
-        def hook(m, args, kwargs, out):
-            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
-            b, t = x.shape[0], x.shape[1]
-            if kind == "timm":
-                h, d = int(m.num_heads), int(m.head_dim)
-            else:
-                h, d = int(m.num_attention_heads), int(m.attention_head_size)
-            attention_products(b, h, t, t, d, d, None)
-        return hook
-
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
-        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            handles.append(m.register_forward_hook(conv_hook))
-        kind = _attention_kind(m)
-        if kind == "core":
-            handles.append(m.register_forward_hook(core_hook))
-            if isinstance(m.prob_fn, nn.Module):
-                handles.append(m.prob_fn.register_forward_hook(prob_hook))
-        elif kind is not None:
-            handles.append(m.register_forward_hook(plain_attention_hook(kind), with_kwargs=True))
+    counter = _OpCounter()
+    counter.attach(module)
     modes = {m: m.training for m in module.modules()}
     try:
         module.eval()
         with torch.no_grad():
             _call(module, example_inputs)
     finally:
-        for h in handles:
-            h.remove()
+        counter.detach()
         for m, mode in modes.items():
             m.training = mode
-    flops = (counts["linear_float_flops"] + counts["linear_binary_weight_flops"] + counts["conv_flops"]
-             + counts["attention_qk_flops"] + counts["attention_av_flops"] + counts["attention_av_adds"]
-             + counts["attention_scale_mults"] + counts["attention_mixer_flops"])
-    bops = counts["linear_bops"]
+    flops = counter.flops()
+    bops = counter.counts["linear_bops"]
     first = example_inputs if not isinstance(example_inputs, (tuple, list, dict)) else \
         (next(iter(example_inputs.values())) if isinstance(example_inputs, dict) else example_inputs[0])
     return {**parameter_stats(module), "batch": int(np.shape(first)[0]) if np.ndim(first) else 1,
-            "flops": int(flops), "bops": int(bops), "ops": bops / BOPS_PER_OP + flops, "breakdown": counts,
+            "flops": int(flops), "bops": int(bops), "ops": bops / BOPS_PER_OP + flops, "breakdown": counter.counts,
             "convention": "OPs = BOPs/64 + FLOPs; FLOPs are float multiply-accumulates (1 MAC = 1 FLOP), "
                           "BOPs binary MACs (binary weights and binary inputs); A.V with binary A counted "
                           "as additions"}
