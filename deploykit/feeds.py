@@ -165,23 +165,36 @@ def check_feeds(feeds: dict[str, np.ndarray], model: str | Path | FeedSpec, *, d
     spec = model if isinstance(model, FeedSpec) else model_feed_spec(model)
     data = str(data)
     where = data if Path(data).suffix in (".npz", ".txt") else spec.model
-    what = "the data"
 
     def fail(message: str, fix: str) -> None:
-        if where == spec.model and what == "the data":
+        if where == spec.model:
             message += f" (data: {data})"
         raise UserError(message, path=where, fix=fix)
 
+    _check_names(feeds, spec, data, fail)
+    out, named = _check_shapes_and_types(feeds, spec, fail)
+    text = [n for n in TEXT_INPUTS if n in out and out[n].ndim == 2]
+    _check_agreement(out, spec, named, text, fail)
+    _check_ids(out, spec, fail)
+    _check_positions(out, spec, text, trimmed, length_fix, fail)
+    return out
+
+
+def _check_names(feeds, spec: FeedSpec, data: str, fail) -> None:
     takes = [i.name for i in spec.inputs]
     missing = [n for n in takes if n not in feeds]
     unknown = [n for n in feeds if n not in takes and n not in spec.optional]
     if missing or unknown:
         parts = ([f"lacks {missing}"] if missing else []) + ([f"has {unknown}, which it does not take"]
                                                             if unknown else [])
-        fail(f"{what} does not fit the inputs of the model {spec.model} ({takes}): it "
+        fail(f"the data does not fit the inputs of the model {spec.model} ({takes}): it "
              + " and ".join(parts),
              f"save arrays named {takes} for {spec.model}, or pass the model {Path(data).name} was made for")
 
+
+def _check_shapes_and_types(feeds, spec: FeedSpec, fail):
+    """Rank, fixed dimensions and dtype per input; returns the (cast) feeds and, per named
+    dimension, the ``(input, axis, size)`` that carry it."""
     out = dict(feeds)
     named: dict[str, list[tuple[str, int, int]]] = {}
     for inp in spec.inputs:
@@ -201,8 +214,10 @@ def check_feeds(feeds: dict[str, np.ndarray], model: str | Path | FeedSpec, *, d
         for axis, dim in enumerate(inp.dims):
             if isinstance(dim, str):
                 named.setdefault(dim, []).append((inp.name, axis, int(arr.shape[axis])))
+    return out, named
 
-    text = [n for n in TEXT_INPUTS if n in out and out[n].ndim == 2]
+
+def _check_agreement(out, spec: FeedSpec, named, text: list[str], fail) -> None:
     groups = list(named.items())
     if len(text) > 1:                  # whatever the exporter named their dimensions
         groups.append(("sequence", [(n, 1, int(out[n].shape[1])) for n in text]))
@@ -214,6 +229,8 @@ def check_feeds(feeds: dict[str, np.ndarray], model: str | Path | FeedSpec, *, d
             fail(f"the inputs disagree on the {label} the model {spec.model} takes: {listed}",
                  "save every input with the same shape (as one tokenizer call gives them)")
 
+
+def _check_ids(out, spec: FeedSpec, fail) -> None:
     for name, (table, rows) in spec.tables.items():
         arr = out[name]
         if arr.size and arr.dtype.kind in "iu" and (arr.min() < 0 or arr.max() >= rows):
@@ -225,17 +242,19 @@ def check_feeds(feeds: dict[str, np.ndarray], model: str | Path | FeedSpec, *, d
                  "vocabulary covers the tokenizer's" if kind == "token ids"
                  else f"keep '{name}' within [0, {rows})")
 
-    if spec.positions is not None:
-        table, rows = spec.positions
-        seq = [n for n in (*spec.tables, *text) if out[n].ndim == 2]
-        if seq:
-            width = int(out[seq[0]].shape[1])
-            length = _used_length(out, width) if trimmed else width
-            if length > rows:
-                fail(f"the sequences are {length} tokens long, longer than the {rows} positions of the model "
-                     f"{spec.model} (its table '{table}')",
-                     length_fix or f"truncate the sequences to at most {rows} tokens (max_length <= {rows})")
-    return out
+
+def _check_positions(out, spec: FeedSpec, text: list[str], trimmed: bool, length_fix: str | None, fail) -> None:
+    if spec.positions is None:
+        return
+    table, rows = spec.positions
+    seq = [n for n in (*spec.tables, *text) if out[n].ndim == 2]
+    if seq:
+        width = int(out[seq[0]].shape[1])
+        length = _used_length(out, width) if trimmed else width
+        if length > rows:
+            fail(f"the sequences are {length} tokens long, longer than the {rows} positions of the model "
+                 f"{spec.model} (its table '{table}')",
+                 length_fix or f"truncate the sequences to at most {rows} tokens (max_length <= {rows})")
 
 
 def check_feeds_file(path: str | Path, models: list[str | Path]) -> None:
