@@ -13,7 +13,7 @@ Accepted source strings
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from deploykit.errors import UserError
 from deploykit.models.base import ImagePreprocessor, ModelBundle, TextPreprocessor
@@ -97,17 +97,42 @@ def load_checkpoint(bundle: ModelBundle, path) -> None:
                         fix="build the model with the same source, options and transforms it was trained with") from None
 
 
-def _load_base(source: str, options: dict[str, Any]) -> ModelBundle:
-    source = canonical_source(source)
-    if source == "embedded:minilm":
-        from deploykit.models.text import embedded_minilm_dir, load_text_model
+# scheme of a canonical source ("embedded", "hf", "timm") -> loader(rest, source, options).
+# A new kind of model source registers its loader here and teaches canonical_source its form.
+SOURCES: dict[str, Callable[[str, str, dict[str, Any]], ModelBundle]] = {}
 
-        return load_text_model(embedded_minilm_dir(), source=source, options=options, name="all-MiniLM-L6-v2")
-    if source.startswith("hf:"):
-        from deploykit.models.text import load_text_model
 
-        folder = Path(source[3:])
-        return load_text_model(folder, source=source, options=options, name=folder.name)
+def register_source(scheme: str):
+    """Decorator: ``loader(rest, source, options)`` builds the models of ``<scheme>:<rest>``."""
+    def register(loader):
+        SOURCES[scheme] = loader
+        return loader
+    return register
+
+
+@register_source("embedded")
+def _embedded(rest: str, source: str, options: dict[str, Any]) -> ModelBundle:
+    from deploykit.models.text import embedded_minilm_dir, load_text_model
+
+    return load_text_model(embedded_minilm_dir(), source=source, options=options, name="all-MiniLM-L6-v2")
+
+
+@register_source("hf")
+def _hugging_face(rest: str, source: str, options: dict[str, Any]) -> ModelBundle:
+    from deploykit.models.text import load_text_model
+
+    folder = Path(rest)
+    return load_text_model(folder, source=source, options=options, name=folder.name)
+
+
+@register_source("timm")
+def _timm(rest: str, source: str, options: dict[str, Any]) -> ModelBundle:
     from deploykit.models.vision import load_timm_model
 
-    return load_timm_model(source[len("timm:"):], source=source, options=options)
+    return load_timm_model(rest, source=source, options=options)
+
+
+def _load_base(source: str, options: dict[str, Any]) -> ModelBundle:
+    source = canonical_source(source)
+    scheme, _, rest = source.partition(":")
+    return SOURCES[scheme](rest, source, options)
