@@ -470,12 +470,12 @@ def _binary_activations(root: nn.Module, settings: dict[str, Any]) -> dict[str, 
             "scale": scale}
 
 
-# name -> (apply(root, settings) -> report dict, allowed setting names); merged into
+# name -> (apply(root, settings) -> report dict, {setting: kind}); merged into
 # deploykit.recipes.transforms.TRANSFORMS
-TRANSFORMS: dict[str, tuple[Callable[[nn.Module, dict[str, Any]], dict[str, Any]], set[str]]] = {
-    "binary-attention": (_binary_attention, {"beta", "scale", "ste"}),
-    "binary-weights": (_binary_weights, {"targets"}),
-    "binary-activations": (_binary_activations, {"targets", "scale"}),
+TRANSFORMS: dict[str, tuple[Callable[[nn.Module, dict[str, Any]], dict[str, Any]], dict[str, str]]] = {
+    "binary-attention": (_binary_attention, {"beta": "number", "scale": "bool", "ste": "bool"}),
+    "binary-weights": (_binary_weights, {"targets": "str"}),
+    "binary-activations": (_binary_activations, {"targets": "str", "scale": "bool"}),
 }
 
 

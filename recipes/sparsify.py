@@ -679,10 +679,11 @@ def _heads(root: nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
                               importance=str(settings.get("importance", "weight-norm")))
 
 
-# name -> (apply(root, settings) -> report dict, allowed setting names); merged into
+# name -> (apply(root, settings) -> report dict, {setting: kind}); merged into
 # deploykit.recipes.transforms.TRANSFORMS
-TRANSFORMS: dict[str, tuple[Callable[[nn.Module, dict[str, Any]], dict[str, Any]], set[str]]] = {
-    "sparse-2-4": (_sparse, {"targets", "schedule", "steps", "drive"}),
-    "topk-attention": (_topk, {"k", "ratio"}),
-    "head-pruning": (_heads, {"heads", "prune", "ratio", "importance"}),
+TRANSFORMS: dict[str, tuple[Callable[[nn.Module, dict[str, Any]], dict[str, Any]], dict[str, str]]] = {
+    "sparse-2-4": (_sparse, {"targets": "str", "schedule": "str", "steps": "int?", "drive": "str"}),
+    "topk-attention": (_topk, {"k": "int?", "ratio": "number?"}),
+    "head-pruning": (_heads, {"heads": "any", "prune": "ints?", "ratio": "number?",
+                                    "importance": "str"}),
 }

@@ -56,11 +56,39 @@ def _swap(kind: str):
     return run
 
 
-TRANSFORMS: dict[str, tuple[Callable[[nn.Module, dict[str, Any]], dict[str, Any]], set[str]]] = {
-    "clipped-softmax": (_clipped, {"zeta", "gamma", "alpha", "seq_len", "length_normalised"}),
-    "gated-attention": (_gated, {"gate", "init", "fine_tune", "seed"}),
-    "neighborhood-attention": (_swap("neighborhood"), {"kernel_size", "dilation", "causal"}),
-    "linear-attention": (_swap("linear"), {"feature", "causal", "decay"}),
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _one_or_list(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: test(value) or (isinstance(value, list) and bool(value) and all(map(test, value)))
+
+
+# A setting's kind: the YAML values it takes, and how the fix says it. A trailing "?" also
+# takes null (the transform's default). Ranges and names are checked by the transform itself.
+KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "number": (_number, "a number, e.g. 0.25"),
+    "int": (_whole, "a whole number, e.g. 8"),
+    "bool": (lambda value: isinstance(value, bool), "true or false"),
+    "str": (lambda value: isinstance(value, str), "a name, e.g. mlp"),
+    "ints": (_one_or_list(_whole), "a whole number or a list of them, e.g. 7 or [7, 7]"),
+    "bools": (_one_or_list(lambda value: isinstance(value, bool)), "true or false, or a list of them"),
+    "numbers": (_one_or_list(_number), "a number or a list of them, e.g. 0.9 or [0.9, 0.99]"),
+    "any": (lambda value: True, ""),
+}
+
+# name -> (apply(root, settings) -> report dict, {setting: kind}); binarize and sparsify add theirs.
+TRANSFORMS: dict[str, tuple[Callable[[nn.Module, dict[str, Any]], dict[str, Any]], dict[str, str]]] = {
+    "clipped-softmax": (_clipped, {"zeta": "number", "gamma": "number?", "alpha": "number?", "seq_len": "int?",
+                                   "length_normalised": "bool"}),
+    "gated-attention": (_gated, {"gate": "str", "init": "number", "fine_tune": "bool", "seed": "int?"}),
+    "neighborhood-attention": (_swap("neighborhood"), {"kernel_size": "ints", "dilation": "ints",
+                                                       "causal": "bools"}),
+    "linear-attention": (_swap("linear"), {"feature": "str", "causal": "bool", "decay": "numbers?"}),
 }
 
 
@@ -89,15 +117,27 @@ def check_transforms(transforms: Any, where: str = "") -> list[dict[str, Any]]:
             raise UserError(f"transform {item!r} has no name", path=where or None,
                             fix=f"each transform is a mapping with name: one of {', '.join(TRANSFORMS)}")
         name = item["name"]
-        if name not in TRANSFORMS:
+        if not isinstance(name, str) or name not in TRANSFORMS:
             raise UserError(f"unknown transform '{name}'", path=where or None,
                             fix=f"use one of {', '.join(TRANSFORMS)}")
-        unknown = sorted(set(item) - {"name"} - TRANSFORMS[name][1])
+        kinds = TRANSFORMS[name][1]
+        unknown = sorted(str(k) for k in item if k != "name" and k not in kinds)
         if unknown:
             raise UserError(f"transform '{name}' does not take {unknown}", path=where or None,
-                            fix=f"its settings are {sorted(TRANSFORMS[name][1])}")
+                            fix=f"its settings are {sorted(kinds)}")
+        for key, value in item.items():
+            if key != "name":
+                _check_setting(name, key, value, kinds[key], where)
         out.append(dict(item))
     return out
+
+
+def _check_setting(name: str, key: str, value: Any, kind: str, where: str) -> None:
+    test, says = KINDS[kind.rstrip("?")]
+    if value is None and kind.endswith("?") or value is not None and test(value):
+        return
+    raise UserError(f"transform '{name}' setting {key} is {value!r}, not {says.split(', e.g.')[0]}",
+                    path=where or "model.options.transforms", fix=f"give {key} as {says}")
 
 
 def apply_transforms(root: nn.Module, transforms: list[dict[str, Any]]) -> list[dict[str, Any]]:
