@@ -409,9 +409,9 @@ def layer_latency_lines(layer: dict[str, Any]) -> list[str]:
 
 
 def plot_layer_latency(layer: dict[str, Any], dest: Path, inputs: tuple[Path, ...] = ()) -> Path:
-    from deploykit.report.render import _figure, _save
+    from deploykit.report.plots import figure, save
 
-    fig, ax = _figure(6.5, 4.0)
+    fig, ax = figure(6.5, 4.0)
     for name, rows in layer["variants"].items():
         xs = [row["seq_len"] for row in rows.values()]
         ax.plot(xs, [row["p50_ms"] for row in rows.values()], marker="o", label=f"{name} ({layer['ops'][name]['kind']})")
@@ -421,7 +421,7 @@ def plot_layer_latency(layer: dict[str, Any], dest: Path, inputs: tuple[Path, ..
     ax.set_ylabel("one layer, p50 (ms, log scale)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    return _save(fig, dest, inputs)
+    return save(fig, dest, inputs)
 
 
 def compression_table(variants: dict[str, Any], accuracy: dict[str, dict[str, float]], task: str,
@@ -553,12 +553,12 @@ def _print_table(table: list[dict[str, Any]], presets: list[str], title: str) ->
 
 
 def plot_losses(variants: dict[str, Any], dest: Path, inputs: tuple[Path, ...] = ()) -> Path | None:
-    from deploykit.report.render import _figure, _save
+    from deploykit.report.plots import figure, save
 
     curves = {k: v["train"] for k, v in variants.items() if v.get("train") and v["train"].get("losses")}
     if not curves:
         return None
-    fig, ax = _figure(6.5, 3.8)
+    fig, ax = figure(6.5, 3.8)
     for name, tr in curves.items():
         steps = [tr["log_every"] * (i + 1) for i in range(len(tr["losses"]))]
         ax.plot(steps, tr["losses"], label=name)
@@ -567,12 +567,12 @@ def plot_losses(variants: dict[str, Any], dest: Path, inputs: tuple[Path, ...] =
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, dest, inputs)
+    return save(fig, dest, inputs)
 
 
 def study_section(report: dict[str, Any], rendering: Any) -> list[str]:
     """report.md lines for a study: the comparison table, outlier and loss plots (registered on
-    ``rendering``, a :class:`deploykit.report.render.Rendering`)."""
+    ``rendering``, a :class:`deploykit.report.rendering.Rendering`)."""
     from deploykit.outliers import plot_outliers
 
     study = report["study"]
