@@ -22,6 +22,7 @@ from deploykit.io import read_json, write_json, write_npz
 from deploykit.progress import say, stage
 from deploykit.quantize import calibrate
 from deploykit.recipe import Recipe, evaluate_acceptance, variant_spec
+from deploykit.report.sections import register_section
 
 OUTLIER_PLOT = "outliers.png"
 LOSS_PLOT = "training_loss.png"
@@ -599,5 +600,7 @@ def study_section(report: dict[str, Any], rendering: Any) -> list[str]:
         md += [f"![Training loss]({losses})", ""]
     return md
 
+
+register_section("study", study_section, applies=lambda study: isinstance(study, dict) and bool(study.get("table")))
 
 __all__ = ["run_study", "study_table", "format_study_table", "study_section", "variant_options", "train_variant"]

@@ -1,5 +1,8 @@
 """report.md: the markdown of a report, and :func:`render_report` / :func:`save_and_render_report`,
 which write it with its plots (see :mod:`deploykit.report.rendering` for the file names).
+
+Sections registered by other modules (:mod:`deploykit.report.sections`) render after the
+acceptance summary; the report's own sections follow in a fixed order.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from deploykit.report.plots import (
 )
 from deploykit.report.rendering import Rendering
 from deploykit.report.schema import is_number, validate_report
+from deploykit.report.sections import render_sections
 
 LOCALIZATION_ROWS = 10
 
@@ -335,10 +339,7 @@ def _header(report: dict) -> list[str]:
 def render_markdown(report: dict, rendering: Rendering) -> str:
     """The markdown of ``report``; the plots it links are registered on ``rendering``."""
     md = _header(report)
-    if isinstance(report.get("study"), dict) and report["study"].get("table"):
-        from deploykit.study import study_section
-
-        md += study_section(report, rendering)
+    md += render_sections(report, rendering)
     acceptance = report.get("acceptance") or []
     if report["accuracy"]:
         md += [*_accuracy_section(report["accuracy"]), ""]
