@@ -581,6 +581,7 @@ def report(
                                                                      "(default: next to report.json).")] = None,
 ) -> None:
     """Render report.md and plots from a report.json."""
+    import deploykit.study  # noqa: F401  (registers the study section of report.md)
     from deploykit.report import render_report
 
     path = render_report(report_json, out)

@@ -179,9 +179,9 @@ def print_outliers(stats: OutlierStats, title: str = "activation outliers per la
 
 def plot_outliers(per_variant: dict[str, dict[str, Any]], dest: Path, inputs: tuple[Path, ...] = ()) -> Path:
     """Per-layer max |x| of the FFN output and LayerNorm input, and kurtosis, one line per variant."""
-    from deploykit.report.render import _figure, _save
+    from deploykit.report.plots import figure, save
 
-    fig, axes = _figure(11.0, 3.8, ncols=3)
+    fig, axes = figure(11.0, 3.8, ncols=3)
     panels = (("inf_ffn_out", "FFN output: mean over sequences of max |x|"),
               ("inf_ln_in", "LayerNorm input (residual sum): max |x|"),
               ("kurtosis_block_out", "block output: kurtosis"))
@@ -194,4 +194,4 @@ def plot_outliers(per_variant: dict[str, dict[str, Any]], dest: Path, inputs: tu
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
-    return _save(fig, dest, inputs)
+    return save(fig, dest, inputs)

@@ -57,6 +57,7 @@ def new_report(model: str, recipe: str | None, target: str) -> dict[str, Any]:
 def save_report(path: Path, report: dict[str, Any]) -> Path:
     """Validate and write ``report`` to ``path`` together with its markdown and plots next to it
     (``report.json`` -> ``report.md``; ``X.json`` -> ``X.md``, ``X-*.png``), all or none."""
+    import deploykit.study  # noqa: F401  (registers the study section of report.md)
     from deploykit.report import save_and_render_report
 
     return save_and_render_report(path, report)

@@ -22,6 +22,7 @@ from deploykit.io import read_json, write_json, write_npz
 from deploykit.progress import say, stage
 from deploykit.quantize import calibrate
 from deploykit.recipe import Recipe, evaluate_acceptance, variant_spec
+from deploykit.report.sections import register_section
 
 OUTLIER_PLOT = "outliers.png"
 LOSS_PLOT = "training_loss.png"
@@ -409,9 +410,9 @@ def layer_latency_lines(layer: dict[str, Any]) -> list[str]:
 
 
 def plot_layer_latency(layer: dict[str, Any], dest: Path, inputs: tuple[Path, ...] = ()) -> Path:
-    from deploykit.report.render import _figure, _save
+    from deploykit.report.plots import figure, save
 
-    fig, ax = _figure(6.5, 4.0)
+    fig, ax = figure(6.5, 4.0)
     for name, rows in layer["variants"].items():
         xs = [row["seq_len"] for row in rows.values()]
         ax.plot(xs, [row["p50_ms"] for row in rows.values()], marker="o", label=f"{name} ({layer['ops'][name]['kind']})")
@@ -421,7 +422,7 @@ def plot_layer_latency(layer: dict[str, Any], dest: Path, inputs: tuple[Path, ..
     ax.set_ylabel("one layer, p50 (ms, log scale)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    return _save(fig, dest, inputs)
+    return save(fig, dest, inputs)
 
 
 def compression_table(variants: dict[str, Any], accuracy: dict[str, dict[str, float]], task: str,
@@ -553,12 +554,12 @@ def _print_table(table: list[dict[str, Any]], presets: list[str], title: str) ->
 
 
 def plot_losses(variants: dict[str, Any], dest: Path, inputs: tuple[Path, ...] = ()) -> Path | None:
-    from deploykit.report.render import _figure, _save
+    from deploykit.report.plots import figure, save
 
     curves = {k: v["train"] for k, v in variants.items() if v.get("train") and v["train"].get("losses")}
     if not curves:
         return None
-    fig, ax = _figure(6.5, 3.8)
+    fig, ax = figure(6.5, 3.8)
     for name, tr in curves.items():
         steps = [tr["log_every"] * (i + 1) for i in range(len(tr["losses"]))]
         ax.plot(steps, tr["losses"], label=name)
@@ -567,12 +568,12 @@ def plot_losses(variants: dict[str, Any], dest: Path, inputs: tuple[Path, ...] =
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, dest, inputs)
+    return save(fig, dest, inputs)
 
 
 def study_section(report: dict[str, Any], rendering: Any) -> list[str]:
     """report.md lines for a study: the comparison table, outlier and loss plots (registered on
-    ``rendering``, a :class:`deploykit.report.render.Rendering`)."""
+    ``rendering``, a :class:`deploykit.report.rendering.Rendering`)."""
     from deploykit.outliers import plot_outliers
 
     study = report["study"]
@@ -599,5 +600,7 @@ def study_section(report: dict[str, Any], rendering: Any) -> list[str]:
         md += [f"![Training loss]({losses})", ""]
     return md
 
+
+register_section("study", study_section, applies=lambda study: isinstance(study, dict) and bool(study.get("table")))
 
 __all__ = ["run_study", "study_table", "format_study_table", "study_section", "variant_options", "train_variant"]
