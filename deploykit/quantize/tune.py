@@ -34,12 +34,14 @@ from typing import Any
 import numpy as np
 import onnx
 
+from deploykit.acceptance import parse_rule, passes
 from deploykit.data import Split, iterate_batches
+from deploykit.metrics import task_metrics
 from deploykit.onnx_utils import get_metadata
 from deploykit.progress import say
-from deploykit.quantize import Prepared, QuantConfig, build_qdq, prepare
+from deploykit.quantize.config import QuantConfig
 from deploykit.quantize.graph import cpu_session
-from deploykit.verify import parse_rule, passes, task_metrics
+from deploykit.quantize.qdq import Prepared, build_qdq, prepare
 
 
 @dataclass
