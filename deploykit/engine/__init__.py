@@ -61,22 +61,22 @@ def require_tensorrt(where: str | Path | None = None, *, plugins: bool = True) -
     the model has deploykit ops (``plugins``: the ONNX parser's plugin path), else >= 10.0
     (JetPack 6's TensorRT 10.3 builds plain Q/DQ models).
 
-    Uses deploykit doctor's probes: ``import tensorrt`` runs in a child process first (a
-    stub can hang or crash), and the device comes from torch / nvidia-smi."""
-    from deploykit.doctor import TENSORRT_MIN_FOR_PLUGINS, _Context, _gpu_info, _tensorrt_facts, _version_tuple
+    Uses the probes deploykit doctor shows (:mod:`deploykit.probes`): ``import tensorrt`` runs in
+    a child process first (a stub can hang or crash), and the device comes from torch / nvidia-smi."""
+    from deploykit.probes import TENSORRT_MIN_FOR_PLUGINS, Context, gpu_info, tensorrt_facts, version_tuple
 
     minimum = TENSORRT_MIN_FOR_PLUGINS if plugins else TENSORRT_MIN
     need = ".".join(map(str, minimum))
-    facts = _tensorrt_facts()
+    facts = tensorrt_facts()
     if not facts["real"]:
         raise UserError(f"TensorRT is not usable here: {facts['error']}", path=where,
                         fix=f"install TensorRT >= {need} (tensorrt-cu12 / tensorrt-cu13 from NVIDIA's index) on a "
                             "machine with an NVIDIA GPU; deploykit doctor shows what this machine has")
-    if _version_tuple(facts["version"])[:2] < minimum:
+    if version_tuple(facts["version"])[:2] < minimum:
         why = "deploykit's plugin path (the model has deploykit ops)" if plugins else "deploykit's engine code"
         raise UserError(f"TensorRT {facts['version']} is older than {need}, which {why} needs",
                         path=where, fix=f"install TensorRT >= {need}")
-    info = _gpu_info(_Context())
+    info = gpu_info(Context())
     if not info.torch_cuda or not info.devices:
         raise UserError(f"no CUDA device usable from here ({info.reason or 'torch.cuda.is_available() is False'})",
                         path=where, fix="build engines on the target GPU machine; deploykit doctor explains why")
@@ -202,13 +202,13 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, ranges: ShapeRa
     model = onnx.load(str(onnx_path))
     profile = optimization_profile(model, ranges or ShapeRanges(), onnx_path)
     ready, plugin_ops = plugin_ready_copy(model, aot=aot)
-    from deploykit.doctor import TENSORRT_MIN_FOR_PLUGINS, _version_tuple
+    from deploykit.probes import TENSORRT_MIN_FOR_PLUGINS, version_tuple
     from deploykit.sparsity import check_2_4
 
     sparse = check_2_4(model)
     env = require_tensorrt(onnx_path, plugins=False)   # nothing TensorRT is touched before this passes
     decomposed: list[str] = []
-    if plugin_ops and _version_tuple(env.version)[:2] < TENSORRT_MIN_FOR_PLUGINS:
+    if plugin_ops and version_tuple(env.version)[:2] < TENSORRT_MIN_FOR_PLUGINS:
         # Before 10.15 the ONNX parser has no plugin path for these nodes: it builds their
         # ONNX-function decomposition (JetPack 6's TensorRT 10.3), slower but the same function.
         print(f"note: TensorRT {env.version} predates deploykit's plugin path (10.15): {', '.join(plugin_ops)} "
