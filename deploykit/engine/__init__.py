@@ -202,18 +202,11 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, ranges: ShapeRa
     model = onnx.load(str(onnx_path))
     profile = optimization_profile(model, ranges or ShapeRanges(), onnx_path)
     ready, plugin_ops = plugin_ready_copy(model, aot=aot)
-    from deploykit.probes import TENSORRT_MIN_FOR_PLUGINS, version_tuple
     from deploykit.sparsity import check_2_4
 
     sparse = check_2_4(model)
     env = require_tensorrt(onnx_path, plugins=False)   # nothing TensorRT is touched before this passes
-    decomposed: list[str] = []
-    if plugin_ops and version_tuple(env.version)[:2] < TENSORRT_MIN_FOR_PLUGINS:
-        # Before 10.15 the ONNX parser has no plugin path for these nodes: it builds their
-        # ONNX-function decomposition (JetPack 6's TensorRT 10.3), slower but the same function.
-        print(f"note: TensorRT {env.version} predates deploykit's plugin path (10.15): {', '.join(plugin_ops)} "
-              "build from their ONNX-function decomposition", flush=True)
-        ready, decomposed, plugin_ops = model, plugin_ops, []
+    ready, decomposed, plugin_ops = _plugin_path(model, ready, plugin_ops, env)
     if target is not None:                     # an engine only runs on the GPU and TensorRT it was built with
         from deploykit.targets import check_engine, get_target
 
@@ -263,6 +256,26 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, ranges: ShapeRa
             "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
             "workspace_mib": workspace_mib, "timing_cache": str(cache_path), "build_seconds": round(seconds, 2),
             "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return _write_build(onnx_path, out_path, serialized, config, cache_path, lines, info)
+
+
+def _plugin_path(model: onnx.ModelProto, ready: onnx.ModelProto, plugin_ops: list[str],
+                 env: TrtEnvironment) -> tuple[onnx.ModelProto, list[str], list[str]]:
+    """(model to parse, ops built from their decomposition, ops built as plugins) for this TensorRT."""
+    from deploykit.probes import TENSORRT_MIN_FOR_PLUGINS, version_tuple
+
+    if plugin_ops and version_tuple(env.version)[:2] < TENSORRT_MIN_FOR_PLUGINS:
+        # Before 10.15 the ONNX parser has no plugin path for these nodes: it builds their
+        # ONNX-function decomposition (JetPack 6's TensorRT 10.3), slower but the same function.
+        print(f"note: TensorRT {env.version} predates deploykit's plugin path (10.15): {', '.join(plugin_ops)} "
+              "build from their ONNX-function decomposition", flush=True)
+        return model, plugin_ops, []
+    return ready, [], plugin_ops
+
+
+def _write_build(onnx_path: Path, out_path: Path, serialized, config, cache_path: Path, lines: list[str],
+                 info: dict[str, Any]) -> BuildResult:
+    """The engine, the timing cache, the build log and the metadata, each written atomically."""
     with atomic_path(out_path, inputs=(onnx_path,)) as tmp:
         tmp.write_bytes(bytes(serialized))
     with atomic_path(cache_path, inputs=(onnx_path,)) as tmp:
