@@ -29,9 +29,9 @@ nodes with the worst quantization error to float, until the targets are met.
 
 from __future__ import annotations
 
+from deploykit.presets import PRESETS
 from deploykit.quantize.calibration import CalibrationResult, calibrate
 from deploykit.quantize.config import ACTIVATION_TYPES, QuantConfig, SmoothQuantConfig, TuneConfig
-from deploykit.quantize.presets import PRESETS
 from deploykit.quantize.qdq import (Prepared, build_qdq, load_for_quantization, prepare, select_nodes,
                                     tensors_to_calibrate)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from deploykit.calib.calibrators import METHODS, CalibrationConfig
 from deploykit.errors import UserError
-from deploykit.quantize.presets import PRESETS
+from deploykit.presets import PRESETS
 
 ACTIVATION_TYPES = ("int8", "uint8")
 
