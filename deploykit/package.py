@@ -1092,7 +1092,8 @@ def _device_runners(folder: Path, manifest: dict[str, Any], target, chosen: list
         for v in chosen:
             _check_model_data(folder, manifest["variants"][v], manifest["files"], shown)
         return "ort-cpu", {v: OrtRunner(folder / manifest["variants"][v], threads=n) for v in chosen}
-    from deploykit.engine import ShapeRanges, TrtRunner, build_engine, engine_info, require_tensorrt
+    from deploykit.engine import ShapeRanges, build_engine, engine_info, require_tensorrt
+    from deploykit.runners.tensorrt import TrtRunner
 
     env = require_tensorrt(shown, plugins=False)   # deploykit ops: plugins from 10.15, else their decomposition
     runners = {}

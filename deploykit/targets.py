@@ -101,7 +101,7 @@ _FIELDS = {"description", "arch", "runtime", "compute_capability", "precisions",
 
 
 def _parse(name: str, raw: Any, source: str) -> Target:
-    from deploykit.quantize import PRESETS
+    from deploykit.presets import PRESETS
 
     where = f"target '{name}'"
     if not isinstance(raw, dict):

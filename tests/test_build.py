@@ -102,8 +102,9 @@ def test_tensorrt_runner_needs_an_engine(tiny_onnx):
 def test_engine_builds_and_matches_ort(tiny_onnx, tiny_splits, tmp_path):
     import numpy as np
 
-    from deploykit.engine import ShapeRanges, TrtRunner, build_engine
+    from deploykit.engine import ShapeRanges, build_engine
     from deploykit.runners import OrtRunner
+    from deploykit.runners.tensorrt import TrtRunner
 
     result = build_engine(tiny_onnx, tmp_path / "tiny.engine", ranges=ShapeRanges(batch=(1, 4, 8),
                                                                                    sequence=(1, 32, 64)))

@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 
 import deploykit.doctor as doctor
+import deploykit.probes as probes
 
 EXPECTED = [
     "CPU",
@@ -189,7 +190,7 @@ def test_failing_gpu_detection_counts_as_no_gpu(monkeypatch):
     def boom(ctx):
         raise OSError("driver exploded")
 
-    monkeypatch.setattr(doctor, "_gpu_info", boom)
+    monkeypatch.setattr(probes, "gpu_info", boom)
     rows = by_name(doctor.run_checks())
     assert not rows["GPU"].usable and "driver exploded" in rows["GPU"].detail
     for name in ("onnxruntime CUDA", "Triton (GPU)", "TensorRT"):
@@ -209,8 +210,8 @@ def test_no_heavy_model_libraries_imported():
 
 
 def _fake_gpu(ctx):
-    return doctor._GpuInfo(devices=[doctor._Gpu("NVIDIA H100 80GB HBM3", (9, 0))], source="torch",
-                           driver="570.86", cuda="12.8", torch_cuda=True)
+    return probes.GpuInfo(devices=[probes.Gpu("NVIDIA H100 80GB HBM3", (9, 0))], source="torch",
+                          driver="570.86", cuda="12.8", torch_cuda=True)
 
 
 def _fake_tensorrt(tmp_path, monkeypatch, body: str) -> Path:
@@ -225,7 +226,7 @@ def _fake_tensorrt(tmp_path, monkeypatch, body: str) -> Path:
 
 def test_tensorrt_stub_is_not_usable(tmp_path, monkeypatch):
     _fake_tensorrt(tmp_path, monkeypatch, "# placeholder package\n")
-    monkeypatch.setattr(doctor, "_gpu_info", _fake_gpu)  # even with a GPU
+    monkeypatch.setattr(probes, "gpu_info", _fake_gpu)  # even with a GPU
     row = by_name(doctor.run_checks())["TensorRT"]
     assert not row.usable
     assert "stub" in row.detail and "Builder" in row.detail
@@ -234,18 +235,18 @@ def test_tensorrt_stub_is_not_usable(tmp_path, monkeypatch):
 
 def test_tensorrt_import_error_is_not_usable(tmp_path, monkeypatch):
     _fake_tensorrt(tmp_path, monkeypatch, "raise ImportError('libnvinfer.so.10: cannot open shared object file')\n")
-    row = doctor._probe_tensorrt(doctor._Context())[0]
+    row = doctor._probe_tensorrt(probes.Context())[0]
     assert not row.usable and "libnvinfer.so.10" in row.detail
 
 
 def test_tensorrt_crashing_or_hanging_import_is_contained(tmp_path, monkeypatch):
     _fake_tensorrt(tmp_path, monkeypatch, "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
-    row = doctor._probe_tensorrt(doctor._Context())[0]
+    row = doctor._probe_tensorrt(probes.Context())[0]
     assert not row.usable and "crashed" in row.detail
 
     (tmp_path / "fake_site" / "tensorrt" / "__init__.py").write_text("import time\ntime.sleep(60)\n")
-    monkeypatch.setattr(doctor, "TENSORRT_IMPORT_TIMEOUT_S", 1.5)
-    row = doctor._probe_tensorrt(doctor._Context())[0]
+    monkeypatch.setattr(probes, "TENSORRT_IMPORT_TIMEOUT_S", 1.5)
+    row = doctor._probe_tensorrt(probes.Context())[0]
     assert not row.usable and "did not finish" in row.detail
 
 
@@ -268,9 +269,9 @@ def test_real_tensorrt_never_instantiated(tmp_path, monkeypatch, gpu):
     mark = tmp_path / "created"
     _fake_tensorrt(tmp_path, monkeypatch, REAL_LOOKING_TRT.format(version="10.16.0.1", mark=str(mark)))
     if gpu:
-        monkeypatch.setattr(doctor, "_gpu_info", _fake_gpu)
+        monkeypatch.setattr(probes, "gpu_info", _fake_gpu)
     else:
-        monkeypatch.setattr(doctor, "_gpu_info", lambda ctx: doctor._GpuInfo(reason="no GPU (test)"))
+        monkeypatch.setattr(probes, "gpu_info", lambda ctx: probes.GpuInfo(reason="no GPU (test)"))
     row = by_name(doctor.run_checks())["TensorRT"]
     assert row.version == "10.16.0.1"
     assert row.usable is gpu
@@ -282,13 +283,13 @@ def test_real_tensorrt_never_instantiated(tmp_path, monkeypatch, gpu):
 
 def test_old_tensorrt_flags_plugin_path(tmp_path, monkeypatch):
     _fake_tensorrt(tmp_path, monkeypatch, REAL_LOOKING_TRT.format(version="10.8.0.43", mark=str(tmp_path / "m")))
-    monkeypatch.setattr(doctor, "_gpu_info", _fake_gpu)
-    row = doctor._probe_tensorrt(doctor._Context())[0]
+    monkeypatch.setattr(probes, "gpu_info", _fake_gpu)
+    row = doctor._probe_tensorrt(probes.Context())[0]
     assert row.usable and "older than 10.15" in row.detail
 
 
 def test_fake_gpu_makes_gpu_rows_depend_on_providers(monkeypatch):
-    monkeypatch.setattr(doctor, "_gpu_info", _fake_gpu)
+    monkeypatch.setattr(probes, "gpu_info", _fake_gpu)
     rows = by_name(doctor.run_checks())
     assert rows["GPU"].usable and "sm_90" in rows["GPU"].detail
     assert rows["Triton (GPU)"].usable == (rows["Triton (interpreter)"].usable)
@@ -341,19 +342,19 @@ def test_nvidia_smi_gpu_with_cpu_torch(tmp_path, monkeypatch):
 
 def test_hanging_or_failing_nvidia_smi(tmp_path, monkeypatch):
     _fake_nvidia_smi(tmp_path, monkeypatch, "#!/bin/sh\nsleep 30\n")
-    monkeypatch.setattr(doctor, "NVIDIA_SMI_TIMEOUT_S", 0.5)
-    info = doctor._nvidia_smi()
+    monkeypatch.setattr(probes, "NVIDIA_SMI_TIMEOUT_S", 0.5)
+    info = probes.nvidia_smi()
     assert info[0] == [] and "timed out" in info[3]
 
     (tmp_path / "bin" / "nvidia-smi").write_text(
         "#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.' >&2\nexit 9\n")
-    info = doctor._nvidia_smi()
+    info = probes.nvidia_smi()
     assert info[0] == [] and "could not communicate" in info[3]
 
 
 def test_triton_missing_says_so_and_still_says_why_no_gpu(monkeypatch):
-    real = doctor._module_installed
-    monkeypatch.setattr(doctor, "_module_installed", lambda name: False if name == "triton" else real(name))
+    real = doctor.module_installed
+    monkeypatch.setattr(doctor, "module_installed", lambda name: False if name == "triton" else real(name))
     rows = by_name(doctor.run_checks())
     for name in ("Triton (GPU)", "Triton (interpreter)"):
         assert not rows[name].usable and "triton not installed" in rows[name].detail

@@ -15,6 +15,7 @@ def stand_in_tensorrt(monkeypatch, *, gpu: str, compute_capability: str, version
     did not build (e.g. one bundled). Returns the build calls (onnx, engine, and build_engine's
     keyword arguments), in order."""
     import deploykit.engine as engine
+    import deploykit.runners.tensorrt as trt_runner
     from deploykit.engine import TrtEnvironment
     from deploykit.runners import OrtRunner
 
@@ -43,5 +44,5 @@ def stand_in_tensorrt(monkeypatch, *, gpu: str, compute_capability: str, version
     monkeypatch.setattr(engine, "require_tensorrt", lambda where=None, plugins=True: TrtEnvironment(
         version=version, gpu=gpu, compute_capability=compute_capability))
     monkeypatch.setattr(engine, "build_engine", build)
-    monkeypatch.setattr(engine, "TrtRunner", Runner)
+    monkeypatch.setattr(trt_runner, "TrtRunner", Runner)
     return calls

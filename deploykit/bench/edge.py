@@ -85,7 +85,8 @@ def _bench_tensorrt(models: dict[str, Path], split: Split, target: Target, confi
     built here for this target, else built now) timed at batch 1; peak GPU memory is not
     measured (TensorRT's allocations are not torch's)."""
     from deploykit.bench import bench_feeds
-    from deploykit.engine import ShapeRanges, TrtRunner, build_engine, engine_info, require_tensorrt
+    from deploykit.engine import ShapeRanges, build_engine, engine_info, require_tensorrt
+    from deploykit.runners.tensorrt import TrtRunner
     from deploykit.progress import track
     from deploykit.targets import check_engine
     from deploykit.timing import time_loop

@@ -1,4 +1,4 @@
-"""ONNX (Q/DQ, deploykit plugins) -> TensorRT engine, and a runner for engines.
+"""ONNX (Q/DQ, deploykit plugins) -> TensorRT engine (its runner: ``deploykit.runners.tensorrt``).
 
 Written to TensorRT's Python API for 10.15+ and 11 (a model without deploykit ops also builds
 on 10.0+, e.g. JetPack 6's 10.3, where deploykit ops build from their ONNX-function
@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from deploykit.errors import UserError
@@ -62,22 +61,22 @@ def require_tensorrt(where: str | Path | None = None, *, plugins: bool = True) -
     the model has deploykit ops (``plugins``: the ONNX parser's plugin path), else >= 10.0
     (JetPack 6's TensorRT 10.3 builds plain Q/DQ models).
 
-    Uses deploykit doctor's probes: ``import tensorrt`` runs in a child process first (a
-    stub can hang or crash), and the device comes from torch / nvidia-smi."""
-    from deploykit.doctor import TENSORRT_MIN_FOR_PLUGINS, _Context, _gpu_info, _tensorrt_facts, _version_tuple
+    Uses the probes deploykit doctor shows (:mod:`deploykit.probes`): ``import tensorrt`` runs in
+    a child process first (a stub can hang or crash), and the device comes from torch / nvidia-smi."""
+    from deploykit.probes import TENSORRT_MIN_FOR_PLUGINS, Context, gpu_info, tensorrt_facts, version_tuple
 
     minimum = TENSORRT_MIN_FOR_PLUGINS if plugins else TENSORRT_MIN
     need = ".".join(map(str, minimum))
-    facts = _tensorrt_facts()
+    facts = tensorrt_facts()
     if not facts["real"]:
         raise UserError(f"TensorRT is not usable here: {facts['error']}", path=where,
                         fix=f"install TensorRT >= {need} (tensorrt-cu12 / tensorrt-cu13 from NVIDIA's index) on a "
                             "machine with an NVIDIA GPU; deploykit doctor shows what this machine has")
-    if _version_tuple(facts["version"])[:2] < minimum:
+    if version_tuple(facts["version"])[:2] < minimum:
         why = "deploykit's plugin path (the model has deploykit ops)" if plugins else "deploykit's engine code"
         raise UserError(f"TensorRT {facts['version']} is older than {need}, which {why} needs",
                         path=where, fix=f"install TensorRT >= {need}")
-    info = _gpu_info(_Context())
+    info = gpu_info(Context())
     if not info.torch_cuda or not info.devices:
         raise UserError(f"no CUDA device usable from here ({info.reason or 'torch.cuda.is_available() is False'})",
                         path=where, fix="build engines on the target GPU machine; deploykit doctor explains why")
@@ -203,18 +202,11 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, ranges: ShapeRa
     model = onnx.load(str(onnx_path))
     profile = optimization_profile(model, ranges or ShapeRanges(), onnx_path)
     ready, plugin_ops = plugin_ready_copy(model, aot=aot)
-    from deploykit.doctor import TENSORRT_MIN_FOR_PLUGINS, _version_tuple
     from deploykit.sparsity import check_2_4
 
     sparse = check_2_4(model)
     env = require_tensorrt(onnx_path, plugins=False)   # nothing TensorRT is touched before this passes
-    decomposed: list[str] = []
-    if plugin_ops and _version_tuple(env.version)[:2] < TENSORRT_MIN_FOR_PLUGINS:
-        # Before 10.15 the ONNX parser has no plugin path for these nodes: it builds their
-        # ONNX-function decomposition (JetPack 6's TensorRT 10.3), slower but the same function.
-        print(f"note: TensorRT {env.version} predates deploykit's plugin path (10.15): {', '.join(plugin_ops)} "
-              "build from their ONNX-function decomposition", flush=True)
-        ready, decomposed, plugin_ops = model, plugin_ops, []
+    ready, decomposed, plugin_ops = _plugin_path(model, ready, plugin_ops, env)
     if target is not None:                     # an engine only runs on the GPU and TensorRT it was built with
         from deploykit.targets import check_engine, get_target
 
@@ -264,6 +256,26 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, ranges: ShapeRa
             "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
             "workspace_mib": workspace_mib, "timing_cache": str(cache_path), "build_seconds": round(seconds, 2),
             "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return _write_build(onnx_path, out_path, serialized, config, cache_path, lines, info)
+
+
+def _plugin_path(model: onnx.ModelProto, ready: onnx.ModelProto, plugin_ops: list[str],
+                 env: TrtEnvironment) -> tuple[onnx.ModelProto, list[str], list[str]]:
+    """(model to parse, ops built from their decomposition, ops built as plugins) for this TensorRT."""
+    from deploykit.probes import TENSORRT_MIN_FOR_PLUGINS, version_tuple
+
+    if plugin_ops and version_tuple(env.version)[:2] < TENSORRT_MIN_FOR_PLUGINS:
+        # Before 10.15 the ONNX parser has no plugin path for these nodes: it builds their
+        # ONNX-function decomposition (JetPack 6's TensorRT 10.3), slower but the same function.
+        print(f"note: TensorRT {env.version} predates deploykit's plugin path (10.15): {', '.join(plugin_ops)} "
+              "build from their ONNX-function decomposition", flush=True)
+        return model, plugin_ops, []
+    return ready, [], plugin_ops
+
+
+def _write_build(onnx_path: Path, out_path: Path, serialized, config, cache_path: Path, lines: list[str],
+                 info: dict[str, Any]) -> BuildResult:
+    """The engine, the timing cache, the build log and the metadata, each written atomically."""
     with atomic_path(out_path, inputs=(onnx_path,)) as tmp:
         tmp.write_bytes(bytes(serialized))
     with atomic_path(cache_path, inputs=(onnx_path,)) as tmp:
@@ -276,80 +288,7 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, *, ranges: ShapeRa
     return BuildResult(out_path, log_path, meta_path, info)
 
 
-# ----------------------------------------------------------------------------- runner
-class TrtRunner:
-    """A TensorRT engine behind the runners' ``infer(feeds) -> output`` API (CUDA via torch)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if self.path.suffix == ".onnx":          # verify / bench pass the ONNX model: its engine sits next to it
-            if not self.path.with_suffix(".engine").is_file():
-                raise UserError("no TensorRT engine next to this model", path=self.path,
-                                fix=f"build it first: deploykit build {self.path}")
-            self.path = self.path.with_suffix(".engine")
-        if not self.path.is_file():
-            raise UserError("engine file not found", path=self.path, fix="build one with deploykit build")
-        plugins = engine_info(self.path).get("plugins")      # None: built elsewhere, not recorded
-        require_tensorrt(self.path, plugins=bool(plugins))
-        import importlib
-
-        import tensorrt as trt
-        import torch
-
-        for module in PLUGIN_MODULES if plugins is None or plugins else []:
-            try:                         # engines built without AOT need the Python definitions
-                importlib.import_module(module)
-            except ImportError:
-                if plugins:              # recorded as using deploykit ops: they must load
-                    raise
-        self._trt, self._torch = trt, torch
-        self.backend = "tensorrt"
-        self.threads = 1
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise UserError("TensorRT cannot load this engine (built by another TensorRT version or GPU?)",
-                            path=self.path, fix="rebuild it here with deploykit build; see its .json for where "
-                                                "it was built")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output_names = [n for n in names if n not in self.input_names]
-        self.stream = torch.cuda.Stream()
-
-    def _torch_dtype(self, name: str):
-        trt, torch = self._trt, self._torch
-        table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
-                 trt.int64: torch.int64, trt.int8: torch.int8, trt.bool: torch.bool}
-        if hasattr(trt, "bfloat16"):
-            table[trt.bfloat16] = torch.bfloat16
-        return table[self.engine.get_tensor_dtype(name)]
-
-    def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        from deploykit.runners import _check_feed_names
-
-        torch = self._torch
-        _check_feed_names(self.input_names, feeds, str(self.path))
-        keep = []
-        for name in self.input_names:
-            tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda").to(self._torch_dtype(name))
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-            keep.append(tensor)
-        outputs = {}
-        for name in self.output_names:
-            shape = tuple(self.context.get_tensor_shape(name))
-            out = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
-            self.context.set_tensor_address(name, out.data_ptr())
-            outputs[name] = out
-        with torch.cuda.stream(self.stream):
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise UserError("TensorRT execution failed", path=self.path, fix="see TensorRT's log above")
-        self.stream.synchronize()
-        return outputs[self.output_names[0]].float().cpu().numpy()
-
-
+# ----------------------------------------------------------------------------- engines
 def engine_info(path: str | Path) -> dict[str, Any]:
     """The build metadata next to an engine (``<name>.json``), if any."""
     meta = Path(path).with_suffix(".json")
@@ -358,4 +297,4 @@ def engine_info(path: str | Path) -> dict[str, Any]:
 
 __all__ = ["ShapeRanges", "optimization_profile", "plugin_ready_copy", "require_tensorrt", "tensorrt_status",
            "build_engine",
-           "BuildResult", "TrtRunner", "engine_info", "TrtEnvironment", "PLUGIN_MODULES"]
+           "BuildResult", "engine_info", "TrtEnvironment", "PLUGIN_MODULES"]

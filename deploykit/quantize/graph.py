@@ -63,7 +63,7 @@ def cpu_session(model: onnx.ModelProto, threads: int | None = None, *, optimize:
     """An in-memory ONNX Runtime CPU session with explicit threads (no fusion when not ``optimize``)."""
     import onnxruntime as ort
 
-    from deploykit.runners import default_threads
+    from deploykit.threads import default_threads
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()

@@ -34,12 +34,14 @@ from typing import Any
 import numpy as np
 import onnx
 
+from deploykit.acceptance import parse_rule, passes
 from deploykit.data import Split, iterate_batches
+from deploykit.metrics import task_metrics
 from deploykit.onnx_utils import get_metadata
 from deploykit.progress import say
-from deploykit.quantize import Prepared, QuantConfig, build_qdq, prepare
+from deploykit.quantize.config import QuantConfig
 from deploykit.quantize.graph import cpu_session
-from deploykit.verify import parse_rule, passes, task_metrics
+from deploykit.quantize.qdq import Prepared, build_qdq, prepare
 
 
 @dataclass
@@ -112,82 +114,101 @@ def _grid(config: QuantConfig) -> list[tuple[str, float | None]]:
     return grid
 
 
-def tune(model_path: Path, inferred: onnx.ModelProto, calibration: Split, tuning: Split, config: QuantConfig,
-         *, threads: int | None = None) -> TuneOutcome:
-    from deploykit.quantize.debug import node_errors
+class _Search:
+    """The trials run so far and the best one seen, with the prepared graph it was built from."""
 
-    start = time.perf_counter()
-    tc = config.tune
-    task = get_metadata(inferred).get("task", "text-embedding")
-    scorer = _Scorer(inferred, tuning, task, threads)
-    trials: list[Trial] = []
-    best: tuple[Trial, Prepared] | None = None
-    smooth_stats = None
+    def __init__(self, scorer: _Scorer, criteria: dict[str, str], budget: int):
+        self.scorer, self.criteria, self.budget = scorer, criteria, budget
+        self.trials: list[Trial] = []
+        self.best: tuple[Trial, Prepared] | None = None
 
-    def record(phase, alpha, method, pct, float_nodes, prepared) -> Trial:
-        nonlocal best
+    def spent(self) -> bool:
+        return len(self.trials) >= self.budget
+
+    def record(self, phase, alpha, method, pct, float_nodes, prepared) -> Trial:
         t0 = time.perf_counter()
         model = build_qdq(prepared, prepared.ranges(method, pct), float_nodes)
-        metrics = scorer(model)
-        ok, score = criteria_score(metrics, tc.criteria)
-        trial = Trial(len(trials) + 1, phase, alpha, method, pct if method == "percentile" else None,
+        metrics = self.scorer(model)
+        ok, score = criteria_score(metrics, self.criteria)
+        trial = Trial(len(self.trials) + 1, phase, alpha, method, pct if method == "percentile" else None,
                       list(float_nodes), metrics, ok, score, time.perf_counter() - t0)
-        trials.append(trial)
+        self.trials.append(trial)
+        best = self.best
         key = (trial.passed, -len(trial.float_nodes) if trial.passed else 0, trial.score)
         if best is None or key > (best[0].passed, -len(best[0].float_nodes) if best[0].passed else 0, best[0].score):
-            best = (trial, prepared)
+            self.best = (trial, prepared)
         say(f"  trial {trial.index:>2} {phase:8s} alpha={alpha} {method}{'' if pct is None else f' {pct}'} "
-            f"float={len(float_nodes)}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in tc.criteria if k in metrics)
+            f"float={len(float_nodes)}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in self.criteria if k in metrics)
             + (" PASS" if ok else ""))
         return trial
 
-    # Phase 1: configuration grid; stop at the first configuration that passes unaided.
-    prepared_by_alpha: dict[Any, Prepared] = {}
+
+def _grid_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split, config: QuantConfig,
+                threads: int | None) -> None:
+    """Phase 1: the configuration grid; stops at the first configuration that passes unaided."""
+    smooth_stats = None
     done = False
-    for alpha in tc.alphas:
-        if done or len(trials) >= tc.budget:
+    for alpha in config.tune.alphas:
+        if done or search.spent():
             break
         prepared = prepare(inferred, calibration, config, alpha=alpha, smooth_stats=smooth_stats, threads=threads)
         if alpha is not None and smooth_stats is None:
             smooth_stats = prepared.smooth_stats
-        prepared_by_alpha[alpha] = prepared
         for method, pct in _grid(config):
-            if len(trials) >= tc.budget:
+            if search.spent():
                 break
-            if record("grid", alpha, method, pct, [], prepared).passed:
+            if search.record("grid", alpha, method, pct, [], prepared).passed:
                 done = True
                 break
 
-    # Phase 2: fall back the worst nodes of the best configuration.
-    grid_best, prepared = best
-    fallback_info: dict[str, Any] = {}
-    if not grid_best.passed and len(trials) < tc.budget:
-        alpha, method, pct = grid_best.alpha, grid_best.method, grid_best.percentile
-        qdq = build_qdq(prepared, prepared.ranges(method, pct))
-        ranking_split = Split("ranking", {k: v[:64] for k, v in tuning.feeds.items()}, tuning.sha256)
-        selectable = {n.name for n in prepared.nodes} - set(prepared.mask_float_nodes)
-        ranked = [e for e in node_errors(prepared.model, qdq, ranking_split, threads=threads) if e.node in selectable]
-        order = [e.node for e in ranked]
-        fallback_info = {"ranking": [{"node": e.node, "module": e.module, "added_snr_db": round(e.added_snr_db, 2)}
-                                     for e in ranked]}
-        limit = min(len(order), tc.max_float_nodes if tc.max_float_nodes is not None else len(order))
-        passing: int | None = None
-        failing = 0
-        k = 1
-        while k <= limit and len(trials) < tc.budget:       # grow: 1, 2, 4, ...
-            if record("fallback", alpha, method, pct, order[:k], prepared).passed:
-                passing = k
-                break
-            failing = k
-            k = min(k * 2, limit) if k < limit else limit + 1
-        while passing is not None and passing - failing > 1 and len(trials) < tc.budget:   # narrow
-            mid = (passing + failing) // 2
-            if record("fallback", alpha, method, pct, order[:mid], prepared).passed:
-                passing = mid
-            else:
-                failing = mid
 
-    chosen, prepared = best
+def _fallback_phase(search: _Search, tuning: Split, max_float_nodes: int | None,
+                    threads: int | None) -> dict[str, Any]:
+    """Phase 2: fall back the worst nodes of the best configuration (grow k, then narrow it);
+    the node ranking, for the log."""
+    from deploykit.quantize.debug import node_errors
+
+    grid_best, prepared = search.best
+    if grid_best.passed or search.spent():
+        return {}
+    alpha, method, pct = grid_best.alpha, grid_best.method, grid_best.percentile
+    qdq = build_qdq(prepared, prepared.ranges(method, pct))
+    ranking_split = Split("ranking", {k: v[:64] for k, v in tuning.feeds.items()}, tuning.sha256)
+    selectable = {n.name for n in prepared.nodes} - set(prepared.mask_float_nodes)
+    ranked = [e for e in node_errors(prepared.model, qdq, ranking_split, threads=threads) if e.node in selectable]
+    order = [e.node for e in ranked]
+    fallback_info = {"ranking": [{"node": e.node, "module": e.module, "added_snr_db": round(e.added_snr_db, 2)}
+                                 for e in ranked]}
+    limit = min(len(order), max_float_nodes if max_float_nodes is not None else len(order))
+    passing: int | None = None
+    failing = 0
+    k = 1
+    while k <= limit and not search.spent():       # grow: 1, 2, 4, ...
+        if search.record("fallback", alpha, method, pct, order[:k], prepared).passed:
+            passing = k
+            break
+        failing = k
+        k = min(k * 2, limit) if k < limit else limit + 1
+    while passing is not None and passing - failing > 1 and not search.spent():   # narrow
+        mid = (passing + failing) // 2
+        if search.record("fallback", alpha, method, pct, order[:mid], prepared).passed:
+            passing = mid
+        else:
+            failing = mid
+    return fallback_info
+
+
+def tune(model_path: Path, inferred: onnx.ModelProto, calibration: Split, tuning: Split, config: QuantConfig,
+         *, threads: int | None = None) -> TuneOutcome:
+    start = time.perf_counter()
+    tc = config.tune
+    task = get_metadata(inferred).get("task", "text-embedding")
+    search = _Search(_Scorer(inferred, tuning, task, threads), tc.criteria, tc.budget)
+    _grid_phase(search, inferred, calibration, config, threads)
+    fallback_info = _fallback_phase(search, tuning, tc.max_float_nodes, threads)
+    trials = search.trials
+
+    chosen, prepared = search.best
     out_config = copy.deepcopy(config)
     out_config.method = chosen.method
     if chosen.percentile is not None:

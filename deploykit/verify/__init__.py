@@ -15,98 +15,17 @@ thresholds to them, and :func:`localize` names the nodes of a Q/DQ model that co
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from deploykit.acceptance import evaluate_checks, parse_rule, passes
 from deploykit.data import Split, iterate_batches
+from deploykit.metrics import (classification_metrics, embedding_metrics, nearest_neighbours, parity_entry, snr_db,
+                               task_metrics)
 from deploykit.progress import track
-
-
-_RULE = re.compile(r"^\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
-
-
-def parse_rule(rule: str) -> tuple[str, float] | None:
-    """``'>= 0.995'`` -> (">=", 0.995); None if malformed."""
-    match = _RULE.match(str(rule))
-    if not match:
-        return None
-    try:
-        return match.group(1), float(match.group(2))
-    except ValueError:
-        return None
-
-
-def passes(value: float | None, rule: str) -> bool:
-    op, number = parse_rule(rule)
-    if value is None:
-        return False
-    return {">=": value >= number, "<=": value <= number, ">": value > number, "<": value < number}[op]
-
-
-def task_metrics(task: str, reference: np.ndarray, output: np.ndarray,
-                 labels: np.ndarray | None = None) -> dict[str, float]:
-    if task == "text-embedding":
-        return embedding_metrics(reference, output)[0]
-    return classification_metrics(reference, output, labels)[0]
-
-
-def _rows_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    num = np.sum(a * b, axis=1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return num / np.maximum(den, 1e-12)
-
-
-def nearest_neighbours(emb: np.ndarray) -> np.ndarray:
-    """Index of each row's most cosine-similar other row."""
-    x = emb.astype(np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    sim = x @ x.T
-    np.fill_diagonal(sim, -np.inf)
-    return np.argmax(sim, axis=1)
-
-
-def snr_db(reference: np.ndarray, output: np.ndarray) -> float | None:
-    """Signal-to-noise ratio of ``output`` against ``reference`` over all elements (None: identical)."""
-    ref = reference.astype(np.float64)
-    noise = float(np.sum((ref - output.astype(np.float64)) ** 2))
-    if noise == 0.0:
-        return None
-    return float(10.0 * np.log10(max(float(np.sum(ref ** 2)), 1e-300) / noise))
-
-
-def embedding_metrics(reference: np.ndarray, output: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
-    cos = _rows_cosine(reference, output)
-    nn_ref, nn_out = nearest_neighbours(reference), nearest_neighbours(output)
-    metrics = {
-        "cosine_mean": float(cos.mean()),
-        "cosine_min": float(cos.min()),
-        "cosine_p01": float(np.percentile(cos, 1)),
-        "nn_agreement": float(np.mean(nn_ref == nn_out)),
-        "max_abs_diff": float(np.max(np.abs(reference.astype(np.float64) - output.astype(np.float64)))),
-        "snr_db": snr_db(reference, output),
-    }
-    return metrics, cos
-
-
-def classification_metrics(reference: np.ndarray, output: np.ndarray,
-                           labels: np.ndarray | None) -> tuple[dict[str, float], np.ndarray]:
-    cos = _rows_cosine(reference, output)
-    metrics = {
-        "top1_agreement": float(np.mean(reference.argmax(1) == output.argmax(1))),
-        "cosine_mean": float(cos.mean()),
-        "cosine_min": float(cos.min()),
-        "max_abs_diff": float(np.max(np.abs(reference.astype(np.float64) - output.astype(np.float64)))),
-        "snr_db": snr_db(reference, output),
-    }
-    if labels is not None:
-        metrics["top1"] = float(np.mean(output.argmax(1) == labels))
-    return metrics, cos
 
 
 def run_split(runner, split: Split, *, batch_size: int = 32, description: str = "") -> np.ndarray:
@@ -195,11 +114,6 @@ def choose_backends(requested: list[str]) -> tuple[list[str], dict[str, str]]:
     return run, skipped
 
 
-def parity_entry(task: str, reference: np.ndarray, output: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
-    metrics = embedding_metrics(reference, output)[0] if task == "text-embedding" else \
-        classification_metrics(reference, output, labels)[0]
-    return {**metrics, "samples": int(output.shape[0])}
-
 
 def cross_verify(runners: dict[str, Any], reference: np.ndarray, split: Split, task: str, *,
                  batch_size: int = 32) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
@@ -212,28 +126,6 @@ def cross_verify(runners: dict[str, Any], reference: np.ndarray, split: Split, t
         parity[key] = parity_entry(task, reference, output, split.labels)
     return parity, outputs
 
-
-def evaluate_checks(rules: dict[str, str], parity: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Thresholds on the parity entries: ``int8.cosine_mean`` applies to int8 on every backend
-    it ran on, ``int8@tensorrt.cosine_mean`` to one. A rule that matches nothing fails (a gate
-    must not pass because its variant did not run)."""
-    results = []
-    for key, rule in rules.items():
-        variant, metric = key.rsplit(".", 1)
-        keys = [k for k in parity if (k == variant if "@" in variant else k.split("@", 1)[0] == variant)]
-        keys = [k for k in keys if not k.endswith("@torch") or variant.endswith("@torch")] or keys
-        threshold = " ".join(str(rule).split())
-        if not keys:
-            results.append({"check": key, "value": None, "threshold": threshold, "passed": False,
-                            "note": f"no '{variant}' result to check"})
-        for k in keys:
-            value = parity[k].get(metric)
-            if metric == "snr_db" and value is None and parity[k].get("max_abs_diff") == 0:
-                ok = parse_rule(rule)[0] in (">=", ">")      # identical outputs: infinite SNR
-            else:
-                ok = passes(value, rule)
-            results.append({"check": f"{k}.{metric}", "value": value, "threshold": threshold, "passed": ok})
-    return results
 
 
 def suggest_exclusions(errors: list[Any], *, limit: int = 10, margin_db: float = 6.0) -> list[str]:
@@ -265,3 +157,8 @@ def localize(fp32_path, qdq_path, split: Split, *, samples: int = 64, top: int =
     errors = node_errors(float_model, load_onnx(qdq_path), part)
     return {"samples": part.count, "nodes": [e.to_dict() for e in errors[:top]],
             "exclude": suggest_exclusions(errors)}
+
+
+__all__ = ["ALL_BACKENDS", "VerifyResult", "backend_availability", "choose_backends", "classification_metrics",
+           "cross_verify", "embedding_metrics", "evaluate_checks", "localize", "nearest_neighbours", "parity_entry",
+           "parse_rule", "passes", "run_split", "snr_db", "suggest_exclusions", "task_metrics", "verify"]

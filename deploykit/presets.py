@@ -1,0 +1,22 @@
+"""Quantization presets: each target's INT8 form (see :mod:`deploykit.quantize`), by name.
+
+A leaf: nothing of deploykit is imported, so target profiles can check a preset name
+without loading the quantizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpu-trt": {"activation_type": "int8", "activation_symmetric": True, "op_types": ["MatMul", "Gemm"],
+                "method": "percentile", "per_channel": True, "plugin_int8": True},
+    "cpu-ort": {"activation_type": "uint8", "activation_symmetric": False, "op_types": ["MatMul", "Gemm"],
+                "method": "percentile", "per_channel": True, "plugin_int8": False},
+    # Q/DQ on the inputs of MatMul (LayerNorm, GELU and softmax outputs, Q/K/V), Softmax (its
+    # input), LayerNormalization (residual sums) and Add, plus the *outputs* of Adds: the
+    # bias Add closes every Linear, so each Linear output is rounded once, as in the paper.
+    "paper-w8a8": {"activation_type": "uint8", "activation_symmetric": False,
+                   "op_types": ["MatMul", "Gemm", "Add", "Softmax", "LayerNormalization"],
+                   "output_op_types": ["Add"], "method": "running-minmax", "per_channel": False,
+                   "plugin_int8": False},
+}

@@ -1,0 +1,103 @@
+"""What a calibration is asked for: :class:`QuantConfig` (preset, method, node selection,
+activation form), with its SmoothQuant and tuning parts; a preset fills in what the user left unset."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from deploykit.calib.calibrators import METHODS, CalibrationConfig
+from deploykit.errors import UserError
+from deploykit.presets import PRESETS
+
+ACTIVATION_TYPES = ("int8", "uint8")
+
+
+@dataclass
+class SmoothQuantConfig:
+    alpha: float | None = None          # None: no smoothing
+    targets: str = "ln-fed"             # ln-fed (Linears fed by a LayerNorm) | all (every MatMul)
+
+
+@dataclass
+class TuneConfig:
+    """Accuracy-driven search; criteria are checked on a tuning split disjoint from evaluation."""
+    enabled: bool = False
+    criteria: dict[str, str] = field(default_factory=lambda: {"cosine_mean": ">= 0.995",
+                                                              "nn_agreement": ">= 0.95"})
+    budget: int = 40                    # trials (one trial = build a Q/DQ model and score it)
+    methods: list[str] = field(default_factory=lambda: ["percentile", "entropy", "mse"])
+    percentiles: list[float] = field(default_factory=lambda: [99.9, 99.99, 99.999])
+    alphas: list[float | None] = field(default_factory=lambda: [None, 0.5, 0.65, 0.8])
+    samples: int = 500                  # size of the tuning split
+    max_float_nodes: int | None = None  # give up falling back beyond this many nodes
+
+
+@dataclass
+class QuantConfig:
+    preset: str | None = None                  # gpu-trt | cpu-ort | paper-w8a8 (None: gpu-trt)
+    method: str | None = None                  # minmax | running-minmax | percentile | entropy | mse (None: the preset's)
+    percentile: float = 99.99
+    num_bins: int = 2048
+    op_types: list[str] | None = None          # None: the preset's
+    output_op_types: list[str] | None = None   # of those, the ones whose outputs get Q/DQ too (None: the preset's)
+    residual_adds: bool = False                # also quantize residual Adds (two activation inputs)
+    layernorm: bool = False                    # also quantize LayerNormalization inputs
+    nodes_to_exclude: list[str] = field(default_factory=list)
+    nodes_to_quantize: list[str] = field(default_factory=list)   # empty: every selected node
+    per_channel: bool | None = None            # None: the preset's
+    activation_type: str | None = None         # None: the preset's (int8 | uint8)
+    activation_symmetric: bool | None = None   # None: the preset's
+    plugin_int8: bool | None = None            # Q -> op -> DQ around deploykit attention ops (None: the preset's)
+    batch_size: int = 16
+    sentinel_abs: float = 1e30
+    smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def resolved(self, default_preset: str = "gpu-trt") -> QuantConfig:
+        """A copy with the preset's defaults filled in where the user set nothing."""
+        preset = self.preset or default_preset
+        if preset not in PRESETS:
+            raise UserError(f"unknown quantization preset '{preset}'", fix=f"use one of {', '.join(PRESETS)}")
+        out = copy.deepcopy(self)
+        out.preset = preset
+        for key, value in PRESETS[preset].items():
+            if getattr(out, key) is None:
+                setattr(out, key, copy.deepcopy(value))
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if self.method is not None and self.method not in METHODS:
+            raise UserError(f"unknown calibration method '{self.method}'", fix=f"use one of {', '.join(METHODS)}")
+        if self.activation_type is not None and self.activation_type not in ACTIVATION_TYPES:
+            raise UserError(f"unknown activation type '{self.activation_type}'", fix="use int8 or uint8")
+        if self.plugin_int8 and (self.activation_type != "int8" or not self.activation_symmetric):
+            raise UserError("quantize.plugin_int8 needs symmetric int8 activations (a plugin's INT8 form)",
+                            fix="use the gpu-trt preset, or set plugin_int8: false")
+        if self.op_types is not None and not self.op_types:
+            raise UserError("quantize.op_types is empty", fix="list the op types to quantize, e.g. [MatMul, Gemm]")
+        if self.batch_size < 1:
+            raise UserError("quantize.batch_size must be >= 1", fix="set a positive batch size")
+        alpha = self.smoothquant.alpha
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            raise UserError(f"quantize.smoothquant.alpha {alpha} is outside [0, 1]", fix="use e.g. 0.5 to 0.9")
+        for m in self.tune.methods:
+            if m not in METHODS:
+                raise UserError(f"unknown method '{m}' in quantize.tune.methods", fix=f"use {', '.join(METHODS)}")
+        if self.tune.budget < 1 or self.tune.samples < 8:
+            raise UserError("quantize.tune needs budget >= 1 and samples >= 8", fix="raise tune.budget / tune.samples")
+
+    def calibration_config(self, method: str | None = None, percentile: float | None = None) -> CalibrationConfig:
+        symmetric = bool(self.activation_symmetric)
+        return CalibrationConfig(method=method or self.method,
+                                 percentile=self.percentile if percentile is None else percentile,
+                                 num_bins=self.num_bins, symmetric=symmetric,
+                                 num_quant_levels=128 if symmetric else 256, sentinel_abs=self.sentinel_abs)
+
+    def summary(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("tune", "sentinel_abs", "num_bins")}
+        if self.method != "percentile":
+            out.pop("percentile")
+        return out
