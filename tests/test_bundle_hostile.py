@@ -44,7 +44,6 @@ def no_temp_files(*roots: Path, tmpdir: Path) -> None:
 # ----------------------------------------------------------------------------- building bundles
 def _model(external: str | None = None) -> bytes:
     """y = x * w, x float32 [batch, 4]; with ``external``, w's data lives in that file."""
-    import onnx
     from onnx import TensorProto, helper
 
     w = helper.make_tensor("w", TensorProto.FLOAT, [4], [1.0, 1.0, 1.0, 1.0])

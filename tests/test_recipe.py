@@ -21,8 +21,6 @@ def test_default_recipe_is_shipped_and_valid():
 
 
 def test_every_shipped_recipe_loads_and_resolves():
-    from deploykit.quantize import PRESETS
-
     for name, path in builtin_recipes().items():
         recipe = load_recipe(path)
         assert recipe.name == name, f"{path}: name must match the file name"
