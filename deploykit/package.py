@@ -61,7 +61,7 @@ import numpy as np
 
 import deploykit
 from deploykit.errors import UserError
-from deploykit.io import _umask, atomic_path, critical_section, read_json, sha256_file, write_json, write_text
+from deploykit.io import atomic_path, critical_section, current_umask, read_json, sha256_file, write_json, write_text
 from deploykit.progress import say, stage
 
 FORMAT = "deploykit-bundle/1"
@@ -700,7 +700,7 @@ def verify_tree(folder: Path, shown: Path | str | None = None) -> dict[str, Any]
 
 
 def _check_target(manifest: dict[str, Any], expected: str | None, where: Path):
-    from deploykit.targets import _parse
+    from deploykit.targets import parse_target
 
     raw = dict(manifest.get("target") or {})
     name = raw.pop("name", None)
@@ -710,7 +710,7 @@ def _check_target(manifest: dict[str, Any], expected: str | None, where: Path):
         raise UserError(f"the bundle is for target '{name}', not '{expected}'", path=where,
                         fix=f"package the run for {expected}: deploykit package <run> --target {expected}")
     raw.pop("source", None)
-    target = _parse(name, raw, f"{where} (manifest)")
+    target = parse_target(name, raw, f"{where} (manifest)")
     if target.runtime.name == "tensorrt":
         version = _tensorrt_version()
         if version is not None and not target.runtime.accepts(version):
@@ -841,7 +841,7 @@ def unpack_bundle(archive: str | Path, dest: str | Path | None = None, *, target
                 if digest != entry["sha256"]:
                     raise UserError(f"bundle file {rel} does not match its manifest SHA-256 (tampered or corrupted)",
                                     path=archive, fix="do not use this bundle; fetch it again")
-            os.chmod(staging, 0o777 & ~_umask())
+            os.chmod(staging, 0o777 & ~current_umask())
             with critical_section():
                 os.replace(staging, dest)         # onto a missing or empty folder
             staging = None
