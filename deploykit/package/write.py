@@ -155,14 +155,8 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
     ``outputs``: each model's ORT CPU outputs on the whole evaluation split in batches of
     ``VERIFY_BATCH``, when the caller has them (``run`` has, from verify); used when the bundle
     carries the whole split, else computed here."""
-    from deploykit.data import Split, load_split, split_arrays, split_record
-    from deploykit.io import read_npz
-    from deploykit.onnx_utils import get_metadata, load_onnx
-    from deploykit.runners import OrtRunner
-    from deploykit.targets import check_model, get_target
-    from deploykit.verify import evaluate_checks, parity_entry, run_split
-
     from deploykit.runfolder import check_complete
+    from deploykit.targets import get_target
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -172,16 +166,54 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
     report = read_json(_run_file(run_dir, "report.json", "report"), what="report")
     models, ranges_path, stem = _run_models(run_dir, report, target, variant)
     inputs_path = _run_file(run_dir, "data/evaluation.npz", "saved evaluation inputs")
+    ranges, notes = _checked_models(models, ranges_path, target)
+    name = f"{stem}-{target.name}"
+    out = Path(out) if out is not None else run_dir / "bundles" / f"{name}.tar.gz"
+    if not out.name.endswith(".tar.gz"):
+        raise UserError("a bundle is a .tar.gz file", path=out, fix=f"name it e.g. {name}.tar.gz")
+
+    source, task, split, part = _verify_inputs(report, models, inputs_path, samples)
+    reference = _reference(run_dir, models, split, part, variant, notes)
+    # Canonical names inside the bundle, whatever the run called the files.
+    files: dict[str, bytes | Path] = {"model/model.int8.onnx": models["int8"], "model/model.onnx": models["fp32"],
+                                      "model/model.int8.ranges.json": ranges_path}
+    expected, figures = _expected_outputs(run_dir, target, models, part, reference, task, outputs, split.count)
+    rules, checks_here = _gate(report, variant, figures, notes, allow_failing)
+    files.update(_verify_files(part, expected, task, rules))
+    runtime_files, engines = _runtime_files(models, ranges, target, notes)
+    files.update(runtime_files)
+    files["README.md"] = _device_readme(name, target, bool(engines)).encode()
+
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    manifest = _manifest(files, name=name, created=created, target=target, report=report, models=models,
+                         source=source, task=task, part=part, engines=engines, figures=figures,
+                         checks_here=checks_here, rules=rules, notes=notes)
+    files["manifest.json"] = (json.dumps(manifest, indent=2, allow_nan=False, default=str) + "\n").encode()
+    digest = _write_archive(out, name, files, models, created)
+    say(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {len(files)} files) and {out.name}.sha256")
+    for note in notes:
+        say(f"  note: {note}")
+    return BundleResult(out, digest, out.stat().st_size, len(files), manifest)
+
+
+def _checked_models(models: dict[str, Path], ranges_path: Path, target) -> tuple[Any, list[str]]:
+    """(the calibration ranges, notes): refuses ranges of another run's models and models the
+    target cannot run."""
     from deploykit.quantize.record import read_ranges
+    from deploykit.targets import check_model
 
     ranges = read_ranges(ranges_path, quantized=models["int8"], fp32=models["fp32"])   # refuses mixed runs
     notes = []
     for name_, path in models.items():
         notes += [f"{name_}: {n}" for n in check_model(path, target)]   # refuses what the target cannot run
-    name = f"{stem}-{target.name}"
-    out = Path(out) if out is not None else run_dir / "bundles" / f"{name}.tar.gz"
-    if not out.name.endswith(".tar.gz"):
-        raise UserError("a bundle is a .tar.gz file", path=out, fix=f"name it e.g. {name}.tar.gz")
+    return ranges, notes
+
+
+def _verify_inputs(report: dict[str, Any], models: dict[str, Path], inputs_path: Path, samples: int | None):
+    """(model source, task, the saved evaluation split, the part of it the bundle carries: its
+    first ``samples`` inputs, default all)."""
+    from deploykit.data import Split, load_split
+    from deploykit.onnx_utils import get_metadata, load_onnx
 
     fp32_meta = get_metadata(load_onnx(models["fp32"], load_weights=False))
     source = fp32_meta.get("source") or report.get("model")
@@ -193,35 +225,61 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
         raise UserError("--samples must be at least 1", fix="e.g. --samples 256")
     feeds = {k: np.ascontiguousarray(v[:n]) for k, v in split.feeds.items()}
     labels = split.labels[:n] if split.labels is not None else None
+    return source, task, split, Split("inputs", feeds, split.sha256, labels=labels)
+
+
+def _reference(run_dir: Path, models: dict[str, Path], split, part, variant: str | None,
+               notes: list[str]) -> np.ndarray:
+    """The reference outputs on ``part``: the run's torch outputs, or (a study variant) its FP32 ONNX's."""
+    from deploykit.data import Split
+    from deploykit.io import read_npz
+    from deploykit.runners import OrtRunner
+    from deploykit.verify import run_split
+
+    n = part.count
     reference_path = run_dir / "reference.npz"
     if variant is None and reference_path.is_file():
         reference = read_npz(reference_path, what="reference outputs").get("output")
         if reference is None or reference.shape[0] != split.count:
             raise UserError("reference.npz does not match the saved evaluation inputs", path=reference_path,
                             fix="re-run the recipe (deploykit run) to write both together")
-        reference = reference[:n]
-    else:
-        # A study variant's weights were trained in the run (its export does not record them as a
-        # source option), so its reference is its FP32 ONNX, checked against torch at export.
-        reference = run_split(OrtRunner(models["fp32"]), Split("inputs", feeds, split.sha256), batch_size=32,
-                              description="reference (fp32 ONNX)")
-        parity = (read_json(models["fp32"].parent / "variant.json", what="variant record").get("export_parity")
-                  if (models["fp32"].parent / "variant.json").is_file() else None)
-        notes.append("reference outputs: the variant's FP32 ONNX on ONNX Runtime (its export matched torch to "
-                     f"max |diff| {parity if parity is not None else 'unknown'})")
+        return reference[:n]
+    # A study variant's weights were trained in the run (its export does not record them as a
+    # source option), so its reference is its FP32 ONNX, checked against torch at export.
+    reference = run_split(OrtRunner(models["fp32"]), Split("inputs", part.feeds, split.sha256), batch_size=32,
+                          description="reference (fp32 ONNX)")
+    parity = (read_json(models["fp32"].parent / "variant.json", what="variant record").get("export_parity")
+              if (models["fp32"].parent / "variant.json").is_file() else None)
+    notes.append("reference outputs: the variant's FP32 ONNX on ONNX Runtime (its export matched torch to "
+                 f"max |diff| {parity if parity is not None else 'unknown'})")
+    return reference
 
-    # Canonical names inside the bundle, whatever the run called the files.
-    files: dict[str, bytes | Path] = {"model/model.int8.onnx": models["int8"], "model/model.onnx": models["fp32"],
-                                      "model/model.int8.ranges.json": ranges_path}
+
+def _expected_outputs(run_dir: Path, target, models: dict[str, Path], part, reference: np.ndarray, task: str,
+                      outputs: dict[str, np.ndarray] | None, total: int):
+    """(``{"reference": .., "int8": .., "fp32": ..}`` outputs on ``part``, each model's figures
+    against the reference); the caller's ``outputs`` when they cover the whole split of ``total``."""
+    from deploykit.runners import OrtRunner
+    from deploykit.verify import parity_entry, run_split
+
+    n = part.count
     expected = {"reference": reference}
     figures: dict[str, Any] = {}
-    part = Split("inputs", feeds, split.sha256, labels=labels)
     with stage(f"package {run_dir} for {target.name}: expected outputs on {n} inputs (ort-cpu)"):
         for kind, path in models.items():
             known = (outputs or {}).get(kind)
-            expected[kind] = known if known is not None and known.shape[0] == n == split.count else \
+            expected[kind] = known if known is not None and known.shape[0] == n == total else \
                 run_split(OrtRunner(path), part, batch_size=VERIFY_BATCH, description=f"expected {kind}")
-            figures[f"{kind}@ort-cpu"] = parity_entry(task, reference, expected[kind], labels)
+            figures[f"{kind}@ort-cpu"] = parity_entry(task, reference, expected[kind], part.labels)
+    return expected, figures
+
+
+def _gate(report: dict[str, Any], variant: str | None, figures: dict[str, Any], notes: list[str],
+          allow_failing: bool) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """(the rules device-verify applies, their checks here); refuses (``GateFailed``) models that
+    miss them here unless ``allow_failing``."""
+    from deploykit.verify import evaluate_checks
+
     rules = dict((report.get("recipe_settings") or {}).get("acceptance") or {}) if variant is None else {}
     rules = {k: v for k, v in rules.items() if k.split("@")[0].split(".")[0] in VARIANTS}
     if not rules:
@@ -234,7 +292,14 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
         raise GateFailed(f"not packaged: the models miss their thresholds already here: {'; '.join(failed)}")
     if failed:
         notes.append(f"packaged although the models miss thresholds here: {'; '.join(failed)}")
+    return rules, checks_here
 
+
+def _verify_files(part, expected: dict[str, np.ndarray], task: str, rules: dict[str, str]) -> dict[str, bytes]:
+    """The bundle's ``verify/`` folder: inputs (and their record), expected outputs, thresholds."""
+    from deploykit.data import split_arrays, split_record
+
+    files: dict[str, bytes] = {}
     buf = io.BytesIO()
     np.savez(buf, **split_arrays(part))
     files["verify/inputs.npz"] = buf.getvalue()
@@ -243,7 +308,16 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
     np.savez(buf, **expected)
     files["verify/expected.npz"] = buf.getvalue()
     files["verify/thresholds.json"] = json.dumps({"task": task, "rules": rules, "primary": PRIMARY}, indent=2).encode()
+    return files
 
+
+def _runtime_files(models: dict[str, Path], ranges, target,
+                   notes: list[str]) -> tuple[dict[str, bytes | Path], dict[str, Path]]:
+    """(what the target's runtime needs besides the models: the ops' sources, their PTX, a
+    calibration cache, engines; the engines among them)."""
+    from deploykit.onnx_utils import load_onnx
+
+    files: dict[str, bytes | Path] = {}
     engines: dict[str, Path] = {}
     if target.is_gpu:
         from deploykit.bundle_gpu import plugin_ptx
@@ -267,9 +341,13 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
         notes += engine_notes
     elif any(n.domain == "deploykit" for n in load_onnx(models["int8"], load_weights=False).graph.node):
         files.update(_plugin_sources())     # the ops' sources travel with the model that uses them
-    files["README.md"] = _device_readme(name, target, bool(engines)).encode()
+    return files, engines
 
-    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+def _manifest(files: dict[str, bytes | Path], *, name: str, created: str, target, report: dict[str, Any],
+              models: dict[str, Path], source, task: str, part, engines: dict[str, Path], figures: dict[str, Any],
+              checks_here: list[dict[str, Any]], rules: dict[str, str], notes: list[str]) -> dict[str, Any]:
+    """The bundle's manifest.json: the SHA-256 and size of every file in ``files``, and the record."""
     entries: dict[str, dict[str, Any]] = {}
     for rel, content in sorted(files.items()):
         if isinstance(content, Path):
@@ -277,13 +355,13 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
         else:
             entries[rel] = {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
     settings = report.get("recipe_settings") or {}
-    manifest = {
+    return {
         "profile": {k: list(v) for k, v in asdict(bundle_profile(settings)).items()},
         "format": FORMAT, "name": name, "created": created, "target": target.to_dict(),
         "model": source, "recipe": report.get("recipe"), "run": report.get("run"),
         "variants": {"int8": "model/model.int8.onnx", "fp32": "model/model.onnx"}, "primary": PRIMARY,
         "task": task, "source_files": {v: str(p) for v, p in models.items()},
-        "inputs": {"names": list(feeds), "samples": n, "sha256": split.sha256},
+        "inputs": {"names": list(part.feeds), "samples": part.count, "sha256": part.sha256},
         "versions": _versions(),
         "flags": {"quantize": settings.get("quantize"), "export": settings.get("export"),
                   "calibration": report.get("calibration"),
@@ -296,8 +374,12 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
         "notes": notes,
         "files": entries,
     }
-    files["manifest.json"] = (json.dumps(manifest, indent=2, allow_nan=False, default=str) + "\n").encode()
 
+
+def _write_archive(out: Path, name: str, files: dict[str, bytes | Path], models: dict[str, Path],
+                   created: str) -> str:
+    """Write ``files`` under the folder ``name`` into the archive ``out`` (atomically) and its
+    ``.sha256`` beside it; the archive's SHA-256."""
     with stage(f"write {out}"):
         mtime = int(_dt.datetime.fromisoformat(created).timestamp())
         with atomic_path(out, inputs=tuple(models.values())) as tmp:
@@ -307,10 +389,7 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
                     _add_file(tar, f"{name}/{rel}", files[rel], mtime)
         digest = sha256_file(out)
         write_text(out.with_name(out.name + ".sha256"), f"{digest}  {out.name}\n")
-    say(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {len(files)} files) and {out.name}.sha256")
-    for note in notes:
-        say(f"  note: {note}")
-    return BundleResult(out, digest, out.stat().st_size, len(files), manifest)
+    return digest
 
 
 def bundle_profile(settings: dict[str, Any]):
