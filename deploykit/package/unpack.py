@@ -19,6 +19,7 @@ from deploykit.package.manifest import FIX_BAD, bad_bundle, parse_manifest, unsa
 from deploykit.progress import say
 
 _CHUNK = 1 << 20                    # extraction writes (and checks its bounds) this much at a time
+_DAMAGED = (tarfile.TarError, OSError, EOFError, zlib.error)     # what reading a cut or corrupted archive raises
 
 
 def _member_error(name: str, why: str, archive: Path) -> UserError:
@@ -280,87 +281,115 @@ def unpack_bundle(archive: str | Path, dest: str | Path | None = None, *, target
     by its declared size and hashed as it is written, and the folder is renamed onto ``dest`` at
     the end. On any error the staging folder and the folders created for it are removed."""
     archive = Path(archive)
+    tar = _open_archive(archive)
+    with tar:
+        top, members, dirs, manifest_bytes = _read_members(tar, archive)
+        manifest = parse_manifest(manifest_bytes, archive)
+        _check_listing(manifest["files"], members, archive)
+        check_target(manifest, target, archive)
+        dest = Path(dest) if dest is not None else Path.cwd() / top
+        _extract_into(dest, tar, archive, members, dirs, manifest_bytes, manifest["files"])
+    if announce:        # device-verify unpacks into a private folder whose name is no concern of the user's
+        say(f"unpacked {archive} -> {dest} ({len(manifest['files'])} files, hashes checked, target "
+            f"{manifest['target']['name']})")
+    return dest
+
+
+def _open_archive(archive: Path) -> tarfile.TarFile:
+    """The bundle archive, open for reading, once its ``.sha256`` (if any) matches."""
     if archive.is_dir():
         raise UserError("this is a folder, not a bundle archive", path=archive,
                         fix="device-verify an unpacked folder directly; unpack takes the .tar.gz")
     if not archive.is_file():
         raise UserError("bundle not found", path=archive, fix="check the path")
     _check_sidecar(archive)
-    damaged = (tarfile.TarError, OSError, EOFError, zlib.error)
     try:
-        tar = tarfile.open(archive, "r:*")
-    except damaged as exc:
+        return tarfile.open(archive, "r:*")
+    except _DAMAGED as exc:
         raise UserError(f"not a readable bundle archive ({exc})", path=archive,
                         fix="use the .tar.gz written by deploykit package; fetch it again if it was cut short") from None
-    with tar:
-        try:
-            top, members, dirs = _scan_members(tar, archive)
-            if "manifest.json" not in members:
-                raise UserError("the archive holds no manifest.json", path=archive,
-                                fix="use an archive written by deploykit package")
-            if members["manifest.json"].size > limits.MAX_MANIFEST_BYTES:
-                raise bad_bundle(f"manifest.json is over {limits.MAX_MANIFEST_BYTES} bytes", archive)
-            manifest_bytes = tar.extractfile(members["manifest.json"]).read(limits.MAX_MANIFEST_BYTES + 1)
-        except damaged as exc:
-            raise UserError(f"the bundle archive is damaged ({exc})", path=archive, fix="fetch it again") from None
-        manifest = parse_manifest(manifest_bytes, archive)
-        listed = manifest["files"]
-        extra = sorted(set(members) - set(listed) - {"manifest.json"})
-        if extra:
-            raise UserError(f"bundle file {extra[0]} is not in the manifest (added after packaging)", path=archive,
-                            fix="do not use this bundle; fetch it again")
-        missing = sorted(set(listed) - set(members))
-        if missing:
-            raise UserError(f"bundle file {missing[0]} is missing", path=archive, fix="fetch the bundle again")
-        for rel, member in sorted(members.items()):
-            declared = listed[rel]["bytes"] if rel != "manifest.json" else member.size
-            if member.size > declared:
-                raise bad_bundle(f"bundle file {rel} holds {member.size} bytes, more than the {declared} its manifest "
-                                 "declares", archive)
-        check_target(manifest, target, archive)
 
-        dest = Path(dest) if dest is not None else Path.cwd() / top
-        created = _prepare_parent(dest, archive)
-        staging: Path | None = None
-        try:
-            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".staging", dir=dest.parent))
-            for rel in sorted(dirs):
-                (staging / rel).mkdir(parents=True, exist_ok=True)
-            (staging / "manifest.json").write_bytes(manifest_bytes)
-            budget = limits.MAX_TOTAL_BYTES
-            for rel, member in sorted(members.items(), key=lambda item: item[1].offset):
-                if rel == "manifest.json":
-                    continue
-                entry = listed[rel]
-                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                size, digest = _write_member(tar.extractfile(member), staging / rel,
-                                             min(entry["bytes"], limits.MAX_MEMBER_BYTES, budget), rel, archive)
-                budget -= size
-                if size != entry["bytes"]:
-                    raise UserError(f"bundle file {rel} is {size} bytes, not the {entry['bytes']} its manifest "
-                                    "declares (tampered or corrupted)", path=archive,
-                                    fix="do not use this bundle; fetch it again")
-                if digest != entry["sha256"]:
-                    raise UserError(f"bundle file {rel} does not match its manifest SHA-256 (tampered or corrupted)",
-                                    path=archive, fix="do not use this bundle; fetch it again")
-            os.chmod(staging, 0o777 & ~current_umask())
-            with critical_section():
-                os.replace(staging, dest)         # onto a missing or empty folder
-            staging = None
-        except BaseException as exc:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
-            _remove_created(created)
-            if isinstance(exc, UserError):
-                raise
-            if isinstance(exc, (tarfile.TarError, EOFError, zlib.error)):
-                raise UserError(f"the bundle archive is damaged ({exc})", path=archive, fix="fetch it again") from None
-            if isinstance(exc, OSError):
-                reason = os.strerror(exc.errno) if exc.errno else str(exc)
-                raise UserError(f"cannot unpack into {dest} ({reason}); nothing was written", path=archive,
-                                fix="free disk space or choose another --out") from None
+
+def _read_members(tar: tarfile.TarFile, archive: Path) -> tuple[str, dict[str, tarfile.TarInfo], set[str], bytes]:
+    """(top folder, files, folders, the bytes of manifest.json): every header checked, the
+    manifest read within its ceiling."""
+    try:
+        top, members, dirs = _scan_members(tar, archive)
+        if "manifest.json" not in members:
+            raise UserError("the archive holds no manifest.json", path=archive,
+                            fix="use an archive written by deploykit package")
+        if members["manifest.json"].size > limits.MAX_MANIFEST_BYTES:
+            raise bad_bundle(f"manifest.json is over {limits.MAX_MANIFEST_BYTES} bytes", archive)
+        manifest_bytes = tar.extractfile(members["manifest.json"]).read(limits.MAX_MANIFEST_BYTES + 1)
+    except _DAMAGED as exc:
+        raise UserError(f"the bundle archive is damaged ({exc})", path=archive, fix="fetch it again") from None
+    return top, members, dirs, manifest_bytes
+
+
+def _check_listing(listed: dict[str, Any], members: dict[str, tarfile.TarInfo], archive: Path) -> None:
+    """The archive holds exactly the files the manifest lists, none larger than it declares."""
+    extra = sorted(set(members) - set(listed) - {"manifest.json"})
+    if extra:
+        raise UserError(f"bundle file {extra[0]} is not in the manifest (added after packaging)", path=archive,
+                        fix="do not use this bundle; fetch it again")
+    missing = sorted(set(listed) - set(members))
+    if missing:
+        raise UserError(f"bundle file {missing[0]} is missing", path=archive, fix="fetch the bundle again")
+    for rel, member in sorted(members.items()):
+        declared = listed[rel]["bytes"] if rel != "manifest.json" else member.size
+        if member.size > declared:
+            raise bad_bundle(f"bundle file {rel} holds {member.size} bytes, more than the {declared} its manifest "
+                             "declares", archive)
+
+
+def _extract_into(dest: Path, tar: tarfile.TarFile, archive: Path, members: dict[str, tarfile.TarInfo],
+                  dirs: set[str], manifest_bytes: bytes, listed: dict[str, Any]) -> None:
+    """Stream the members into a staging folder beside ``dest`` and rename it onto ``dest``; on
+    any error remove the staging folder and the folders created for it."""
+    created = _prepare_parent(dest, archive)
+    staging: Path | None = None
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".staging", dir=dest.parent))
+        _write_staging(staging, tar, archive, members, dirs, manifest_bytes, listed)
+        os.chmod(staging, 0o777 & ~current_umask())
+        with critical_section():
+            os.replace(staging, dest)         # onto a missing or empty folder
+        staging = None
+    except BaseException as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        _remove_created(created)
+        if isinstance(exc, UserError):
             raise
-    if announce:        # device-verify unpacks into a private folder whose name is no concern of the user's
-        say(f"unpacked {archive} -> {dest} ({len(manifest['files'])} files, hashes checked, target "
-            f"{manifest['target']['name']})")
-    return dest
+        if isinstance(exc, (tarfile.TarError, EOFError, zlib.error)):
+            raise UserError(f"the bundle archive is damaged ({exc})", path=archive, fix="fetch it again") from None
+        if isinstance(exc, OSError):
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise UserError(f"cannot unpack into {dest} ({reason}); nothing was written", path=archive,
+                            fix="free disk space or choose another --out") from None
+        raise
+
+
+def _write_staging(staging: Path, tar: tarfile.TarFile, archive: Path, members: dict[str, tarfile.TarInfo],
+                   dirs: set[str], manifest_bytes: bytes, listed: dict[str, Any]) -> None:
+    """The folders, the manifest and every member (in archive order, each bounded by its declared
+    size, the ceiling and what the total ceiling leaves, and hashed as written) into ``staging``."""
+    for rel in sorted(dirs):
+        (staging / rel).mkdir(parents=True, exist_ok=True)
+    (staging / "manifest.json").write_bytes(manifest_bytes)
+    budget = limits.MAX_TOTAL_BYTES
+    for rel, member in sorted(members.items(), key=lambda item: item[1].offset):
+        if rel == "manifest.json":
+            continue
+        entry = listed[rel]
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        size, digest = _write_member(tar.extractfile(member), staging / rel,
+                                     min(entry["bytes"], limits.MAX_MEMBER_BYTES, budget), rel, archive)
+        budget -= size
+        if size != entry["bytes"]:
+            raise UserError(f"bundle file {rel} is {size} bytes, not the {entry['bytes']} its manifest "
+                            "declares (tampered or corrupted)", path=archive,
+                            fix="do not use this bundle; fetch it again")
+        if digest != entry["sha256"]:
+            raise UserError(f"bundle file {rel} does not match its manifest SHA-256 (tampered or corrupted)",
+                            path=archive, fix="do not use this bundle; fetch it again")
