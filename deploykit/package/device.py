@@ -135,17 +135,44 @@ def _check_npz(folder: Path, rel: str, where: Path) -> None:
 
 def _device_verify(folder: Path, shown: Path, target_name: str | None, out, variants, threads, iterations,
                    allow_other_arch: bool) -> dict[str, Any]:
-    from deploykit.bench import BenchConfig, time_runner
-    from deploykit.data import iterate_batches, load_split
-    from deploykit.io import read_npz
     from deploykit.runners import default_threads
-    from deploykit.targets import check_engine, machine_arch
-    from deploykit.verify import evaluate_checks, parity_entry
-
-    from deploykit.verify import parse_rule
+    from deploykit.verify import evaluate_checks
 
     manifest = verify_tree(folder, shown)
     target = check_target(manifest, target_name, shown)
+    arch = _check_device(folder, target, shown, allow_other_arch)
+    thresholds, task = _read_thresholds(folder, manifest, shown)
+    expected, split, reference = _read_arrays(folder, manifest, shown)
+    chosen = variants or list(manifest["variants"])
+    unknown = [v for v in chosen if v not in manifest["variants"]]
+    if unknown:
+        raise UserError(f"the bundle has no variant(s) {unknown}", path=shown,
+                        fix=f"choose from {', '.join(manifest['variants'])}")
+    backend, runners = _device_runners(folder, manifest, target, chosen, threads, shown)
+    with stage(f"device-verify {manifest['name']} on {backend} ({split.count} inputs)"):
+        parity, vs_here, latency = _run_variants(runners, backend, split, expected, reference, task, iterations,
+                                                 shown)
+    checks = evaluate_checks(thresholds.get("rules") or {}, parity)
+    passed = all(c["passed"] for c in checks)
+    memory = _memory(target)
+    result = {"bundle": str(shown), "name": manifest["name"], "target": target.name, "backend": backend,
+              "machine": {"arch": arch, "platform": platform.platform(),
+                          "threads": threads or min(target.threads or default_threads(), default_threads())},
+              "samples": split.count, "parity": parity, "vs_packaging_machine": vs_here, "latency_b1": latency,
+              "memory": memory,
+              "checks": checks, "passed": passed}
+    _print_device(result)
+    if out is not None:
+        write_json(Path(out), result)
+        say(f"wrote {out}")
+    return result
+
+
+def _check_device(folder: Path, target, shown: Path, allow_other_arch: bool) -> str:
+    """This machine's architecture, once it is the target's (or ``allow_other_arch``) and every
+    bundled engine's metadata names this target's GPU and TensorRT."""
+    from deploykit.targets import check_engine, machine_arch
+
     arch = machine_arch()
     if arch != target.arch and not allow_other_arch:
         raise UserError(f"the bundle is for {target.arch} (target '{target.name}'); this machine is {arch}",
@@ -159,6 +186,13 @@ def _device_verify(folder: Path, shown: Path, target_name: str | None, out, vari
             check_engine(info, target, shown / "engines" / meta.name)
         except UserError as exc:        # its own fix (build on the target), not a broken bundle's
             raise UserError(f"engines/{meta.name}: {exc.message}", path=shown, fix=exc.fix) from None
+    return arch
+
+
+def _read_thresholds(folder: Path, manifest: dict[str, Any], shown: Path) -> tuple[dict[str, Any], str]:
+    """(verify/thresholds.json, the task it names), its rules each a ``'<variant>.<metric>'`` rule."""
+    from deploykit.verify import parse_rule
+
     thresholds = read_json(folder / "verify/thresholds.json", what="thresholds")
     rules = thresholds.get("rules") or {} if isinstance(thresholds, dict) else None
     if not isinstance(rules, dict) or not all(isinstance(k, str) and "." in k and parse_rule(v) is not None
@@ -168,6 +202,15 @@ def _device_verify(folder: Path, shown: Path, target_name: str | None, out, vari
     task = thresholds.get("task", manifest.get("task"))
     if not isinstance(task, str):
         raise bad_bundle("bundle file verify/thresholds.json names no task", shown)
+    return thresholds, task
+
+
+def _read_arrays(folder: Path, manifest: dict[str, Any], shown: Path):
+    """(the expected outputs, the saved inputs, the reference outputs among the expected ones),
+    each .npz checked before numpy loads it."""
+    from deploykit.data import load_split
+    from deploykit.io import read_npz
+
     for rel in ("verify/expected.npz", "verify/inputs.npz"):
         _check_npz(folder, rel, shown)
     expected = read_npz(folder / "verify/expected.npz", what="expected outputs")
@@ -176,62 +219,63 @@ def _device_verify(folder: Path, shown: Path, target_name: str | None, out, vari
     if reference is None or reference.ndim < 1 or reference.shape[0] != split.count:
         raise bad_bundle(f"bundle file verify/expected.npz holds no 'reference' outputs for the {split.count} inputs",
                          shown)
-    chosen = variants or list(manifest["variants"])
-    unknown = [v for v in chosen if v not in manifest["variants"]]
-    if unknown:
-        raise UserError(f"the bundle has no variant(s) {unknown}", path=shown,
-                        fix=f"choose from {', '.join(manifest['variants'])}")
-    backend, runners = _device_runners(folder, manifest, target, chosen, threads, shown)
+    return expected, split, reference
+
+
+def _run_variants(runners: dict[str, Any], backend: str, split, expected: dict[str, np.ndarray],
+                  reference: np.ndarray, task: str, iterations: int, shown: Path):
+    """(parity against the reference, against the packaging machine's outputs, batch-1 latency)
+    of each variant, keyed ``<variant>@<backend>``."""
+    from deploykit.bench import BenchConfig, time_runner
+    from deploykit.verify import parity_entry
+
     parity: dict[str, Any] = {}
     vs_here: dict[str, Any] = {}
     latency: dict[str, Any] = {}
-    with stage(f"device-verify {manifest['name']} on {backend} ({split.count} inputs)"):
-        for variant, runner in runners.items():
-            try:
-                output = np.concatenate([runner.infer(f) for f in iterate_batches(split.feeds, VERIFY_BATCH)],
-                                        axis=0)
-            except UserError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the runtimes raise their own types for bad graphs or feeds
-                first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-                raise bad_bundle(f"variant {variant} cannot run on the bundle's inputs ({first})", shown) from None
-            if output.shape != reference.shape:
-                raise bad_bundle(f"variant {variant} gives outputs of shape {list(output.shape)}, the expected outputs "
-                                 f"are {list(reference.shape)}", shown)
-            key = f"{variant}@{backend}"
-            parity[key] = parity_entry(task, reference, output, split.labels)
-            here = expected.get(variant)
-            if here is not None and here.shape != output.shape:
-                raise bad_bundle(f"bundle file verify/expected.npz: '{variant}' has shape {list(here.shape)}, the "
-                                 f"variant gives {list(output.shape)}", shown)
-            if here is not None:
-                entry = parity_entry(task, here, output, None)
-                vs_here[key] = {k: entry[k] for k in ("cosine_mean", "cosine_min", "max_abs_diff", "snr_db")}
-            # One saved input at its full saved shape (text: padded to max_length, as deploykit bench
-            # times it), not trimmed to its own length: the figure is comparable across machines.
-            feeds = {k: np.ascontiguousarray(v[:1]) for k, v in split.feeds.items()}
-            latency[key] = {**time_runner(runner, feeds, BenchConfig(batches=[1], warmup=3, iterations=iterations,
-                                                                     min_seconds=0.5, max_seconds=20.0)),
-                            "shapes": {k: list(v.shape) for k, v in feeds.items()}}
-    checks = evaluate_checks(thresholds.get("rules") or {}, parity)
-    passed = all(c["passed"] for c in checks)
+    for variant, runner in runners.items():
+        output = _variant_outputs(variant, runner, split, shown)
+        if output.shape != reference.shape:
+            raise bad_bundle(f"variant {variant} gives outputs of shape {list(output.shape)}, the expected outputs "
+                             f"are {list(reference.shape)}", shown)
+        key = f"{variant}@{backend}"
+        parity[key] = parity_entry(task, reference, output, split.labels)
+        here = expected.get(variant)
+        if here is not None and here.shape != output.shape:
+            raise bad_bundle(f"bundle file verify/expected.npz: '{variant}' has shape {list(here.shape)}, the "
+                             f"variant gives {list(output.shape)}", shown)
+        if here is not None:
+            entry = parity_entry(task, here, output, None)
+            vs_here[key] = {k: entry[k] for k in ("cosine_mean", "cosine_min", "max_abs_diff", "snr_db")}
+        # One saved input at its full saved shape (text: padded to max_length, as deploykit bench
+        # times it), not trimmed to its own length: the figure is comparable across machines.
+        feeds = {k: np.ascontiguousarray(v[:1]) for k, v in split.feeds.items()}
+        latency[key] = {**time_runner(runner, feeds, BenchConfig(batches=[1], warmup=3, iterations=iterations,
+                                                                 min_seconds=0.5, max_seconds=20.0)),
+                        "shapes": {k: list(v.shape) for k, v in feeds.items()}}
+    return parity, vs_here, latency
+
+
+def _variant_outputs(variant: str, runner, split, shown: Path) -> np.ndarray:
+    """The variant's outputs on all saved inputs, in device-verify's batches."""
+    from deploykit.data import iterate_batches
+
+    try:
+        return np.concatenate([runner.infer(f) for f in iterate_batches(split.feeds, VERIFY_BATCH)], axis=0)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the runtimes raise their own types for bad graphs or feeds
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise bad_bundle(f"variant {variant} cannot run on the bundle's inputs ({first})", shown) from None
+
+
+def _memory(target) -> dict[str, Any]:
+    """The whole check's peak (every model's session, 1,000 inputs and outputs): an upper bound
+    of what serving one model takes, against the target's memory."""
     from deploykit.timing import peak_rss_mib
 
-    # The whole check's peak (every model's session, 1,000 inputs and outputs): an upper bound
-    # of what serving one model takes, against the target's memory.
     memory = {"peak_rss_mib": round(peak_rss_mib(), 1), "budget_mib": target.memory_gib * 1024}
     memory["within_budget"] = memory["peak_rss_mib"] <= memory["budget_mib"]
-    result = {"bundle": str(shown), "name": manifest["name"], "target": target.name, "backend": backend,
-              "machine": {"arch": arch, "platform": platform.platform(),
-                          "threads": threads or min(target.threads or default_threads(), default_threads())},
-              "samples": split.count, "parity": parity, "vs_packaging_machine": vs_here, "latency_b1": latency,
-              "memory": memory,
-              "checks": checks, "passed": passed}
-    _print_device(result)
-    if out is not None:
-        write_json(Path(out), result)
-        say(f"wrote {out}")
-    return result
+    return memory
 
 
 def _device_runners(folder: Path, manifest: dict[str, Any], target, chosen: list[str], threads: int | None,
