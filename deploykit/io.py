@@ -136,7 +136,7 @@ def atomic_paths(*dests: str | Path, inputs: tuple[str | Path, ...] = ()) -> Ite
         yield tuple(temps)
         with critical_section(), _folders_locked(paths if len(paths) > 1 else []):
             for tmp, dest in zip(temps, paths):
-                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
+                os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual mode
                 os.replace(tmp, dest)
     except OSError as exc:
         if exc.errno in _WRITE_ERRNOS:
@@ -168,7 +168,8 @@ def _write_error(exc: OSError, dest: Path) -> UserError:
                      fix="free disk space or write somewhere else (--out)")
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-mode creation mask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -100,7 +100,7 @@ _FIELDS = {"description", "arch", "runtime", "compute_capability", "precisions",
            "memory_gib", "preset", "threads", "notes"}
 
 
-def _parse(name: str, raw: Any, source: str) -> Target:
+def parse_target(name: str, raw: Any, source: str) -> Target:
     from deploykit.presets import PRESETS
 
     where = f"target '{name}'"
@@ -152,11 +152,12 @@ def _read(path: str | Path, text: str | None = None) -> dict[str, Any]:
 def load_targets(extra: str | Path | None = None) -> dict[str, Target]:
     """Built-in targets, then ``DEPLOYKIT_TARGETS``, then ``extra`` (later files override)."""
     builtin = resources.files("deploykit").joinpath("targets.yaml")
-    targets = {name: _parse(name, raw, "built-in") for name, raw in _read(str(builtin), builtin.read_text()).items()}
+    targets = {name: parse_target(name, raw, "built-in")
+               for name, raw in _read(str(builtin), builtin.read_text()).items()}
     for path in [os.environ.get("DEPLOYKIT_TARGETS"), extra]:
         if path:
             for name, raw in _read(path).items():
-                targets[str(name)] = _parse(str(name), raw, str(path))
+                targets[str(name)] = parse_target(str(name), raw, str(path))
     return targets
 
 

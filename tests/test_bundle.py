@@ -295,6 +295,7 @@ def test_device_verify_on_tensorrt_uses_a_matching_engine_or_builds_one(run_dir,
     on the device for the bundle's target, a TensorRT outside the target's range is refused.
     The stand-in runs the engine's ONNX model on ONNX Runtime."""
     import deploykit.package as package
+    import deploykit.package.unpack as unpack
     from deploykit.errors import UserError
 
     run = tmp_path / "run"
@@ -315,14 +316,14 @@ def test_device_verify_on_tensorrt_uses_a_matching_engine_or_builds_one(run_dir,
 
     calls = stand_in_tensorrt(monkeypatch, gpu="NVIDIA H100", compute_capability="9.0",
                               onnx_of=lambda engine: engine.parent.parent / "model" / f"{engine.stem}.onnx")
-    monkeypatch.setattr(package, "_tensorrt_version", lambda: "10.15.1")
+    monkeypatch.setattr(unpack, "_tensorrt_version", lambda: "10.15.1")
     result = package.device_verify(tmp_path / "h100.tar.gz", iterations=2)
     assert result["backend"] == "tensorrt" and result["passed"]
     # int8 ran its bundled engine; fp32 was built here, for the target, with the recipe's shapes
     # (bench batches [1] and max_length 64) widened to device-verify's batches of 32
     built = [(c["onnx"].name, c["target"], (c["ranges"].batch, c["ranges"].sequence)) for c in calls]
     assert built == [("model.onnx", "h100", ((1, 1, 32), (1, 64, 64)))]
-    monkeypatch.setattr(package, "_tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr(unpack, "_tensorrt_version", lambda: "10.3.0")
     with pytest.raises(UserError, match="this machine has TensorRT 10.3.0"):
         package.device_verify(tmp_path / "h100.tar.gz", iterations=2)
 

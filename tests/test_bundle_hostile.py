@@ -140,7 +140,7 @@ def run_cli(*args, cwd: Path, tmpdir: Path, patch: dict[str, int] | None = None)
     """The CLI in a subprocess; ``patch`` lowers ``deploykit.package`` ceilings in that process."""
     if not patch:
         return deploykit(*args, cwd=cwd, check_rc=None, tmpdir=tmpdir, timeout=120)
-    code = ("import sys, deploykit.package as p\n"
+    code = ("import sys, deploykit.package.limits as p\n"
             + "".join(f"p.{k} = {int(v)}\n" for k, v in patch.items())
             + f"sys.argv = ['deploykit', *{list(args)!r}]\nfrom deploykit.cli import main\nmain()\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200", TMPDIR=str(tmpdir))
@@ -380,7 +380,7 @@ def test_too_many_members_are_refused(place):
 def test_extraction_stops_at_the_declared_size_and_removes_the_partial_file(tmp_path, monkeypatch):
     """The streaming bound itself (what holds whatever a header says): chunks are written until
     the next would pass the limit; then the partial file is removed and nothing more is read."""
-    import deploykit.package as package
+    import deploykit.package.unpack as package
     from deploykit.errors import UserError
 
     monkeypatch.setattr(package, "_CHUNK", 1024)
@@ -590,7 +590,7 @@ def test_a_write_failure_or_interrupt_mid_unpack_leaves_nothing(failure, valid, 
 
     from typer.testing import CliRunner
 
-    import deploykit.package as package
+    import deploykit.package.unpack as package
     from deploykit.cli import app
     from deploykit.io import Interrupted
 
