@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -21,9 +22,19 @@ def test_every_package_folder_is_listed_in_pyproject():
     assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
 
 
-def test_cli_module_is_the_top_level_cli_file():
-    link = ROOT / "deploykit" / "cli.py"
-    assert link.is_symlink() and link.resolve() == (ROOT / "cli.py").resolve()
+def test_the_top_level_cli_file_runs_the_package_cli():
+    # One CLI: deploykit/cli.py is a real module (no symlink), and cli.py at the top hands over
+    # to it, so `python cli.py` and the installed `deploykit` command are the same app.
+    module = ROOT / "deploykit" / "cli.py"
+    assert module.is_file() and not module.is_symlink()
+    import deploykit.cli
+
+    shim = {}
+    exec(compile((ROOT / "cli.py").read_text(), "cli.py", "exec"), shim)
+    assert shim["app"] is deploykit.cli.app and shim["main"] is deploykit.cli.main
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--help"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT.parent)
+    assert proc.returncode == 0 and "calibrate" in proc.stdout and "device-verify" in proc.stdout, proc.stderr
 
 
 def test_package_names_resolve_under_deploykit():
