@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploykit.data import DataSpec, DataSplits, make_splits, save_split
+from deploykit import stages
+from deploykit.context import RunContext, RunResult, new_report, reference_outputs, save_report
+from deploykit.data import DataSpec, DataSplits
 from deploykit.errors import UserError
-from deploykit.io import read_json, write_json, write_npz
+from deploykit.io import write_json
 from deploykit.progress import say, stage
-from deploykit.quantize import calibrate
 from deploykit.recipe import Recipe, evaluate_acceptance, variant_spec
 from deploykit.report.sections import register_section
 
@@ -35,27 +36,6 @@ def variant_options(rec: Recipe, transforms: list[dict[str, Any]] | None) -> dic
     if not options["transforms"]:
         options.pop("transforms")
     return options
-
-
-def train_variant(bundle, rec: Recipe, splits: DataSplits, out_dir: Path, *, teacher=None) -> dict[str, Any] | None:
-    """Train ``bundle`` per ``rec.train`` on the training split; None when there is nothing to do.
-    Distillation uses ``teacher`` (a module), or builds :func:`deploykit.train.distillation_teacher`."""
-    from deploykit.train import distillation_teacher, train
-
-    spec = rec.train
-    if not spec.enabled:
-        return None
-    if splits.training is None:
-        raise UserError("train.enabled needs a training split", path=rec.path,
-                        fix="set data.training (a count, or -1 for every sample the other splits leave)")
-    if spec.mode == "distill" and not bundle.info.get("transforms"):
-        # The student would start equal to its teacher: zero loss, zero gradient, nothing to learn.
-        return {"skipped": "distillation of an untransformed model from itself is the identity"}
-    if spec.mode == "distill" and teacher is None:
-        teacher = distillation_teacher(rec.model.source, rec.model.options).module
-    result = train(bundle, splits.training, spec, teacher=teacher, checkpoint=out_dir / "model.safetensors",
-                   description=f"train {out_dir.name}")
-    return result.summary()
 
 
 def fine_tune_variant(bundle, rec: Recipe, splits: DataSplits, out_dir: Path, *, teacher,
@@ -219,152 +199,203 @@ def target_fit(rec: Recipe, artifacts: dict[str, str]) -> list[str]:
     return notes
 
 
-def run_study(rec: Recipe, run_dir: Path):
-    from deploykit.export import export_onnx
-    from deploykit.models import load_model
-    from deploykit.outliers import measure_outliers, plot_outliers, print_outliers
-    from deploykit.pipeline import RunResult, new_report, parity_feeds, reference_outputs, save_report
-    from deploykit.runners import OrtRunner
-    from deploykit.train import distillation_teacher
-    from deploykit.verify import verify
+@dataclass
+class StudyState:
+    """What a study's variants share and add to, in the order they run."""
+    ctx: RunContext                  # the study's: its folder, the untransformed model, data, artifacts, timings
+    distill: bool
+    teacher: Any = None              # the untransformed module, when distilling
+    teacher_ref: Any = None          # its outputs on the evaluation split, when distilling
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    variants: dict[str, Any] = field(default_factory=dict)
+    deployed: dict[str, dict[str, Path]] = field(default_factory=dict)   # per variant, the models timed
+    base_checkpoint: str | None = None                                   # for the compression table
+    base_teacher: Any = None
 
-    timings: dict[str, float] = {}
+
+def run_study(rec: Recipe, run_dir: Path) -> RunResult:
+    from deploykit.outliers import plot_outliers
+
     say(f"[bold]deploykit run[/] {rec.name} (study of {len(rec.study.variants)} variants) -> {run_dir}")
-    t0 = time.perf_counter()
-    with stage(f"load model {rec.model.source}"):
-        # The untransformed model: it fixes the data (preprocessing) and, when distilling,
-        # is the teacher every variant matches and is scored against.
-        base = distillation_teacher(rec.model.source, rec.model.options)
-    with stage(f"data: {rec.data.source} (seed {rec.data.seed})"):
-        splits = make_splits(base, DataSpec(**asdict(rec.data)))
-        data_paths = {name: save_split(split, run_dir / "data") for name, split in splits.parts()
-                      if name != "training"}
-    distill = rec.train.enabled and rec.train.mode == "distill"
-    teacher = base.module if distill else None
-    teacher_ref = None
-    if distill:
-        with stage("teacher outputs (the untransformed model)"):
-            teacher_ref = reference_outputs(base, splits.evaluation, rec.verify.batch_size)
-            write_npz(run_dir / "teacher_reference.npz", {"output": teacher_ref})
-    timings["setup"] = round(time.perf_counter() - t0, 2)
-
-    accuracy: dict[str, dict[str, float]] = {}
-    variants: dict[str, Any] = {}
-    artifacts: dict[str, str] = {f"data_{k}": str(v) for k, v in data_paths.items()}
-    base_checkpoint = None
-    base_teacher = None
-    deployed: dict[str, dict[str, Path]] = {}       # per variant, the models timed for the compression table
-    order = list(rec.study.variants)
-    if rec.study.base is not None:           # the base trains first; the others start from it
-        order.remove(rec.study.base)
-        order.insert(0, rec.study.base)
-    for name in order:
-        transforms, stages = variant_spec(rec.study.variants[name], name, rec.path)
-        t = time.perf_counter()
-        vdir = run_dir / name
-        say(f"[bold]variant {name}[/]: {transforms or 'no transform'}")
-        options = variant_options(rec, transforms)
-        if base_checkpoint is not None:
-            options["base_checkpoint"] = base_checkpoint
-        options, derived = resolve_data_transforms(rec, options, splits)
-        bundle = load_model(rec.model.source, options)
-        if base_checkpoint is not None:
-            if base_teacher is None:         # the trained base, frozen: one for every derived variant
-                base_teacher = distillation_teacher(rec.model.source, {k: v for k, v in options.items()
-                                                                        if k != "transforms"}).module
-            trained = fine_tune_variant(bundle, rec, splits, vdir, teacher=base_teacher, stages=stages,
-                                        spec=rec.study.fine_tune)
-        elif stages and rec.train.enabled and bundle.info.get("transforms"):
-            trained = fine_tune_variant(bundle, rec, splits, vdir, stages=stages, spec=rec.train,
-                                        teacher=teacher if teacher is not None else distillation_teacher(
-                                            rec.model.source, rec.model.options).module)
-        else:
-            trained = train_variant(bundle, rec, splits, vdir, teacher=teacher)
-        if derived:
-            trained = {**(trained or {}), "derived_transforms": derived}
-        if name == rec.study.base:
-            if not (trained and trained.get("checkpoint")):
-                raise UserError(f"study.base '{name}' must be trained to give the other variants a start",
-                                path=rec.path, fix="set train.enabled: true")
-            base_checkpoint = trained["checkpoint"]
-        outliers = measure_outliers(bundle, splits.evaluation, batch_size=rec.verify.batch_size,
-                                    samples=rec.study.outlier_samples, description=f"outliers {name}")
-        print_outliers(outliers, title=f"{name}: activation outliers per layer")
-        fp32 = vdir / "model.onnx"
-        with stage(f"export {name}"):
-            exported = export_onnx(bundle, fp32, opset=rec.export.opset, parity_feeds=parity_feeds(splits.evaluation))
-        models = {"fp32": fp32}
-        if any(t.get("name") in ("binary-weights",) for t in bundle.info.get("transforms", [])):
-            with stage(f"binary weights as int8 ±1 + per-channel scales {name}"):
-                models["binary"] = write_binary_onnx(fp32, vdir / "model.binary.onnx")
-        calibration = {}
-        for preset in rec.study.presets:
-            config = copy.deepcopy(rec.quantize)
-            config.preset = preset
-            config.tune.enabled = False
-            if preset != (rec.quantize.preset or preset):
-                config.method = None          # each preset's own range method
-            path = vdir / f"model.{preset}.onnx"
-            with stage(f"calibrate {name} ({preset})"):
-                cal = calibrate(fp32, splits.calibration, path, config, default_preset=preset)
-            models[preset] = path
-            calibration[preset] = {"method": cal.config.method, "quantized_nodes": len(cal.quantized_nodes),
-                                   "float_nodes": len(cal.float_nodes), "qdq": cal.qdq_counts}
-        reference = teacher_ref if distill else reference_outputs(bundle, splits.evaluation, rec.verify.batch_size)
-        with stage(f"verify {name}"):
-            verified = verify({k: OrtRunner(p) for k, p in models.items()}, reference, splits.evaluation,
-                              bundle.task, batch_size=rec.verify.batch_size)
-        for key, metrics in verified.accuracy.items():
-            accuracy[f"{name}:{key}"] = metrics
-        artifacts.update({f"{name}:{k}": str(p) for k, p in models.items()})
-        if trained and trained.get("checkpoint"):
-            artifacts[f"{name}:checkpoint"] = trained["checkpoint"]
-        if rec.study.compression:
-            with stage(f"compression figures {name}"):
-                compression = compression_figures(bundle, models, splits, rec)
-            deployed[name] = {k: p for k, p in models.items() if k in ("fp32", "binary")}
-        variants[name] = {"transforms": bundle.info.get("transforms", []), "train": trained,
-                          **({"compression": compression} if rec.study.compression else {}),
-                          "outliers": outliers.to_dict(), "export_parity": exported.parity["max_abs_diff"],
-                          "calibration": calibration, "seconds": round(time.perf_counter() - t, 1)}
-        timings[name] = round(time.perf_counter() - t, 2)
-        write_json(vdir / "variant.json", variants[name])
-
-    if rec.study.compression:
-        with stage("latency of every variant (ORT CPU, interleaved rounds)"):
-            timed = interleaved_latency(deployed, splits, rec)
-        for name, rows in timed.items():
-            variants[name]["compression"]["latency"] = rows
-            write_json(run_dir / name / "variant.json", variants[name])
-    latency = {f"{name}:{key}": row for name, info in variants.items()
-               for key, row in (info.get("compression") or {}).get("latency", {}).items()}
+    ctx = RunContext(rec, run_dir)
+    study = study_setup(ctx)
+    for name in variant_order(rec):
+        run_variant(study, name)
+    latency = variant_latency(study)
     # One layer's cost by sequence length: a study-level figure, not a model latency, so it
     # lives in the study section (report.json "latency" is the whole model by batch size).
     layer = measure_layer_latency(rec) if rec.study.layer_latency.enabled else None
-    table = study_table(variants, accuracy, base.task, rec.study.presets, distill)
-    compressed = compression_table(variants, accuracy, base.task, rec.study.base) if rec.study.compression else []
-    acceptance = evaluate_acceptance(rec.acceptance, accuracy)
-    fits = target_fit(rec, artifacts)
-    report = new_report(base.source, rec.path, rec.target)
-    report.update({
-        "run": rec.name, "artifacts": artifacts, "accuracy": accuracy, "latency": latency,
-        "data": splits.summary(),
-        "study": {"title": rec.study.title, "task": base.task, "reference": "teacher (untransformed model)" if distill
-                  else "labels / the variant's own torch FP32", "presets": rec.study.presets,
-                  "table": table, "variants": variants, **({"layer_latency": layer} if layer else {}),
-                  **({"compression_table": compressed} if compressed else {})},
-        "acceptance": acceptance, "recipe_settings": rec.to_dict(), "timings_s": timings,
-        **({"notes": fits} if fits else {}),
-    })
-    plot_outliers({k: v["outliers"] for k, v in variants.items()}, run_dir / OUTLIER_PLOT)
-    report_path = save_report(run_dir / "report.json", report)
+    task = ctx.bundle.task
+    table = study_table(study.variants, study.accuracy, task, rec.study.presets, study.distill)
+    compressed = compression_table(study.variants, study.accuracy, task, rec.study.base) \
+        if rec.study.compression else []
+    acceptance = evaluate_acceptance(rec.acceptance, study.accuracy)
+    ctx.report = study_report(study, latency, layer, table, compressed, acceptance)
+    plot_outliers({k: v["outliers"] for k, v in study.variants.items()}, run_dir / OUTLIER_PLOT)
+    report_path = save_report(run_dir / "report.json", ctx.report)
     _print_table(table, rec.study.presets, rec.study.title)
     for line in compression_lines(compressed)[2:]:
         say(line)
-    for a in acceptance:
-        say(f"  acceptance {a['check']} {a['threshold']}: {a['value']} -> {'pass' if a['passed'] else 'FAIL'}")
-    say(f"[bold]report:[/] {report_path} and {run_dir / 'report.md'}")
-    return RunResult(run_dir, report_path, read_json(report_path), all(a["passed"] for a in acceptance))
+    return stages.finish(ctx, report_path, acceptance)
+
+
+def study_setup(ctx: RunContext) -> StudyState:
+    """The untransformed model: it fixes the data (preprocessing) and, when distilling, is the
+    teacher every variant matches and is scored against."""
+    rec = ctx.rec
+    stages.load(ctx, untransformed=True)
+    stages.data(ctx, DataSpec(**asdict(rec.data)))
+    distill = rec.train.enabled and rec.train.mode == "distill"
+    study = StudyState(ctx, distill, teacher=ctx.bundle.module if distill else None)
+    if distill:
+        study.teacher_ref = stages.reference(ctx, "teacher outputs (the untransformed model)",
+                                             "teacher_reference.npz")
+    ctx.lap("setup")
+    ctx.artifacts = {f"data_{k}": str(v) for k, v in ctx.data_paths.items()}
+    return study
+
+
+def variant_order(rec: Recipe) -> list[str]:
+    """The study's variants, the base first (the others start from it)."""
+    order = list(rec.study.variants)
+    if rec.study.base is not None:
+        order.remove(rec.study.base)
+        order.insert(0, rec.study.base)
+    return order
+
+
+def run_variant(study: StudyState, name: str) -> None:
+    """One variant through the stages into ``<run>/<name>/``: its model, training, outliers,
+    export, calibration per preset, verification (and compression figures); ``variant.json``."""
+    from deploykit.models import load_model
+
+    ctx, rec = study.ctx, study.ctx.rec
+    transforms, fine_stages = variant_spec(rec.study.variants[name], name, rec.path)
+    t = time.perf_counter()
+    vdir = ctx.run_dir / name
+    say(f"[bold]variant {name}[/]: {transforms or 'no transform'}")
+    options, derived = variant_options_for(study, transforms)
+    bundle = load_model(rec.model.source, options)
+    trained = train_study_variant(study, bundle, options, vdir, fine_stages)
+    if derived:
+        trained = {**(trained or {}), "derived_transforms": derived}
+    if name == rec.study.base:
+        if not (trained and trained.get("checkpoint")):
+            raise UserError(f"study.base '{name}' must be trained to give the other variants a start",
+                            path=rec.path, fix="set train.enabled: true")
+        study.base_checkpoint = trained["checkpoint"]
+    vctx = RunContext(rec, vdir, bundle=bundle, splits=ctx.splits)
+    outliers, calibration = build_variant(study, vctx, name)
+    ctx.artifacts.update({f"{name}:{k}": str(p) for k, p in vctx.models.items()})
+    if trained and trained.get("checkpoint"):
+        ctx.artifacts[f"{name}:checkpoint"] = trained["checkpoint"]
+    if rec.study.compression:
+        with stage(f"compression figures {name}"):
+            compression = compression_figures(bundle, vctx.models, ctx.splits, rec)
+        study.deployed[name] = {k: p for k, p in vctx.models.items() if k in ("fp32", "binary")}
+    study.variants[name] = {"transforms": bundle.info.get("transforms", []), "train": trained,
+                            **({"compression": compression} if rec.study.compression else {}),
+                            "outliers": outliers.to_dict(), "export_parity": vctx.exported.parity["max_abs_diff"],
+                            "calibration": calibration, "seconds": round(time.perf_counter() - t, 1)}
+    ctx.timings[name] = round(time.perf_counter() - t, 2)
+    write_json(vdir / "variant.json", study.variants[name])
+
+
+def variant_options_for(study: StudyState, transforms: list[dict[str, Any]] | None) -> tuple[dict, list]:
+    """The variant's model options (starting from the trained base where there is one) and the
+    transforms derived from data for it."""
+    rec = study.ctx.rec
+    options = variant_options(rec, transforms)
+    if study.base_checkpoint is not None:
+        options["base_checkpoint"] = study.base_checkpoint
+    return resolve_data_transforms(rec, options, study.ctx.splits)
+
+
+def train_study_variant(study: StudyState, bundle, options: dict[str, Any], vdir: Path,
+                        fine_stages: list[str]) -> dict[str, Any] | None:
+    """A variant derived from the trained base is fine-tuned from it; a staged one is fine-tuned
+    stage by stage; the others are trained per the recipe (or not at all)."""
+    from deploykit.train import distillation_teacher, train_variant
+
+    rec, splits = study.ctx.rec, study.ctx.splits
+    if study.base_checkpoint is not None:
+        if study.base_teacher is None:         # the trained base, frozen: one for every derived variant
+            study.base_teacher = distillation_teacher(rec.model.source, {k: v for k, v in options.items()
+                                                                          if k != "transforms"}).module
+        return fine_tune_variant(bundle, rec, splits, vdir, teacher=study.base_teacher, stages=fine_stages,
+                                 spec=rec.study.fine_tune)
+    if fine_stages and rec.train.enabled and bundle.info.get("transforms"):
+        return fine_tune_variant(bundle, rec, splits, vdir, stages=fine_stages, spec=rec.train,
+                                 teacher=study.teacher if study.teacher is not None else distillation_teacher(
+                                     rec.model.source, rec.model.options).module)
+    return train_variant(bundle, rec, splits, vdir, teacher=study.teacher)
+
+
+def build_variant(study: StudyState, vctx: RunContext, name: str) -> tuple[Any, dict[str, Any]]:
+    """Outliers, export, calibration per preset and verification of one variant; its outlier
+    statistics and calibration summary (accuracy into the study's)."""
+    from deploykit.outliers import measure_outliers, print_outliers
+
+    rec, bundle, splits = vctx.rec, vctx.bundle, vctx.splits
+    outliers = measure_outliers(bundle, splits.evaluation, batch_size=rec.verify.batch_size,
+                                samples=rec.study.outlier_samples, description=f"outliers {name}")
+    print_outliers(outliers, title=f"{name}: activation outliers per layer")
+    stages.export(vctx, f"export {name}", record=False)
+    fp32 = vctx.models["fp32"]
+    if any(t.get("name") in ("binary-weights",) for t in bundle.info.get("transforms", [])):
+        with stage(f"binary weights as int8 ±1 + per-channel scales {name}"):
+            vctx.models["binary"] = write_binary_onnx(fp32, vctx.run_dir / "model.binary.onnx")
+    calibration = {}
+    for preset in rec.study.presets:
+        config = copy.deepcopy(rec.quantize)
+        config.preset = preset
+        config.tune.enabled = False
+        if preset != (rec.quantize.preset or preset):
+            config.method = None          # each preset's own range method
+        cal = stages.calibrate(vctx, preset, config, preset, f"calibrate {name} ({preset})")
+        calibration[preset] = {"method": cal.config.method, "quantized_nodes": len(cal.quantized_nodes),
+                               "float_nodes": len(cal.float_nodes), "qdq": cal.qdq_counts}
+    reference = study.teacher_ref if study.distill else reference_outputs(bundle, splits.evaluation,
+                                                                          rec.verify.batch_size)
+    verified = stages.verify_on_ort(vctx, reference, f"verify {name}")
+    for key, metrics in verified.accuracy.items():
+        study.accuracy[f"{name}:{key}"] = metrics
+    return outliers, calibration
+
+
+def variant_latency(study: StudyState) -> dict[str, Any]:
+    """Every variant's deployed models timed in interleaved rounds (with ``study.compression``);
+    the report's latency section (``<variant>:<model>@ort-cpu/b<batch>``)."""
+    ctx, rec = study.ctx, study.ctx.rec
+    if rec.study.compression:
+        with stage("latency of every variant (ORT CPU, interleaved rounds)"):
+            timed = interleaved_latency(study.deployed, ctx.splits, rec)
+        for name, rows in timed.items():
+            study.variants[name]["compression"]["latency"] = rows
+            write_json(ctx.run_dir / name / "variant.json", study.variants[name])
+    return {f"{name}:{key}": row for name, info in study.variants.items()
+            for key, row in (info.get("compression") or {}).get("latency", {}).items()}
+
+
+def study_report(study: StudyState, latency: dict[str, Any], layer: dict[str, Any] | None,
+                 table: list[dict[str, Any]], compressed: list[dict[str, Any]],
+                 acceptance: list[dict[str, Any]]) -> dict[str, Any]:
+    """report.json of a study: the comparison in its ``study`` section."""
+    ctx, rec, distill = study.ctx, study.ctx.rec, study.distill
+    base = ctx.bundle
+    fits = target_fit(rec, ctx.artifacts)
+    report = new_report(base.source, rec.path, rec.target)
+    report.update({
+        "run": rec.name, "artifacts": ctx.artifacts, "accuracy": study.accuracy, "latency": latency,
+        "data": ctx.splits.summary(),
+        "study": {"title": rec.study.title, "task": base.task, "reference": "teacher (untransformed model)" if distill
+                  else "labels / the variant's own torch FP32", "presets": rec.study.presets,
+                  "table": table, "variants": study.variants, **({"layer_latency": layer} if layer else {}),
+                  **({"compression_table": compressed} if compressed else {})},
+        "acceptance": acceptance, "recipe_settings": rec.to_dict(), "timings_s": ctx.timings,
+        **({"notes": fits} if fits else {}),
+    })
+    return report
 
 
 def measure_layer_latency(rec: Recipe) -> dict[str, Any]:
@@ -603,4 +634,4 @@ def study_section(report: dict[str, Any], rendering: Any) -> list[str]:
 
 register_section("study", study_section, applies=lambda study: isinstance(study, dict) and bool(study.get("table")))
 
-__all__ = ["run_study", "study_table", "format_study_table", "study_section", "variant_options", "train_variant"]
+__all__ = ["run_study", "study_table", "format_study_table", "study_section", "variant_options"]

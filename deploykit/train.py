@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from deploykit.data import Split, iterate_batches
+from deploykit.data import DataSplits, Split, iterate_batches
 from deploykit.errors import UserError
 from deploykit.io import atomic_path
 from deploykit.models.base import ModelBundle
@@ -114,20 +114,11 @@ def train(bundle: ModelBundle, split: Split, spec: TrainSpec, *, teacher: torch.
     labels = None if split.labels is None else torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
     log_every = max(1, total // 50)
     losses: list[float] = []
-    window: list[float] = []
     start = time.perf_counter()
-    module.train()
-    dropout = spec.dropout if spec.dropout is not None else spec.mode == "scratch"
-    if not dropout:
-        for m in module.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.eval()
-    if teacher is not None:
-        teacher.eval()
+    _enter_training(module, spec, teacher)
     # Modules that follow the optimisation (``on_train_step(step, total)``), called after
     # every optimizer step.
     step_hooks = [m.on_train_step for m in module.modules() if callable(getattr(m, "on_train_step", None))]
-    step = 0
     try:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -135,38 +126,10 @@ def train(bundle: ModelBundle, split: Split, spec: TrainSpec, *, teacher: torch.
                       TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                       console=console, disable=is_quiet() or not console.is_terminal, transient=True) as progress:
             task = progress.add_task(description, total=total, loss="-")
-            while step < total:
-                order = rng.permutation(n)
-                shuffled = {k: v[order] for k, v in split.feeds.items()}
-                for offset, feeds in zip(range(0, n, spec.batch_size), iterate_batches(shuffled, spec.batch_size)):
-                    if step >= total:
-                        break
-                    args = [torch.from_numpy(feeds[k]) for k in bundle.input_names]
-                    out = module(*args)
-                    if spec.mode == "scratch":
-                        target = labels[order[offset: offset + spec.batch_size]]
-                        loss = torch.nn.functional.cross_entropy(out, target, label_smoothing=spec.label_smoothing)
-                    else:
-                        with torch.no_grad():
-                            ref = teacher(*args)
-                        loss = (1.0 - torch.nn.functional.cosine_similarity(out, ref, dim=-1)).mean()
-                    if not torch.isfinite(loss):
-                        raise UserError(f"training diverged at step {step} (loss {loss.item()})",
-                                        fix="lower train.lr or raise train.warmup")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if spec.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(module.parameters(), spec.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
-                    for hook in step_hooks:         # e.g. a gradual sparsity schedule, masks re-applied
-                        hook(step + 1, total)
-                    window.append(float(loss.detach()))
-                    step += 1
-                    if len(window) == log_every or step == total:
-                        losses.append(float(np.mean(window)))
-                        window = []
-                    progress.update(task, advance=1, loss=f"{losses[-1]:.4f}" if losses else "-")
+            loop = _Loop(bundle, split, spec, teacher, labels, optimizer, scheduler, step_hooks, total, log_every)
+            while loop.step < total:
+                loop.epoch(rng, losses, lambda: progress.update(
+                    task, advance=1, loss=f"{losses[-1]:.4f}" if losses else "-"))
     finally:
         module.eval()
         torch.set_num_threads(previous_threads)
@@ -177,6 +140,71 @@ def train(bundle: ModelBundle, split: Split, spec: TrainSpec, *, teacher: torch.
     if checkpoint is not None:
         saved = str(save_checkpoint(bundle, checkpoint))
     return TrainResult(total, seconds, [round(v, 6) for v in losses], log_every, round(losses[-1], 6), saved)
+
+
+def _enter_training(module: torch.nn.Module, spec: TrainSpec, teacher: torch.nn.Module | None) -> None:
+    """Training mode, with dropout off where the spec (or distillation) wants it; the teacher in eval."""
+    module.train()
+    dropout = spec.dropout if spec.dropout is not None else spec.mode == "scratch"
+    if not dropout:
+        for m in module.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
+    if teacher is not None:
+        teacher.eval()
+
+
+@dataclass
+class _Loop:
+    """The optimisation loop's state: one :meth:`epoch` is one seeded shuffle of the split."""
+    bundle: ModelBundle
+    split: Split
+    spec: TrainSpec
+    teacher: torch.nn.Module | None
+    labels: torch.Tensor | None
+    optimizer: Any
+    scheduler: Any
+    step_hooks: list[Any]
+    total: int
+    log_every: int
+    step: int = 0
+    window: list[float] = field(default_factory=list)
+
+    def epoch(self, rng: np.random.Generator, losses: list[float], advance) -> None:
+        spec, n = self.spec, self.split.count
+        order = rng.permutation(n)
+        shuffled = {k: v[order] for k, v in self.split.feeds.items()}
+        for offset, feeds in zip(range(0, n, spec.batch_size), iterate_batches(shuffled, spec.batch_size)):
+            if self.step >= self.total:
+                break
+            loss = self._loss(feeds, order[offset: offset + spec.batch_size])
+            if not torch.isfinite(loss):
+                raise UserError(f"training diverged at step {self.step} (loss {loss.item()})",
+                                fix="lower train.lr or raise train.warmup")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if spec.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.bundle.module.parameters(), spec.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            for hook in self.step_hooks:         # e.g. a gradual sparsity schedule, masks re-applied
+                hook(self.step + 1, self.total)
+            self.window.append(float(loss.detach()))
+            self.step += 1
+            if len(self.window) == self.log_every or self.step == self.total:
+                losses.append(float(np.mean(self.window)))
+                self.window = []
+            advance()
+
+    def _loss(self, feeds: dict[str, np.ndarray], rows: np.ndarray) -> torch.Tensor:
+        args = [torch.from_numpy(feeds[k]) for k in self.bundle.input_names]
+        out = self.bundle.module(*args)
+        if self.spec.mode == "scratch":
+            target = self.labels[rows]
+            return torch.nn.functional.cross_entropy(out, target, label_smoothing=self.spec.label_smoothing)
+        with torch.no_grad():
+            ref = self.teacher(*args)
+        return (1.0 - torch.nn.functional.cosine_similarity(out, ref, dim=-1)).mean()
 
 
 def save_checkpoint(bundle: ModelBundle, path: str | Path) -> Path:
@@ -201,3 +229,24 @@ def distillation_teacher(source: str, options: dict[str, Any]):
     for p in bundle.module.parameters():
         p.requires_grad_(False)
     return bundle
+
+
+def train_variant(bundle: ModelBundle, rec, splits: DataSplits, out_dir: Path, *,
+                  teacher=None) -> dict[str, Any] | None:
+    """Train ``bundle`` per ``rec.train`` (``rec`` a :class:`deploykit.recipe.Recipe`) on the training
+    split; None when there is nothing to do. Distillation uses ``teacher`` (a module), or builds
+    :func:`distillation_teacher`."""
+    spec = rec.train
+    if not spec.enabled:
+        return None
+    if splits.training is None:
+        raise UserError("train.enabled needs a training split", path=rec.path,
+                        fix="set data.training (a count, or -1 for every sample the other splits leave)")
+    if spec.mode == "distill" and not bundle.info.get("transforms"):
+        # The student would start equal to its teacher: zero loss, zero gradient, nothing to learn.
+        return {"skipped": "distillation of an untransformed model from itself is the identity"}
+    if spec.mode == "distill" and teacher is None:
+        teacher = distillation_teacher(rec.model.source, rec.model.options).module
+    result = train(bundle, splits.training, spec, teacher=teacher, checkpoint=out_dir / "model.safetensors",
+                   description=f"train {out_dir.name}")
+    return result.summary()
