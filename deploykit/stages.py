@@ -320,9 +320,7 @@ def package(ctx: RunContext) -> None:
     if rec.package.targets and not all(a["passed"] for a in acceptance):
         say("  no bundle written: an acceptance check failed (a bundle ships only what passed)")
     elif rec.package.targets:
-        from deploykit.package import package_run
-
-        from deploykit.package import VERIFY_BATCH, GateFailed
+        from deploykit.package import VERIFY_BATCH, GateFailed, package_run
 
         # verify's ORT CPU outputs are the bundle's expected outputs when they were computed in
         # the batches the bundle uses (trimmed padding makes other batchings differ by rounding)
