@@ -581,9 +581,10 @@ def report(
                                                                      "(default: next to report.json).")] = None,
 ) -> None:
     """Render report.md and plots from a report.json."""
-    import deploykit.study  # noqa: F401  (registers the study section of report.md)
+    from deploykit import study_report
     from deploykit.report import render_report
 
+    study_report.register()                  # a study's report.json renders with its section
     path = render_report(report_json, out)
     print(path)
 

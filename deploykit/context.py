@@ -79,8 +79,10 @@ def new_report(model: str, recipe: str | None, target: str) -> dict[str, Any]:
 def save_report(path: Path, report: dict[str, Any]) -> Path:
     """Validate and write ``report`` to ``path`` together with its markdown and plots next to it
     (``report.json`` -> ``report.md``; ``X.json`` -> ``X.md``, ``X-*.png``), all or none."""
+    from deploykit import study_report
     from deploykit.report import save_and_render_report
 
+    study_report.register()                  # a study's report renders with its section
     return save_and_render_report(path, report)
 
 

@@ -390,7 +390,8 @@ def test_attention_swap_settings_are_checked():
 def test_study_layer_latency_per_variant_kind(tmp_path):
     """Each variant's own attention kind is timed; a 2-D window runs on a square grid."""
     from deploykit.recipe import load_recipe
-    from deploykit.study import layer_latency_lines, measure_layer_latency, plot_layer_latency
+    from deploykit.study import measure_layer_latency
+    from deploykit.study_report import layer_latency_lines, plot_layer_latency
 
     rec = load_recipe("swap-attention-vit-digits", ["study.layer_latency.lengths=[16, 60]",
                                                     "study.layer_latency.heads=2", "study.layer_latency.head_dim=8",

@@ -14,12 +14,11 @@ true, in registration order, after the acceptance summary and before the accurac
 the study section has always been); the report's own sections keep their fixed order after them.
 Registering a key again replaces its renderer and keeps its place.
 
-The report package imports none of the modules that register sections: the registering module
-does it when it is imported (deploykit.study at import time). Whoever renders a report that may
-hold such a section imports that module first, so the rendered report.md is the same whichever
-module asked for it: the ``deploykit report`` command and ``deploykit.pipeline.save_report`` (which
-every stage and run saves its report through) import deploykit.study before rendering. A report
-rendered without the registering module imported leaves its section out.
+The report package imports none of the modules that register sections. The study's section
+lives in :mod:`deploykit.study_report`, whose ``register()`` every path that saves or renders a
+report calls first (:func:`deploykit.context.save_report`, through which every stage and run
+saves, and the ``deploykit report`` command), so report.md is the same whichever module asked
+for it. A report rendered directly through this package without that call leaves the section out.
 """
 
 from __future__ import annotations
