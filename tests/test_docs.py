@@ -14,8 +14,11 @@ README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 MAX_README_LINES = 250
 
-LAYERS = ["cli", "pipeline", "package / report", "verify / bench", "engine / runners", "quantize",
-          "export", "models / transforms", "data / io"]
+# The floors of the picture, top to bottom (the leaf modules come below them); each is checked
+# against test_structure.FLOORS, the list the code is held to.
+LAYERS = ["cli", "pipeline", "study", "stages", "context / package", "recipe", "study_report", "outliers",
+          "report", "verify / bench / doctor", "quantize / train / compression", "export", "runners", "engine",
+          "targets", "sparsity", "data", "models", "recipes / feeds", "plugins / calib / small helpers"]
 LEAF_MODULES = ["io", "errors", "acceptance", "metrics", "presets", "probes", "threads"]
 
 
@@ -252,3 +255,13 @@ def test_readme_command_table_matches_the_cli():
     assert not unknown, f"README lists commands the CLI does not have: {unknown}"
     missing = sorted(cli - set(table))
     assert not missing, f"README's command table misses: {missing}"
+
+
+def test_the_layer_picture_is_the_floors_the_code_is_held_to():
+    from test_structure import FLOORS
+
+    assert len(FLOORS) == len(LAYERS) + 1                       # + the leaf modules
+    for label, floor in zip(LAYERS, FLOORS):
+        # the floor's first module, by its last name, heads the picture's line
+        assert floor[0].rpartition(".")[2] == label.split(" / ")[0], (label, floor)
+    assert {m.rpartition(".")[2] for m in FLOORS[-1]} == set(LEAF_MODULES)

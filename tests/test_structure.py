@@ -174,3 +174,60 @@ def test_no_function_over_80_lines():
 def test_no_symlinks_in_the_source_tree(folder):
     links = [str(p.relative_to(ROOT)) for p in (ROOT / folder).rglob("*") if p.is_symlink()]
     assert not links, f"symlinks (import paths must match the disk): {links}"
+
+
+# The floors of docs/design.md ("Layers"), top to bottom: a module imports only modules on its
+# own floor or below. A new module must be given a floor here (and in the picture).
+FLOORS = [
+    ["cli", "deploykit.cli"],
+    ["deploykit.pipeline"],
+    ["deploykit.study"],
+    ["deploykit.stages"],
+    ["deploykit.context", "deploykit.package"],
+    ["deploykit.recipe", "deploykit.bundle_gpu"],
+    ["deploykit.study_report"],
+    ["deploykit.outliers"],
+    ["deploykit.report"],
+    ["deploykit.verify", "deploykit.bench", "deploykit.doctor"],
+    ["deploykit.quantize", "deploykit.train", "deploykit.compression"],
+    ["deploykit.export"],
+    ["deploykit.runners"],
+    ["deploykit.engine"],
+    ["deploykit.targets"],
+    ["deploykit.sparsity"],
+    ["deploykit.data"],
+    ["deploykit.models"],
+    ["deploykit.recipes", "deploykit.feeds"],
+    ["deploykit.plugins", "deploykit.calib", "deploykit.onnx_utils", "deploykit.runfolder", "deploykit.timing",
+     "deploykit.progress", "deploykit._compat", "deploykit"],
+    ["deploykit.errors", "deploykit.io", "deploykit.acceptance", "deploykit.metrics", "deploykit.presets",
+     "deploykit.probes", "deploykit.threads"],
+]
+
+
+def _floor(module: str) -> int | None:
+    found = None, -1
+    for number, floor in enumerate(FLOORS):
+        for prefix in floor:
+            # "deploykit" (the package __init__) is a floor of its own, not a prefix of every module
+            inside = module.startswith(prefix + ".") and prefix != "deploykit"
+            if (module == prefix or inside) and len(prefix) > found[1]:
+                found = number, len(prefix)
+    return found[0]
+
+
+def test_every_module_has_a_floor():
+    assert not [m for m in MODULES if _floor(m) is None], "give these a floor in FLOORS and docs/design.md"
+
+
+def test_imports_only_point_down_the_floors():
+    up = [f"{MODULES[m].relative_to(ROOT)}: {m} (floor {_floor(m)}) imports {t} (floor {_floor(t)})"
+          for m, targets in _graph().items() for t in targets
+          if _floor(m) is not None and _floor(t) is not None and _floor(t) < _floor(m)]
+    assert not up, "imports up the floors:\n" + "\n".join(up)
+
+
+def test_the_floor_check_sees_an_upward_import():
+    assert _floor("deploykit.quantize.tune") > _floor("deploykit.verify")     # tune -> verify would be up
+    assert _floor("deploykit.package.write") == _floor("deploykit.package")
+    assert _floor("deploykit.something_new") is None                         # must be placed
