@@ -15,7 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from deploykit import stages, study  # importing study registers the study section of report.md
+from deploykit import stages
 from deploykit.bench import BenchConfig, bench_settings
 from deploykit.context import RunContext, RunResult, new_report, reference_outputs, run_environment, save_report
 from deploykit.data import DataSpec, Split, load_split, make_splits, save_split
@@ -402,7 +402,9 @@ def run_recipe(recipe: str | Path | None = None, *, out_root: Path = Path("runs"
     run_dir = Path(out_root) / check_name(name or rec.name, rec.path)
     with run_folder(run_dir):
         if rec.study.variants:
-            return study.run_study(rec, run_dir)
+            from deploykit.study import run_study      # only studies need it
+
+            return run_study(rec, run_dir)
         return _run_single(rec, run_dir)
 
 
