@@ -440,20 +440,10 @@ def apply_binary_activations(root: nn.Module, *, targets: str = "mlp", scale: bo
     return linears
 
 
-def _bool(settings: dict[str, Any], key: str, default: bool) -> bool:
-    value = settings.get(key, default)
-    if not isinstance(value, bool):
-        raise UserError(f"binarization setting {key} must be true or false, not {value!r}", fix=f"write {key}: true")
-    return value
-
-
 def _binary_attention(root: nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
-    try:
-        beta = float(settings.get("beta", 0.25))
-    except (TypeError, ValueError):
-        raise UserError(f"binary attention beta {settings.get('beta')!r} is not a number",
-                        fix="use e.g. beta: 0.25") from None
-    scale, ste = _bool(settings, "scale", False), _bool(settings, "ste", True)
+    # Kinds are checked by deploykit.recipes.transforms.check_transforms before any transform runs.
+    beta = float(settings.get("beta", 0.25))
+    scale, ste = bool(settings.get("scale", False)), bool(settings.get("ste", True))
     count = apply_binary_attention(root, beta=beta, scale=scale, ste=ste)
     return {"modules": count, "beta": beta, "scale": scale, "ste": ste}
 
@@ -465,7 +455,7 @@ def _binary_weights(root: nn.Module, settings: dict[str, Any]) -> dict[str, Any]
 
 
 def _binary_activations(root: nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
-    targets, scale = _targets(settings), _bool(settings, "scale", False)
+    targets, scale = _targets(settings), bool(settings.get("scale", False))
     return {"linears": len(apply_binary_activations(root, targets=targets, scale=scale)), "targets": targets,
             "scale": scale}
 
