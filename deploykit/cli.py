@@ -25,6 +25,25 @@ app = typer.Typer(
 )
 
 
+def _builtin_recipe_names() -> str:
+    """The recipes shipped with deploykit, for help texts (no recipe is parsed here)."""
+    from importlib import resources
+
+    try:
+        names = sorted(p.name[:-5] for p in resources.files("deploykit.recipes").iterdir() if p.name.endswith(".yaml"))
+    except (ModuleNotFoundError, OSError):
+        return "see the recipes/ folder"
+    return ", ".join(names)
+
+
+def _preset_help() -> str:
+    from deploykit.presets import PRESETS
+
+    what = {"gpu-trt": "int8 symmetric, TensorRT", "cpu-ort": "uint8 x int8, ONNX Runtime on x86",
+            "paper-w8a8": "the SmoothQuant paper's W8A8: Q/DQ around every MatMul, Add, Softmax, LayerNorm"}
+    return " | ".join(f"{name} ({what[name]})" if name in what else name for name in PRESETS)
+
+
 def _guard(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -92,11 +111,12 @@ TargetOpt = Annotated[Optional[list[str]], typer.Option(
                            "before any work.")]
 
 
-@app.command()
+@app.command(short_help="Run a recipe end to end (the default job).")
 @_guard
 def run(
     recipe: Annotated[Optional[str], typer.Argument(help="Recipe file or built-in recipe name "
-                                                         "(default: minilm-int8, shipped with deploykit).")] = None,
+                                                         "(default: minilm-int8). Built-in: "
+                                                         + _builtin_recipe_names() + ".")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder that holds the runs.")] = Path("runs"),
     name: Annotated[Optional[str], typer.Option("--name", help="Run folder name (default: the recipe name).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set data.evaluation=200 "
@@ -111,7 +131,7 @@ def run(
         raise typer.Exit(EXIT_ACCEPTANCE_FAILED)
 
 
-@app.command()
+@app.command(short_help="Export a model to ONNX.")
 @_guard
 def export(
     source: Annotated[str, typer.Argument(help="Model source.")] = "embedded:minilm",
@@ -156,7 +176,7 @@ def _alphas(items: list[str] | None) -> list[float | None] | None:
     return out
 
 
-@app.command()
+@app.command(short_help="Static INT8: explicit Q/DQ ONNX + ranges.")
 @_guard
 def calibrate(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model (from deploykit export).")],
@@ -170,9 +190,9 @@ def calibrate(
     calibration: Annotated[Optional[int], typer.Option(min=1, help="Calibration samples in the seeded split.")] = None,
     evaluation: Annotated[Optional[int], typer.Option(min=1, help="Evaluation samples in the seeded split.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the split.")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="gpu-trt (int8 symmetric, TensorRT) | cpu-ort "
-                                                       "(uint8 x int8, ONNX Runtime on x86).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="minmax | percentile | entropy | mse")] = None,
+    preset: Annotated[Optional[str], typer.Option(help=_preset_help() + ".")] = None,
+    method: Annotated[Optional[str], typer.Option(help="minmax | running-minmax | percentile | entropy | mse "
+                                                       "(default: the preset's).")] = None,
     percentile: Annotated[Optional[float], typer.Option(help="Share of |x| kept by the percentile method.")] = None,
     op_types: Annotated[Optional[str], typer.Option(help="Comma-separated op types to quantize "
                                                          "(default: the preset's).")] = None,
@@ -238,7 +258,7 @@ def calibrate(
                     config=config, default_preset=(rec.preset() if rec else "gpu-trt"), targets=list(target or []))
 
 
-@app.command()
+@app.command(short_help="Activation outliers per layer.")
 @_guard
 def outliers(
     source: Annotated[str, typer.Argument(help="Model source.")] = "embedded:minilm",
@@ -274,7 +294,7 @@ def outliers(
                    spec=DataSpec(source=data, calibration=calibration, evaluation=evaluation, seed=seed))
 
 
-@app.command()
+@app.command(short_help="Train or fine-tune a recipe's model.")
 @_guard
 def train(
     recipe: Annotated[str, typer.Argument(help="Recipe whose model, transforms, data and train section to use.")],
@@ -288,7 +308,7 @@ def train(
     train_model(recipe, out, overrides=set_)
 
 
-@app.command("debug-quant")
+@app.command("debug-quant", short_help="Error each node's quantization adds.")
 @_guard
 def debug_quant(
     fp32: Annotated[Path, typer.Argument(help="FP32 ONNX model the INT8 model was calibrated from.")],
@@ -311,7 +331,7 @@ def debug_quant(
               spec=DataSpec(source=data, calibration=calibration, evaluation=evaluation, seed=seed))
 
 
-@app.command()
+@app.command(short_help="Accuracy of every model on every backend.")
 @_guard
 def verify(
     models: Annotated[list[Path], typer.Argument(help="ONNX models (FP32 and/or Q/DQ) to verify against torch FP32, "
@@ -375,7 +395,7 @@ def verify(
         raise typer.Exit(EXIT_ACCEPTANCE_FAILED)
 
 
-@app.command()
+@app.command(short_help="Latency and throughput per model/backend.")
 @_guard
 def bench(
     models: Annotated[Optional[list[Path]], typer.Argument(help="ONNX models to time.")] = None,
@@ -426,7 +446,7 @@ def _range(text: str | None, name: str) -> tuple[int, int, int] | None:
     return lo, opt, hi
 
 
-@app.command()
+@app.command(short_help="ONNX -> TensorRT engine.")
 @_guard
 def build(
     model: Annotated[Path, typer.Argument(help="ONNX model (FP32 or Q/DQ INT8) to build.")],
@@ -467,7 +487,7 @@ def build(
           f"sm {result.info['compute_capability']}, {result.info['build_seconds']} s); log: {result.log}")
 
 
-@app.command()
+@app.command(short_help="One edge bundle for a target.")
 @_guard
 def package(
     run_dir: Annotated[Path, typer.Argument(help="Folder of a finished run (runs/<name>).")],
@@ -498,7 +518,7 @@ def package(
     print(f"{result.path} (sha256 {result.sha256})")
 
 
-@app.command()
+@app.command(short_help="Unpack a bundle safely.")
 @_guard
 def unpack(
     bundle: Annotated[Path, typer.Argument(help="Bundle archive (.tar.gz) from deploykit package.")],
@@ -512,7 +532,7 @@ def unpack(
     print(unpack_bundle(bundle, out, target=target))
 
 
-@app.command("device-verify")
+@app.command("device-verify", short_help="On the device: check and run a bundle.")
 @_guard
 def device_verify(
     bundle: Annotated[Path, typer.Argument(help="Bundle archive or unpacked bundle folder.")],
@@ -535,13 +555,15 @@ def device_verify(
         raise typer.Exit(EXIT_ACCEPTANCE_FAILED)
 
 
-@app.command()
+@app.command(short_help="The deployment targets, or a model vs one.")
 @_guard
 def targets(
     check: Annotated[Optional[Path], typer.Option(help="ONNX model to check against --target.")] = None,
     target: Annotated[Optional[str], typer.Option(help="Target name (see the list).")] = None,
     targets_file: Annotated[Optional[Path], typer.Option(help="Your own targets (extends the built-in ones).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Every column (precisions, 2:4, description, source); "
+                                                      "needs a wide terminal.")] = False,
 ) -> None:
     """The deployment targets (GPUs, Jetsons, edge CPUs), or whether a model fits one (--check)."""
     from deploykit.targets import check_model, get_target, load_targets
@@ -560,20 +582,12 @@ def targets(
     if as_json:
         print(json.dumps({k: v.to_dict() for k, v in table.items()}, indent=2))
         return
-    from rich.table import Table
+    from deploykit.targets import render_targets
 
-    from deploykit.progress import console
-
-    out = Table(title="deploykit targets")
-    for col in ("target", "runtime", "sm", "arch", "precisions", "2:4", "memory", "preset", "source"):
-        out.add_column(col)
-    for t in table.values():
-        out.add_row(t.name, t.runtime.describe(), t.compute_capability or "—", t.arch, " ".join(t.precisions),
-                    "yes" if t.sparse_2_4 else "no", f"{t.memory_gib:g} GiB", t.preset, t.source)
-    console.print(out)
+    render_targets(table, wide=wide)
 
 
-@app.command()
+@app.command(short_help="Render report.md and plots.")
 @_guard
 def report(
     report_json: Annotated[Path, typer.Argument(help="report.json to render.")],
@@ -589,7 +603,7 @@ def report(
     print(path)
 
 
-@app.command()
+@app.command(short_help="What is usable here (backends, devices).")
 @_guard
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,

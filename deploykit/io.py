@@ -244,6 +244,39 @@ def read_npz(path: str | Path, *, what: str = "array file") -> dict[str, np.ndar
                         fix="regenerate it with deploykit") from None
 
 
+
+def _builtin_recipe_dir() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("deploykit.recipes")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]).resolve() if locations else None
+
+
+def portable_path(value: Any, base: str | Path | None = None) -> Any:
+    """``value`` as files that travel (report headers, bundle manifests) name it, without the
+    paths of the machine that wrote them: a built-in recipe by its name, a path under ``base``
+    relative to it, any other absolute path by its file name. Source strings keep their prefix
+    (``hf:/abs/folder`` -> ``hf:folder``); other values pass through unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+    prefix, _, rest = value.partition(":")
+    if rest and prefix in ("hf", "onnx", "torch", "file") and rest.startswith(("/", "~")):
+        return f"{prefix}:{portable_path(rest, base)}"
+    path = Path(value)
+    if not path.is_absolute():
+        return value
+    resolved = path.resolve()
+    builtin = _builtin_recipe_dir()
+    if builtin is not None and resolved.parent == builtin and resolved.suffix == ".yaml":
+        return resolved.stem
+    if base is not None:
+        try:
+            return resolved.relative_to(Path(base).resolve()).as_posix()
+        except ValueError:
+            pass
+    return path.name
+
 def sha256_text(items: list[str]) -> str:
     h = hashlib.sha256()
     for item in items:

@@ -404,9 +404,12 @@ def variant_spec(value: Any, name: str = "", where: str | None = None) -> tuple[
 
 def check_acceptance(acceptance: dict[str, str], where: str) -> None:
     """Refuse, naming ``where`` (a recipe path or a CLI option), a rule that is not
-    ``<variant>[@<backend>].<metric>: <op> <number>``."""
+    ``<variant>[@<backend>].<metric>: <op> <number>``. The metric is what follows the last dot,
+    so every variant name a report shows (``m.naive.int8`` included) can carry a threshold."""
     for key, rule in acceptance.items():
-        if key.count(".") != 1 or key.count("@") > 1 or parse_rule(rule) is None:
+        variant, _, metric = str(key).rpartition(".")
+        if (not variant or not metric.isidentifier() or key.count("@") > 1 or variant.startswith("@")
+                or variant.endswith("@") or parse_rule(rule) is None):
             raise UserError(f"acceptance rule '{key}: {rule}' is not '<variant>[@<backend>].<metric>: <op> <number>'",
                             path=where, fix="write e.g. int8.cosine_mean: '>= 0.99' or int8@tensorrt.top1: '>= 0.95'")
 
@@ -421,7 +424,7 @@ def _check_tune_criteria(criteria: dict[str, str], where: str) -> None:
 def evaluate_acceptance(acceptance: dict[str, str], accuracy: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     results = []
     for key, rule in acceptance.items():
-        variant, metric = key.split(".")
+        variant, metric = key.rsplit(".", 1)
         value = accuracy.get(variant, {}).get(metric)
         results.append({"check": key, "value": value, "threshold": " ".join(str(rule).split()),
                         "passed": passes(value, rule)})

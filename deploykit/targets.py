@@ -149,6 +149,50 @@ def _read(path: str | Path, text: str | None = None) -> dict[str, Any]:
     return data
 
 
+
+def _runtime_short(runtime: Runtime) -> str:
+    name = {"tensorrt": "TRT", "onnxruntime": "ORT"}.get(runtime.name, runtime.name)
+    if runtime.max_version:
+        return f"{name} {runtime.min_version}-<{runtime.max_version}"
+    return f"{name} >={runtime.min_version}"
+
+
+def render_targets(table: dict[str, Target], *, wide: bool = False, console: Any = None) -> None:
+    """The targets as a table on stdout. The default columns read at 80 columns (names never
+    cut); ``wide`` adds precisions, 2:4 sparsity, description and source."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    out = Table(title="deploykit targets", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                show_edge=False, padding=(0, 1), collapse_padding=True)
+    out.add_column("target", no_wrap=True)
+    out.add_column("runtime", no_wrap=True)
+    out.add_column("sm", no_wrap=True)
+    out.add_column("arch", no_wrap=True)
+    out.add_column("GiB", no_wrap=True, justify="right")
+    out.add_column("threads", no_wrap=True, justify="right")
+    out.add_column("int8", no_wrap=True)
+    out.add_column("preset", no_wrap=True)
+    if wide:
+        out.add_column("precisions", no_wrap=True)
+        out.add_column("2:4", no_wrap=True)
+        out.add_column("source", no_wrap=True)
+        out.add_column("description")
+    for t in table.values():
+        int8 = ("Q/DQ+cache" if t.int8_calibrator else "Q/DQ") if "int8" in t.precisions else "no"
+        row = [t.name, _runtime_short(t.runtime), t.compute_capability or "-", t.arch,
+               f"{t.memory_gib:g}", str(t.threads) if t.threads else "-", int8, t.preset]
+        if wide:
+            row += [" ".join(t.precisions), "yes" if t.sparse_2_4 else "no", t.source, t.description]
+        out.add_row(*row)
+    console.print(out)
+    if not wide:
+        console.print("GiB: device memory. runtime: TRT = TensorRT, ORT = ONNX Runtime.\n"
+                      "int8: Q/DQ = explicit Q/DQ ONNX; +cache = a calibration cache works too.\n"
+                      "--wide adds precisions, 2:4 sparsity, source and description.")
+
 def load_targets(extra: str | Path | None = None) -> dict[str, Target]:
     """Built-in targets, then ``DEPLOYKIT_TARGETS``, then ``extra`` (later files override)."""
     builtin = resources.files("deploykit").joinpath("targets.yaml")

@@ -20,7 +20,7 @@ def deploykit(*args, cwd: Path, check_rc: int | None = 0, tmpdir: Path | None = 
               env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     exe = shutil.which("deploykit") or sys.executable
     cmd = [exe, *args] if exe.endswith("deploykit") else [exe, "-m", "deploykit.cli", *args]
-    full_env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200", **(env or {}))
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
     if tmpdir is not None:
         Path(tmpdir).mkdir(parents=True, exist_ok=True)
         full_env["TMPDIR"] = str(tmpdir)

@@ -74,6 +74,9 @@ def test_the_run_reports_backends_targets_and_its_bundle(run_dir, bundle):
     md = (run_dir / "report.md").read_text()
     for heading in ("## Accuracy per backend", "## Targets", "## Edge bundles"):
         assert heading in md
+    # report.md names the run's files relative to itself, the recipe by its file name
+    assert str(run_dir) not in md and str(run_dir.parent.parent) not in md
+    assert "**recipe** `tiny.yaml`" in md and "`model.int8.onnx`" in md
     assert (run_dir / "parity_by_backend.png").is_file() and (run_dir / "latency_by_target.png").is_file()
 
 
@@ -89,6 +92,21 @@ def test_bundle_layout_and_manifest(bundle):
     assert manifest["flags"]["calibration"]["activation_symmetric"] is True
     assert all(c["passed"] for c in manifest["verify"]["here"]["checks"])
     assert not any(n.startswith("tiny-edge-cpu-x86/plugins/") for n in names)   # no custom ops, CPU target
+    # the bundle names no path of the packaging machine: models by their place in the run
+    assert manifest["recipe"] == "tiny.yaml" and manifest["source_files"]["int8"] == "model.int8.onnx"
+    assert not _absolute_strings(manifest), _absolute_strings(manifest)
+
+
+def _absolute_strings(data) -> list[str]:
+    """Every string in a JSON document that is (or holds) an absolute path."""
+    if isinstance(data, dict):
+        return [s for k, v in data.items() for s in _absolute_strings(k) + _absolute_strings(v)]
+    if isinstance(data, list):
+        return [s for v in data for s in _absolute_strings(v)]
+    if isinstance(data, str):
+        return [data] if any(part.startswith("/") and len(part) > 1 and "/" in part[1:]
+                             for part in data.replace(":", " ").replace("'", " ").split()) else []
+    return []
 
 
 def test_fresh_folder_unpacks_and_device_verifies(bundle, tmp_path):

@@ -290,7 +290,7 @@ def unpack_bundle(archive: str | Path, dest: str | Path | None = None, *, target
         dest = Path(dest) if dest is not None else Path.cwd() / top
         _extract_into(dest, tar, archive, members, dirs, manifest_bytes, manifest["files"])
     if announce:        # device-verify unpacks into a private folder whose name is no concern of the user's
-        say(f"unpacked {archive} -> {dest} ({len(manifest['files'])} files, hashes checked, target "
+        say(f"unpacked {archive} -> {dest} ({len(manifest['files'])} files + manifest.json, hashes checked, target "
             f"{manifest['target']['name']})")
     return dest
 

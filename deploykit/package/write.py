@@ -17,7 +17,7 @@ import numpy as np
 
 import deploykit
 from deploykit.errors import UserError
-from deploykit.io import atomic_path, read_json, sha256_file, write_text
+from deploykit.io import atomic_path, portable_path, read_json, sha256_file, write_text
 from deploykit.package.manifest import FORMAT, PRIMARY, VARIANTS, VERIFY_BATCH
 from deploykit.progress import say, stage
 
@@ -185,15 +185,17 @@ def package_run(run_dir: str | Path, target_name: str, out: str | Path | None = 
     files["README.md"] = _device_readme(name, target, bool(engines)).encode()
 
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    manifest = _manifest(files, name=name, created=created, target=target, report=report, models=models,
+    manifest = _manifest(files, run_dir=run_dir, name=name, created=created, target=target, report=report, models=models,
                          source=source, task=task, part=part, engines=engines, figures=figures,
                          checks_here=checks_here, rules=rules, notes=notes)
     files["manifest.json"] = (json.dumps(manifest, indent=2, allow_nan=False, default=str) + "\n").encode()
     digest = _write_archive(out, name, files, models, created)
-    say(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {len(files)} files) and {out.name}.sha256")
+    # counted as unpack counts them: the files manifest.json lists, then manifest.json itself
+    say(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {len(manifest['files'])} files + manifest.json) "
+        f"and {out.name}.sha256")
     for note in notes:
         say(f"  note: {note}")
-    return BundleResult(out, digest, out.stat().st_size, len(files), manifest)
+    return BundleResult(out, digest, out.stat().st_size, len(manifest["files"]), manifest)   # as unpack counts
 
 
 def _checked_models(models: dict[str, Path], ranges_path: Path, target) -> tuple[Any, list[str]]:
@@ -344,7 +346,7 @@ def _runtime_files(models: dict[str, Path], ranges, target,
     return files, engines
 
 
-def _manifest(files: dict[str, bytes | Path], *, name: str, created: str, target, report: dict[str, Any],
+def _manifest(files: dict[str, bytes | Path], *, run_dir: Path, name: str, created: str, target, report: dict[str, Any],
               models: dict[str, Path], source, task: str, part, engines: dict[str, Path], figures: dict[str, Any],
               checks_here: list[dict[str, Any]], rules: dict[str, str], notes: list[str]) -> dict[str, Any]:
     """The bundle's manifest.json: the SHA-256 and size of every file in ``files``, and the record."""
@@ -358,9 +360,10 @@ def _manifest(files: dict[str, bytes | Path], *, name: str, created: str, target
     return {
         "profile": {k: list(v) for k, v in asdict(bundle_profile(settings)).items()},
         "format": FORMAT, "name": name, "created": created, "target": target.to_dict(),
-        "model": source, "recipe": report.get("recipe"), "run": report.get("run"),
+        # names, not the packaging machine's paths: a bundle names nothing outside itself
+        "model": portable_path(source), "recipe": portable_path(report.get("recipe")), "run": report.get("run"),
         "variants": {"int8": "model/model.int8.onnx", "fp32": "model/model.onnx"}, "primary": PRIMARY,
-        "task": task, "source_files": {v: str(p) for v, p in models.items()},
+        "task": task, "source_files": {v: portable_path(str(p), run_dir) for v, p in models.items()},
         "inputs": {"names": list(part.feeds), "samples": part.count, "sha256": part.sha256},
         "versions": _versions(),
         "flags": {"quantize": settings.get("quantize"), "export": settings.get("export"),

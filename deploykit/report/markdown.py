@@ -7,11 +7,12 @@ acceptance summary; the report's own sections follow in a fixed order.
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Any
 
-from deploykit.io import read_json
+from deploykit.io import portable_path, read_json
 from deploykit.report.formatting import (
     format_cell,
     format_latency_table,
@@ -141,17 +142,20 @@ def _size(size: Any) -> str:
     return f"{size} B"
 
 
-def _exclude_command(report: dict, exclude: list[str]) -> str:
+def _exclude_command(report: dict, exclude: list[str], base: Path | None = None) -> str:
+    """The calibrate command line that keeps ``exclude`` in float, run from the report's folder."""
     model = report["artifacts"].get("fp32") or report["artifacts"].get("fp32.onnx") or "model.onnx"
-    words = ["deploykit", "calibrate", model]
+    words = ["deploykit", "calibrate", _relative(model, base)]
     if report.get("recipe"):
-        words += ["--recipe", report["recipe"]]
+        recipe = report["recipe"]
+        words += ["--recipe", portable_path(recipe) if portable_path(recipe) != Path(recipe).name
+                  else _relative(recipe, base)]
     for node in exclude:
         words += ["--exclude", node]
     return " ".join(shlex.quote(w) for w in words)
 
 
-def _parity_section(report: dict, plot: str | None) -> list[str]:
+def _parity_section(report: dict, plot: str | None, base: Path | None = None) -> list[str]:
     parity = report.get("parity") or {}
     ver = report.get("verification") or {}
     source = ""
@@ -207,7 +211,7 @@ def _parity_section(report: dict, plot: str | None) -> list[str]:
             out += [format_cell(loc["note"]), ""]
         exclude = loc.get("exclude")
         if exclude:
-            out += ["Suggested nodes to keep in float:", "", "```sh", _exclude_command(report, exclude), "```", ""]
+            out += ["Suggested nodes to keep in float:", "", "```sh", _exclude_command(report, exclude, base), "```", ""]
         elif exclude is not None:
             out += ["No nodes suggested to keep in float.", ""]
     return out[:-1] if out[-1] == "" else out
@@ -292,7 +296,14 @@ def _bundles_section(bundles: dict) -> list[str]:
                                            ["l", "l", "l", "r", "r"])]
 
 # ----------------------------------------------------------------------------- the whole report
-def _settings_and_environment(report: dict) -> list[str]:
+def _relative(value: Any, base: Path | None) -> Any:
+    """An artifact path relative to the report's folder (``../x`` when beside it)."""
+    if not isinstance(value, str) or base is None or not Path(value).is_absolute():
+        return value
+    return Path(os.path.relpath(Path(value).resolve(), Path(base).resolve())).as_posix()
+
+
+def _settings_and_environment(report: dict, base: Path | None = None) -> list[str]:
     """Data, export, calibration and bench settings, timings, environment, artifacts and notes."""
     md: list[str] = []
     for key, heading in (("data", "Data"), ("export", "Export"), ("calibration", "Calibration"),
@@ -307,17 +318,19 @@ def _settings_and_environment(report: dict) -> list[str]:
     if report["environment"]:
         md += ["## Environment", "", *_kv_table(report["environment"]), ""]
     if report["artifacts"]:
-        md += ["## Artifacts", "", *_table(["name", "path"], [[f"`{k}`", f"`{v}`"]
-                                                               for k, v in report["artifacts"].items()], ["l", "l"]), ""]
+        md += ["## Artifacts", "", "Paths relative to this report's folder.", "",
+               *_table(["name", "path"], [[f"`{k}`", f"`{_relative(v, base)}`"]
+                                          for k, v in report["artifacts"].items()], ["l", "l"]), ""]
     if report.get("notes"):
         md += ["## Notes", "", *(f"- {n}" for n in report["notes"]), ""]
     return md
 
 
-def _header(report: dict) -> list[str]:
-    """The title, the recipe / target / run line and the acceptance summary."""
-    title = f"# deploykit report: {report['model']}"
-    meta = [f"**recipe** `{report['recipe']}`" if report["recipe"] else "**recipe** —",
+def _header(report: dict, base: Path | None = None) -> list[str]:
+    """The title, the recipe / target / run line and the acceptance summary. Paths are named
+    as :func:`portable_path` does (a report travels: no paths of the machine that wrote it)."""
+    title = f"# deploykit report: {portable_path(report['model'], base)}"
+    meta = [f"**recipe** `{portable_path(report['recipe'], base)}`" if report["recipe"] else "**recipe** —",
             f"**target** `{report['target']}`"]
     if report.get("run"):
         meta.append(f"**run** `{report['run']}`")
@@ -338,7 +351,7 @@ def _header(report: dict) -> list[str]:
 
 def render_markdown(report: dict, rendering: Rendering) -> str:
     """The markdown of ``report``; the plots it links are registered on ``rendering``."""
-    md = _header(report)
+    md = _header(report, rendering.out)
     md += render_sections(report, rendering)
     acceptance = report.get("acceptance") or []
     if report["accuracy"]:
@@ -361,7 +374,7 @@ def render_markdown(report: dict, rendering: Rendering) -> str:
     if parity or report.get("verification"):
         plotted = any(is_number(m.get("cosine_mean")) or is_number(m.get("snr_db")) for m in parity.values())
         plot = rendering.add(PARITY_PLOT, lambda dest: plot_parity(parity, dest)) if plotted else None
-        md += [*_parity_section(report, plot), ""]
+        md += [*_parity_section(report, plot, rendering.out), ""]
     targets = report.get("targets") or {}
     if targets:
         md += [*_targets_section(targets, rendering.add(TARGETS_PLOT, lambda dest: plot_targets(targets, dest))), ""]
@@ -373,7 +386,7 @@ def render_markdown(report: dict, rendering: Rendering) -> str:
     if isinstance(tuning, dict) and tuning.get("trials"):
         md += [*_tuning_section(tuning, rendering.add(TUNING_PLOT, lambda dest: plot_tuning(tuning, dest))), ""]
 
-    md += _settings_and_environment(report)
+    md += _settings_and_environment(report, rendering.out)
     return "\n".join(md).rstrip() + "\n"
 
 

@@ -217,7 +217,6 @@ def plot_parity(parity: dict, dest: Path, inputs: tuple[Path, ...] = ()) -> Path
         snr_ax.set_ylim(min(0.0, min(s for _, _, s in snrs) * 1.15), max(max(s for _, _, s in snrs) * 1.15, 1.0))
     else:
         snr_ax.set_yticks([])
-    handles = [Patch(color=colors[b], label=b) for b in backends]
     for ax, values, title, label in (
             (gap_ax, gaps, "1 − cosine_mean vs the reference (log scale; lower is better)",
              "1 − mean cosine (log scale)"),
@@ -231,7 +230,10 @@ def plot_parity(parity: dict, dest: Path, inputs: tuple[Path, ...] = ()) -> Path
         ax.grid(True, axis="y", which="major", alpha=0.3)
         if not values:
             ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center", va="center", color="0.4")
-        ax.legend(handles=handles, fontsize=8, title="backend", title_fontsize=8, loc="upper left")
+        drawn = [b for b in backends if any(vb == b for _, vb, _ in values)]   # no legend entry without a bar
+        if drawn:
+            ax.legend(handles=[Patch(color=colors[b], label=b) for b in drawn], fontsize=8, title="backend",
+                      title_fontsize=8, loc="upper left")
     return save(fig, dest, inputs)
 
 
