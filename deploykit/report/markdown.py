@@ -295,8 +295,8 @@ def _bundles_section(bundles: dict) -> list[str]:
 def _settings_and_environment(report: dict) -> list[str]:
     """Data, export, calibration and bench settings, timings, environment, artifacts and notes."""
     md: list[str] = []
-    for key, heading in (("data", "Data"), ("export", "Export"), ("calibration", "Calibration"),
-                         ("bench", "Bench settings")):
+    for key, heading in (("file_sizes", "File sizes"), ("data", "Data"), ("export", "Export"),
+                         ("calibration", "Calibration"), ("bench", "Bench settings")):
         if report.get(key):
             md += [f"## {heading}", "", *_kv_table(report[key]), ""]
     if report.get("timings_s"):
