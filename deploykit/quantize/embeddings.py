@@ -119,7 +119,7 @@ def _rewrite(model: onnx.ModelProto, name: str, q: np.ndarray, scale: np.ndarray
     """(initializers, nodes to insert before the readers, readers rewired) for one table."""
     fresh = lambda base: unique_name(model, base)  # noqa: E731
     if form == "dq-gather":
-        q_name, s_name = fresh(f"{name}_quantized"), fresh(f"{name}_scale")
+        q_name, s_name = fresh(f"{name}_int8"), fresh(f"{name}_row_scales")
         out = fresh(f"{name}_dequantized")
         dq = helper.make_node("DequantizeLinear", [q_name, s_name], [out], axis=0,
                               name=fresh(f"{name}_DequantizeLinear"))
@@ -127,7 +127,7 @@ def _rewrite(model: onnx.ModelProto, name: str, q: np.ndarray, scale: np.ndarray
             node.input[0] = out
         return [numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name)], [dq], readers
     if form == "gather-mul":
-        q_name, s_name = fresh(f"{name}_quantized"), fresh(f"{name}_scale")
+        q_name, s_name = fresh(f"{name}_int8"), fresh(f"{name}_row_scales")
         inits = [numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale[:, None], s_name)]
         after: dict[int, list[onnx.NodeProto]] = {}
         for node in readers:
@@ -148,7 +148,7 @@ def _rewrite(model: onnx.ModelProto, name: str, q: np.ndarray, scale: np.ndarray
         return inits, [], readers
     # gather-block: uint8 = int8 + 128 (the op's default zero point for uint8 data), one block
     # per row: block_size is the smallest power of two >= 16 covering the row.
-    q_name, s_name = fresh(f"{name}_quantized"), fresh(f"{name}_scale")
+    q_name, s_name = fresh(f"{name}_int8"), fresh(f"{name}_row_scales")
     dim = q.shape[1]
     block = max(16, 1 << (dim - 1).bit_length())
     data = (q.astype(np.int16) + 128).astype(np.uint8)
