@@ -76,3 +76,12 @@ def rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
     for init in graph.initializer:
         if init.name == old:
             init.name = new
+
+
+def model_bytes(path: str | Path) -> int:
+    """Bytes of an ONNX file on disk with the external-data files its initializers name."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    names = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / n).stat().st_size for n in sorted(names)
+                                     if (path.parent / n).is_file())

@@ -9,14 +9,19 @@ from typing import Any
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu-trt": {"activation_type": "int8", "activation_symmetric": True, "op_types": ["MatMul", "Gemm"],
-                "method": "percentile", "per_channel": True, "plugin_int8": True},
+                "method": "percentile", "per_channel": True, "plugin_int8": True,
+                # embedding tables as int8 rows: DequantizeLinear(axis=0) -> Gather, TensorRT's form
+                "embeddings": "dq-gather"},
     "cpu-ort": {"activation_type": "uint8", "activation_symmetric": False, "op_types": ["MatMul", "Gemm"],
-                "method": "percentile", "per_channel": True, "plugin_int8": False},
+                "method": "percentile", "per_channel": True, "plugin_int8": False,
+                # Gather int8 rows -> Cast -> Mul by their scales: reads only the rows it needs
+                # (docs/int8-embeddings.md has the measurement against the other forms)
+                "embeddings": "gather-mul"},
     # Q/DQ on the inputs of MatMul (LayerNorm, GELU and softmax outputs, Q/K/V), Softmax (its
     # input), LayerNormalization (residual sums) and Add, plus the *outputs* of Adds: the
     # bias Add closes every Linear, so each Linear output is rounded once, as in the paper.
     "paper-w8a8": {"activation_type": "uint8", "activation_symmetric": False,
                    "op_types": ["MatMul", "Gemm", "Add", "Softmax", "LayerNormalization"],
                    "output_op_types": ["Add"], "method": "running-minmax", "per_channel": False,
-                   "plugin_int8": False},
+                   "plugin_int8": False, "embeddings": False},   # the paper keeps embeddings float
 }

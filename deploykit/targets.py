@@ -30,6 +30,8 @@ from deploykit.errors import UserError
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "fp4")
 RUNTIMES = ("tensorrt", "onnxruntime")
 TENSORRT_PLUGIN_MIN = (10, 15)      # deploykit's plugin path (ONNX parser plugin_namespace)
+# ONNX Runtime's contrib ops: ONNX Runtime runs them, TensorRT's ONNX parser does not.
+VENDOR_DOMAINS = ("com.microsoft",)
 
 
 @dataclass
@@ -226,6 +228,7 @@ class ModelNeeds:
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
     asymmetric_activations: list[str] = field(default_factory=list)   # Q nodes with uint8 / nonzero zero point
     custom_ops: list[str] = field(default_factory=list)
+    vendor_ops: list[str] = field(default_factory=list)   # "domain.op" of ONNX Runtime's own ops (com.microsoft)
     sparse_2_4_weights: int = 0
 
 
@@ -240,6 +243,8 @@ def model_needs(model: onnx.ModelProto) -> ModelNeeds:
     for node in model.graph.node:
         if node.domain == DOMAIN:
             needs.custom_ops.append(node.op_type)
+        elif node.domain in VENDOR_DOMAINS:
+            needs.vendor_ops.append(f"{node.domain}.{node.op_type}")
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         zero = inits.get(node.input[2]) if len(node.input) > 2 else None
@@ -262,6 +267,7 @@ def model_needs(model: onnx.ModelProto) -> ModelNeeds:
         used.add("bf16")
     needs.precisions = [p for p in PRECISIONS if p in used]
     needs.custom_ops = sorted(set(needs.custom_ops))
+    needs.vendor_ops = sorted(set(needs.vendor_ops))
     needs.sparse_2_4_weights = check_2_4(model)["compliant"]
     return needs
 
@@ -283,6 +289,11 @@ def check_model(model: onnx.ModelProto | str | Path, target: Target) -> list[str
                         + (f": {hint}" if hint else ""), path=path,
                         fix=f"quantize for it: deploykit calibrate --preset {target.preset}")
     notes = []
+    if target.runtime.name == "tensorrt" and needs.vendor_ops:
+        raise UserError(f"the model has ONNX Runtime ops {', '.join(needs.vendor_ops)}, which TensorRT (target "
+                        f"'{target.name}') does not run", path=path,
+                        fix="calibrate with --preset gpu-trt (standard ONNX only: int8 embeddings as "
+                            "DequantizeLinear -> Gather)")
     if target.runtime.name == "tensorrt" and needs.asymmetric_activations:
         raise UserError(f"the model has {len(needs.asymmetric_activations)} activation quantizers with uint8 / "
                         f"nonzero zero points; TensorRT (target '{target.name}') takes only symmetric int8",
@@ -309,6 +320,10 @@ def check_quant_config(config, preset: str, target: Target, where: str | Path | 
                         f"'{target.name}' runs TensorRT, which takes only symmetric int8", path=where,
                         fix=f"use quantize.preset: {target.preset} (one Q/DQ model runs on both TensorRT and ONNX "
                             "Runtime), or drop the target")
+    if target.runtime.name == "tensorrt" and resolved.embeddings == "gather-block":
+        raise UserError(f"quantize.embeddings gather-block is ONNX Runtime's com.microsoft.GatherBlockQuantized; "
+                        f"target '{target.name}' runs TensorRT, which does not run it", path=where,
+                        fix="use quantize.embeddings: dq-gather (or true with the gpu-trt preset)")
 
 
 def check_engine(info: dict[str, Any], target: Target, where: str | Path | None = None) -> None:

@@ -28,7 +28,11 @@ def test_every_quantized_matmul_is_ranked_worst_first_with_module_names(tiny_onn
     split = Split("d", {k: v[:16] for k, v in tiny_splits.evaluation.feeds.items()}, "x")
     errors = node_errors(float_model, qdq, split)
     assert {e.node for e in errors} == {n.name for n, _, _ in quantized_nodes(qdq)}
-    assert sum(1 for n in qdq.graph.node if n.op_type == "MatMul") == len(errors)
+    # Every MatMul, and the word-embedding Gather, which reads its int8 rows through a DequantizeLinear.
+    dq_out = {n.output[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+    gathers = sum(1 for n in qdq.graph.node if n.op_type == "Gather" and n.input[0] in dq_out)
+    assert gathers == 1
+    assert sum(1 for n in qdq.graph.node if n.op_type == "MatMul") + gathers == len(errors)
     snrs = [e.added_snr_db for e in errors]
     assert snrs == sorted(snrs)
     assert all(math.isfinite(e.added_snr_db) and 0 < e.added_cosine <= 1 + 1e-9 for e in errors)

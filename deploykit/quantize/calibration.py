@@ -23,6 +23,14 @@ from deploykit.quantize.record import ranges_path_for
 
 
 # ----------------------------------------------------------------------------- calibrate
+def file_sizes(fp32: Path, int8: Path) -> dict[str, Any]:
+    """Bytes of the FP32 and INT8 files (external data included) and INT8 as a share of FP32."""
+    from deploykit.onnx_utils import model_bytes
+
+    a, b = model_bytes(fp32), model_bytes(int8)
+    return {"fp32_bytes": a, "int8_bytes": b, "int8_over_fp32": round(b / a, 4) if a else None}
+
+
 @dataclass
 class CalibrationResult:
     path: Path
@@ -39,6 +47,8 @@ class CalibrationResult:
     smoothing: list[dict[str, Any]] = field(default_factory=list)
     tuning: dict[str, Any] | None = None
     plugin_int8_nodes: list[str] = field(default_factory=list)   # attention ops in their INT8 form
+    embeddings: list[dict[str, Any]] = field(default_factory=list)  # tables stored as int8 rows
+    file_sizes: dict[str, Any] = field(default_factory=dict)       # FP32 and INT8 file bytes, their ratio
 
     def summary(self) -> dict[str, Any]:
         c = self.config
@@ -56,6 +66,8 @@ class CalibrationResult:
             "quantized_nodes": len(self.quantized_nodes), "float_nodes": self.float_nodes,
             "fallback_nodes": self.fallback_nodes, "float_fallback_count": len(self.fallback_nodes),
             "plugin_int8": c.plugin_int8, "plugin_int8_nodes": self.plugin_int8_nodes,
+            "embeddings": c.embeddings or False, "embedding_tables": self.embeddings,
+            "file_sizes": self.file_sizes,
             "qdq": self.qdq_counts, "seconds": round(self.seconds, 2), "data_sha256": self.data_sha256,
         }
         if self.tuning is not None:
@@ -90,7 +102,8 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
     else:
         prepared = prepare(inferred, split, config, alpha=config.smoothquant.alpha, threads=threads, where=model_path)
     ranges = prepared.ranges(config.method, config.percentile)   # the tuned choice, if tuning ran
-    quantized = build_qdq(prepared, ranges, fallback)
+    embeddings: list[dict[str, Any]] = []
+    quantized = build_qdq(prepared, ranges, fallback, embeddings)
     custom = sorted({n.op_type for n in quantized.graph.node if n.domain == DOMAIN})
     plugin_nodes = sorted(n.name for n in quantized.graph.node
                           if n.domain == DOMAIN and n.op_type in INT8_FORMS.values())
@@ -99,6 +112,7 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
                              "calibration": {"preset": config.preset, "method": config.method,
                                              "smoothquant_alpha": config.smoothquant.alpha,
                                              "float_fallback": len(fallback),
+                                             "embeddings": config.embeddings or False,
                                              "data_sha256": split.sha256, "samples": split.count}})
     onnx.checker.check_model(quantized, full_check=bool(custom))   # full: types through the local functions
     qdq = {op: sum(1 for n in quantized.graph.node if n.op_type == op) for op in ("QuantizeLinear", "DequantizeLinear")}
@@ -118,5 +132,6 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
                                quantized_nodes=quantized_nodes, float_nodes=float_nodes, fallback_nodes=fallback,
                                masked_tensors=prepared.masked_tensors, qdq_counts=qdq,
                                seconds=time.perf_counter() - start, data_sha256=split.sha256,
-                               smoothing=prepared.smoothing, tuning=tuning, plugin_int8_nodes=plugin_nodes)
+                               smoothing=prepared.smoothing, tuning=tuning, plugin_int8_nodes=plugin_nodes,
+                               embeddings=embeddings, file_sizes=file_sizes(model_path, out_path))
     return result

@@ -50,6 +50,10 @@ class QuantConfig:
     activation_type: str | None = None         # None: the preset's (int8 | uint8)
     activation_symmetric: bool | None = None   # None: the preset's
     plugin_int8: bool | None = None            # Q -> op -> DQ around deploykit attention ops (None: the preset's)
+    # Gather-fed embedding tables as int8 with per-row scales (deploykit.quantize.embeddings):
+    # true = the preset's form, false = keep them float, or a form (dq-gather | gather-mul |
+    # gather-block). None: the preset's.
+    embeddings: bool | str | None = None
     batch_size: int = 16
     sentinel_abs: float = 1e30
     smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
@@ -65,6 +69,8 @@ class QuantConfig:
         for key, value in PRESETS[preset].items():
             if getattr(out, key) is None:
                 setattr(out, key, copy.deepcopy(value))
+        if out.embeddings is True:
+            out.embeddings = PRESETS[preset].get("embeddings") or "dq-gather"
         out.validate()
         return out
 
@@ -76,6 +82,12 @@ class QuantConfig:
         if self.plugin_int8 and (self.activation_type != "int8" or not self.activation_symmetric):
             raise UserError("quantize.plugin_int8 needs symmetric int8 activations (a plugin's INT8 form)",
                             fix="use the gpu-trt preset, or set plugin_int8: false")
+        if isinstance(self.embeddings, str):
+            from deploykit.quantize.embeddings import FORMS
+
+            if self.embeddings not in FORMS:
+                raise UserError(f"unknown quantize.embeddings form '{self.embeddings}'",
+                                fix=f"use true, false or one of {', '.join(FORMS)}")
         if self.op_types is not None and not self.op_types:
             raise UserError("quantize.op_types is empty", fix="list the op types to quantize, e.g. [MatMul, Gemm]")
         if self.batch_size < 1:

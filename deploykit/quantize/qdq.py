@@ -165,8 +165,11 @@ def _qtype(name: str):
     return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]
 
 
-def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: list[str] = ()) -> onnx.ModelProto:
-    """Q/DQ model from ``prepared`` with ``ranges``; ``float_nodes`` (and mask-touching nodes) stay float."""
+def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: list[str] = (),
+              embedding_log: list[dict[str, Any]] | None = None) -> onnx.ModelProto:
+    """Q/DQ model from ``prepared`` with ``ranges``; ``float_nodes`` (and mask-touching nodes) stay
+    float. With ``config.embeddings`` the embedding tables become int8 rows too; what was
+    rewritten is appended to ``embedding_log``."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
@@ -176,7 +179,7 @@ def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: l
     if not quantize:
         model = onnx.ModelProto()
         model.CopyFrom(prepared.model)
-        return model
+        return _with_int8_embeddings(model, config, embedding_log)
     data = {name: TensorData(lowest=np.float32(r.lo), highest=np.float32(r.hi))
             for name, r in ranges.items() if not r.masked}
     model = onnx.ModelProto()
@@ -209,7 +212,18 @@ def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: l
     _restore_float_inputs(result, keep_float)
     if config.plugin_int8:
         fold_into_plugins(result)
-    return result
+    return _with_int8_embeddings(result, config, embedding_log)
+
+
+def _with_int8_embeddings(model: onnx.ModelProto, config: QuantConfig,
+                          log: list[dict[str, Any]] | None) -> onnx.ModelProto:
+    if config.embeddings:
+        from deploykit.quantize.embeddings import quantize_embeddings
+
+        records = quantize_embeddings(model, str(config.embeddings))
+        if log is not None:
+            log.extend(records)
+    return model
 
 
 def _restore_float_inputs(model: onnx.ModelProto, float_nodes: set[str]) -> None:

@@ -306,8 +306,8 @@ def _relative(value: Any, base: Path | None) -> Any:
 def _settings_and_environment(report: dict, base: Path | None = None) -> list[str]:
     """Data, export, calibration and bench settings, timings, environment, artifacts and notes."""
     md: list[str] = []
-    for key, heading in (("data", "Data"), ("export", "Export"), ("calibration", "Calibration"),
-                         ("bench", "Bench settings")):
+    for key, heading in (("file_sizes", "File sizes"), ("data", "Data"), ("export", "Export"),
+                         ("calibration", "Calibration"), ("bench", "Bench settings")):
         if report.get(key):
             md += [f"## {heading}", "", *_kv_table(report[key]), ""]
     if report.get("timings_s"):

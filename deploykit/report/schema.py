@@ -198,9 +198,13 @@ def _validate_environment(environment: Any, checks: _Checks) -> None:
 
 def _validate_optional_sections(data: dict, checks: _Checks) -> None:
     """The optional object sections, timings, distributions, acceptance and notes."""
-    for key in ("data", "export", "calibration", "bench", "timings_s", "distributions", "study", "training"):
+    for key in ("data", "export", "calibration", "bench", "timings_s", "distributions", "study", "training",
+                "file_sizes"):
         if key in data:
             checks.need_dict(data[key], f"'{key}'")
+    for key, value in data.get("file_sizes", {}).items():
+        if not _number_or_null(value):
+            checks.fail(f"file_sizes['{key}']", f"must be a finite number or null, got {value!r}")
     for stage, seconds in data.get("timings_s", {}).items():
         if not is_number(seconds):
             checks.fail(f"timings_s['{stage}']", f"must be a finite number, got {seconds!r}")
