@@ -201,3 +201,21 @@ def test_tensor_method_takes_per_tensor_the_method_of_least_added_error(tiny_onn
         for t, spec in result.config.tensor_methods.items():
             if spec == "mse":
                 assert ranges[t]["hi"] == pytest.approx(other[t].hi)
+
+
+def test_sensitivity_reranks_the_worst_nodes_by_the_score_each_alone_in_float_reaches(tiny_onnx, splits, tmp_path):
+    unaided = _grid_best_metric(tiny_onnx, splits, tmp_path)
+    target = unaided + (1.0 - unaided) * 0.5
+    config = _config({"cosine_mean": f">= {target:.8f}"}, budget=30)
+    config.tune.sensitivity_candidates = 3
+    result = calibrate(tiny_onnx, splits.calibration, tmp_path / "q.onnx", config, tuning_split=splits.tuning)
+    log = result.tuning
+    probes = [t for t in log["trials"] if t["phase"] == "sensitivity"]
+    # one trial per candidate, each with exactly one node in float: the 3 worst by added error
+    assert [t["float_nodes"] for t in probes] == [[r["node"]] for r in log["ranking"][:len(probes)]]
+    if not any(t["passed"] for t in probes):
+        assert len(probes) == 3
+        by_score = sorted(probes, key=lambda t: -t["score"])
+        assert [r["node"] for r in log["sensitivity"]] == [t["float_nodes"][0] for t in by_score]
+        fallback = [t for t in log["trials"] if t["phase"] == "fallback"]
+        assert fallback and fallback[0]["float_nodes"][0] == by_score[0]["float_nodes"][0]
