@@ -144,7 +144,7 @@ def calibrate_model(model_path: Path, out: Path, *, source: str | None, data: st
         for note in notes:
             say(f"  {name}: {note}")
     say(f"wrote {out}: {summary['qdq']['QuantizeLinear']} QuantizeLinear, {summary['quantized_nodes']} quantized "
-        f"nodes, {len(result.float_nodes)} kept float ({len(result.fallback_nodes)} fallen back by tuning); "
+        f"nodes, {result.float_line()}; "
         f"ranges in {result.ranges_path}")
     if result.tuning is not None:
         tuning_path = out.with_name(out.stem + ".tuning.json")

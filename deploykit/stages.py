@@ -99,7 +99,7 @@ def calibrate_int8(ctx: RunContext) -> None:
     cal = ctx.calibration = calibrate(ctx, "int8", rec.quantize, preset, f"calibrate ({preset}, {method})",
                                       tuning_split=ctx.splits.tuning)
     say(f"  {cal.qdq_counts['QuantizeLinear']} QuantizeLinear, {len(cal.quantized_nodes)} nodes quantized, "
-        f"{len(cal.float_nodes)} kept float ({len(cal.fallback_nodes)} fallen back by tuning)")
+        f"{cal.float_line()}")
     say(f"  {size_line(cal.file_sizes, cal.embeddings)}")
     ctx.lap("calibrate")
     ctx.target_notes = check_targets([ctx.models["fp32"], ctx.models["int8"]], rec.targets)
@@ -358,5 +358,7 @@ def finish(ctx: RunContext, report_path: Path, acceptance: list[dict[str, Any]])
     accepted = all(a["passed"] for a in acceptance)
     for a in acceptance:
         say(f"  acceptance {a['check']} {a['threshold']}: {a['value']} -> {'pass' if a['passed'] else 'FAIL'}")
+    if ctx.calibration is not None:
+        say(f"  int8 float nodes: {ctx.calibration.float_line()}")
     say(f"[bold]report:[/] {report_path} and {ctx.run_dir / 'report.md'}")
     return RunResult(ctx.run_dir, report_path, read_json(report_path), accepted)

@@ -126,3 +126,43 @@ def test_smoothing_reduces_int8_error_on_an_outlier_channel():
     # Measured: 27.1 dB plain vs 40.2 dB smoothed; require an 8 dB gain (the data is seeded,
     # so the margin only has to cover differences between ORT builds).
     assert smoothed > plain + 8.0
+
+
+def test_group_kinds_follow_the_block_structure(inferred):
+    # The kinds come from the graph alone; the torch module each MatMul came from says what
+    # it really is (BERT's names), so the two are checked against each other.
+    from deploykit.quantize.debug import torch_module
+
+    by_name = {n.name: n for n in inferred.graph.node}
+    groups = sq.find_groups(inferred, "all")
+    expected = {"attention.self": "attention-in", "attention.output": "attention-out",
+                "intermediate": "mlp-in", "output": "mlp-out"}
+    assert Counter(g.kind for g in groups) == {k: 2 for k in expected.values()}   # 2 layers, one of each
+    for group in groups:
+        module = torch_module(by_name[group.nodes[0]])
+        part = next(key for key in expected if f".{key}." in module)
+        assert group.kind == expected[part], (module, group.kind)
+
+
+def test_alpha_per_kind_smooths_only_those_kinds_with_their_strength(inferred, tiny_splits):
+    _, all_records, stats = sq.smooth(inferred, tiny_splits.calibration, 0.8, targets="all")
+    smoothed, records, _ = sq.smooth(inferred, tiny_splits.calibration, {"mlp-out": 0.5, "attention-in": 0.8},
+                                     targets="all", stats=stats)
+    assert sorted(Counter(r["kind"] for r in records).items()) == [("attention-in", 2), ("mlp-out", 2)]
+    assert all(r["alpha"] == {"mlp-out": 0.5, "attention-in": 0.8}[r["kind"]] for r in records)
+    # the attention-in scales are those of one global 0.8 (same statistics, same formula)
+    global_scales = {r["input"]: r["scales"] for r in all_records}
+    for r in records:
+        if r["kind"] == "attention-in":
+            assert r["scales"] == global_scales[r["input"]]
+        else:
+            assert r["scales"] != global_scales[r["input"]]
+    # smoothing is exact in real arithmetic; the FP32 graph must still agree to float rounding
+    assert sq.outputs_match(inferred, smoothed, tiny_splits.evaluation)
+
+
+def test_alpha_for_an_unknown_kind_is_a_user_error(inferred, tiny_splits):
+    with pytest.raises(UserError, match="group kind"):
+        sq.smooth(inferred, tiny_splits.calibration, {"qkv": 0.8}, targets="all")
+    with pytest.raises(UserError, match="group kind"):
+        QuantConfig(smoothquant=SmoothQuantConfig(alpha={"qkv": 0.5})).resolved()

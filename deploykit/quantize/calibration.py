@@ -31,6 +31,16 @@ def file_sizes(fp32: Path, int8: Path) -> dict[str, Any]:
     return {"fp32_bytes": a, "int8_bytes": b, "int8_over_fp32": round(b / a, 4) if a else None}
 
 
+def float_op_types(nodes: list[onnx.NodeProto], names: list[str]) -> dict[str, int]:
+    """How many of ``names`` there are per op type (of the selected ``nodes``)."""
+    types = {n.name: n.op_type for n in nodes}
+    out: dict[str, int] = {}
+    for name in names:
+        op = types.get(name, "?")
+        out[op] = out.get(op, 0) + 1
+    return dict(sorted(out.items()))
+
+
 @dataclass
 class CalibrationResult:
     path: Path
@@ -49,6 +59,19 @@ class CalibrationResult:
     plugin_int8_nodes: list[str] = field(default_factory=list)   # attention ops in their INT8 form
     embeddings: list[dict[str, Any]] = field(default_factory=list)  # tables stored as int8 rows
     file_sizes: dict[str, Any] = field(default_factory=dict)       # FP32 and INT8 file bytes, their ratio
+    float_op_types: dict[str, int] = field(default_factory=dict)     # of float_nodes, per op type
+    float_node_ops: dict[str, str] = field(default_factory=dict)     # float node -> its op type
+    selected_op_types: dict[str, int] = field(default_factory=dict)  # of every selected node, per op type
+    bias_corrected: list[dict[str, Any]] = field(default_factory=list)
+
+    def float_line(self) -> str:
+        """One line for the run summary: the nodes kept in float, per op type against all selected."""
+        per_type = ", ".join(f"{op} {self.float_op_types.get(op, 0)}/{n}" for op, n in self.selected_op_types.items()
+                             if self.float_op_types.get(op, 0))
+        names = ", ".join(self.float_nodes[:6]) + (f", … ({len(self.float_nodes) - 6} more)"
+                                                   if len(self.float_nodes) > 6 else "")
+        return (f"{len(self.float_nodes)} kept float ({len(self.fallback_nodes)} fallen back by tuning)"
+                + (f": {per_type}: {names}" if self.float_nodes else ""))
 
     def summary(self) -> dict[str, Any]:
         c = self.config
@@ -65,13 +88,19 @@ class CalibrationResult:
             "calibrated_tensors": len(self.ranges), "masked_tensors": self.masked_tensors,
             "quantized_nodes": len(self.quantized_nodes), "float_nodes": self.float_nodes,
             "fallback_nodes": self.fallback_nodes, "float_fallback_count": len(self.fallback_nodes),
+            "float_node_count": len(self.float_nodes), "float_op_types": self.float_op_types,
+            "float_node_ops": self.float_node_ops,
+            "float_by_op_type": {op: f"{self.float_op_types.get(op, 0)}/{n}"
+                                 for op, n in self.selected_op_types.items()},
+            "tensor_methods": c.tensor_methods, "bias_correction": bool(c.bias_correction),
+            "bias_corrected_nodes": len(self.bias_corrected),
             "plugin_int8": c.plugin_int8, "plugin_int8_nodes": self.plugin_int8_nodes,
             "embeddings": c.embeddings or False, "embedding_tables": self.embeddings,
             "file_sizes": self.file_sizes,
             "qdq": self.qdq_counts, "seconds": round(self.seconds, 2), "data_sha256": self.data_sha256,
         }
         if self.tuning is not None:
-            out["tuning"] = {k: v for k, v in self.tuning.items() if k != "trials"}
+            out["tuning"] = {k: v for k, v in self.tuning.items() if k not in ("trials", "tensor_method_noise")}
         return out
 
 
@@ -101,9 +130,15 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
         config, prepared, fallback, tuning = outcome.config, outcome.prepared, outcome.float_nodes, outcome.log
     else:
         prepared = prepare(inferred, split, config, alpha=config.smoothquant.alpha, threads=threads, where=model_path)
-    ranges = prepared.ranges(config.method, config.percentile)   # the tuned choice, if tuning ran
+    # the tuned choice, if tuning ran
+    ranges = prepared.ranges(config.method, config.percentile, config.tensor_methods)
     embeddings: list[dict[str, Any]] = []
     quantized = build_qdq(prepared, ranges, fallback, embeddings)
+    bias_records: list[dict[str, Any]] = []
+    if config.bias_correction:
+        from deploykit.quantize.bias import correct_biases
+
+        quantized, bias_records = correct_biases(quantized, prepared.model, split, threads=threads)
     custom = sorted({n.op_type for n in quantized.graph.node if n.domain == DOMAIN})
     plugin_nodes = sorted(n.name for n in quantized.graph.node
                           if n.domain == DOMAIN and n.op_type in INT8_FORMS.values())
@@ -113,6 +148,7 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
                                              "smoothquant_alpha": config.smoothquant.alpha,
                                              "float_fallback": len(fallback),
                                              "embeddings": config.embeddings or False,
+                                             "bias_correction": bool(config.bias_correction),
                                              "data_sha256": split.sha256, "samples": split.count}})
     onnx.checker.check_model(quantized, full_check=bool(custom))   # full: types through the local functions
     qdq = {op: sum(1 for n in quantized.graph.node if n.op_type == op) for op in ("QuantizeLinear", "DequantizeLinear")}
@@ -133,5 +169,9 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
                                masked_tensors=prepared.masked_tensors, qdq_counts=qdq,
                                seconds=time.perf_counter() - start, data_sha256=split.sha256,
                                smoothing=prepared.smoothing, tuning=tuning, plugin_int8_nodes=plugin_nodes,
-                               embeddings=embeddings, file_sizes=file_sizes(model_path, out_path))
+                               embeddings=embeddings, file_sizes=file_sizes(model_path, out_path),
+                               float_op_types=float_op_types(prepared.nodes, float_nodes),
+                               float_node_ops={n.name: n.op_type for n in prepared.nodes if n.name in float_nodes},
+                               selected_op_types=float_op_types(prepared.nodes, [n.name for n in prepared.nodes]),
+                               bias_corrected=bias_records)
     return result

@@ -12,11 +12,18 @@ from deploykit.errors import UserError
 from deploykit.presets import PRESETS
 
 ACTIVATION_TYPES = ("int8", "uint8")
+# Where a SmoothQuant group sits in its block (see deploykit.quantize.smoothquant).
+GROUP_KINDS = ("attention-in", "attention-out", "mlp-in", "mlp-out")
+# Steps the tuner tries on its best configuration before it falls any node back to float
+# (see deploykit.quantize.tune); each is kept only when it raises the tuning score.
+REFINE_STEPS = ("tensor-method", "bias-correction", "group-alpha")
 
 
 @dataclass
 class SmoothQuantConfig:
-    alpha: float | None = None          # None: no smoothing
+    # None: no smoothing; a number: one strength for every group; a mapping: one per group kind
+    # (attention-in, attention-out, mlp-in, mlp-out; a kind left out or None is not smoothed)
+    alpha: float | dict[str, float | None] | None = None
     targets: str = "ln-fed"             # ln-fed (Linears fed by a LayerNorm) | all (every MatMul)
 
 
@@ -32,6 +39,18 @@ class TuneConfig:
     alphas: list[float | None] = field(default_factory=lambda: [None, 0.5, 0.65, 0.8])
     samples: int = 500                  # size of the tuning split
     max_float_nodes: int | None = None  # give up falling back beyond this many nodes
+    # Tried in the listed order on the best configuration so far, before any fallback:
+    #   tensor-method:   each activation tensor's range from the method (of the grid's, or minmax)
+    #                    that adds the least error at the output of the nodes reading it
+    #   bias-correction: each quantized Linear's bias absorbs the mean output shift quantization adds
+    #   group-alpha:     SmoothQuant strength per group kind (from group_alphas, None = off)
+    refine: list[str] = field(default_factory=lambda: list(REFINE_STEPS))
+    group_alphas: list[float | None] = field(default_factory=lambda: [None, 0.5, 0.65, 0.8, 0.9])
+    refine_samples: int = 64            # tuning samples the per-node errors are measured on
+    # Fallback order: the nodes adding the most error on their own (per-node added error), of
+    # which the first `sensitivity_candidates` are re-ranked by what keeping each one alone in
+    # float does to the criteria on the whole tuning split (one trial each; 0: added error only).
+    sensitivity_candidates: int = 0
 
 
 @dataclass
@@ -56,6 +75,8 @@ class QuantConfig:
     embeddings: bool | str | None = None
     batch_size: int = 16
     sentinel_abs: float = 1e30
+    bias_correction: bool = False              # Linear biases absorb the mean shift quantization adds
+    tensor_methods: dict[str, str] = field(default_factory=dict)   # tensor -> "method" | "percentile:P"
     smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
@@ -93,8 +114,23 @@ class QuantConfig:
         if self.batch_size < 1:
             raise UserError("quantize.batch_size must be >= 1", fix="set a positive batch size")
         alpha = self.smoothquant.alpha
-        if alpha is not None and not 0.0 <= alpha <= 1.0:
-            raise UserError(f"quantize.smoothquant.alpha {alpha} is outside [0, 1]", fix="use e.g. 0.5 to 0.9")
+        for kind, a in (alpha.items() if isinstance(alpha, dict) else [("", alpha)]):
+            if kind and kind not in GROUP_KINDS:
+                raise UserError(f"unknown SmoothQuant group kind '{kind}' in quantize.smoothquant.alpha",
+                                fix=f"use {', '.join(GROUP_KINDS)}")
+            if a is not None and not 0.0 <= a <= 1.0:
+                raise UserError(f"quantize.smoothquant.alpha {a} is outside [0, 1]", fix="use e.g. 0.5 to 0.9")
+        for a in self.tune.group_alphas:
+            if a is not None and not 0.0 <= a <= 1.0:
+                raise UserError(f"quantize.tune.group_alphas: {a} is outside [0, 1]", fix="use e.g. 0.5 to 0.9")
+        for step in self.tune.refine:
+            if step not in REFINE_STEPS:
+                raise UserError(f"unknown step '{step}' in quantize.tune.refine", fix=f"use {', '.join(REFINE_STEPS)}")
+        for tensor, spec in self.tensor_methods.items():
+            method, _, pct = str(spec).partition(":")
+            if method not in METHODS or (pct and method != "percentile"):
+                raise UserError(f"quantize.tensor_methods: '{spec}' for {tensor} is not a method",
+                                fix=f"use {', '.join(METHODS)} or percentile:<P>")
         for m in self.tune.methods:
             if m not in METHODS:
                 raise UserError(f"unknown method '{m}' in quantize.tune.methods", fix=f"use {', '.join(METHODS)}")

@@ -83,9 +83,22 @@ class Prepared:
     mask_float_nodes: list[str]                 # nodes kept float because they touch a mask
     smoothing: list[dict[str, Any]] = field(default_factory=list)
     smooth_stats: dict[str, np.ndarray] | None = None   # per-channel max|x|, reusable for another alpha
+    calibration: Split | None = None            # the data the statistics came from (bias correction)
 
-    def ranges(self, method: str | None = None, percentile: float | None = None) -> dict[str, TensorRange]:
-        return self.collector.compute(self.config.calibration_config(method, percentile))
+    def ranges(self, method: str | None = None, percentile: float | None = None,
+               tensor_methods: dict[str, str] | None = None) -> dict[str, TensorRange]:
+        """Every tensor's range by ``method``, except those ``tensor_methods`` gives their own
+        (``"mse"``, ``"percentile:99.99"``, ...)."""
+        out = self.collector.compute(self.config.calibration_config(method, percentile))
+        by_spec: dict[str, list[str]] = {}
+        for tensor, spec in (tensor_methods or {}).items():
+            if tensor in out:
+                by_spec.setdefault(spec, []).append(tensor)
+        for spec, tensors in sorted(by_spec.items()):
+            m, _, pct = spec.partition(":")
+            other = self.collector.compute(self.config.calibration_config(m, float(pct) if pct else None))
+            out.update({t: other[t] for t in tensors})
+        return out
 
 
 def load_for_quantization(model_path: Path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
@@ -123,7 +136,8 @@ def _shape_inferred(model: onnx.ModelProto, model_path: Path) -> onnx.ModelProto
     return inferred
 
 
-def prepare(inferred: onnx.ModelProto, split: Split, config: QuantConfig, *, alpha: float | None = None,
+def prepare(inferred: onnx.ModelProto, split: Split, config: QuantConfig, *,
+            alpha: float | dict[str, float | None] | None = None,
             smooth_stats: dict[str, np.ndarray] | None = None, threads: int | None = None,
             where: str | Path = "") -> Prepared:
     """Smooth (if ``alpha``), select nodes, collect statistics over ``split``."""
@@ -156,7 +170,7 @@ def prepare(inferred: onnx.ModelProto, split: Split, config: QuantConfig, *, alp
     masked = sorted(name for name, r in ranges.items() if r.masked)
     mask_set = set(masked)
     mask_float = sorted(n.name for n in nodes if mask_set.intersection(list(n.input) + list(n.output)))
-    return Prepared(model, config, nodes, collector, masked, mask_float, smoothing, smooth_stats)
+    return Prepared(model, config, nodes, collector, masked, mask_float, smoothing, smooth_stats, split)
 
 
 def _qtype(name: str):

@@ -34,6 +34,7 @@ from onnx import helper, numpy_helper
 
 from deploykit.data import Split
 from deploykit.errors import UserError
+from deploykit.quantize.config import GROUP_KINDS
 from deploykit.quantize.graph import (
     consumers,
     cpu_session,
@@ -44,6 +45,13 @@ from deploykit.quantize.graph import (
 )
 
 TARGETS = ("ln-fed", "all")
+# Where a group sits, found from the graph alone (no model-specific names):
+#   attention-in:  its outputs reach a MatMul of two activations (Q K^T, P V): Q/K/V projections
+#   attention-out: its input comes from such a MatMul (the attention output projection)
+#   mlp-out:       otherwise, a down-projection (K > N): FFN output, SwiGLU down
+#   mlp-in:        the rest (FFN input, gate/up)
+KINDS = GROUP_KINDS
+_KIND_HOPS = 12                      # ops walked from a group to find the attention product
 _CHANNEL_PRESERVING = ("Reshape", "Transpose")
 # s is clipped to this range so a dead channel (max|x| = 0) or a zero weight row cannot
 # produce inf/0 scales.
@@ -57,9 +65,11 @@ class SmoothGroup:
     weights: list[str]              # their [K, N] weight initializers
     fold: str = "mul"               # layernorm | linear | mul
     fold_nodes: list[str] = field(default_factory=list)   # LN or (MatMul[, Add]) that absorb 1/s
+    kind: str = "mlp-in"            # one of KINDS: where the group sits in its block (for per-kind alpha)
 
     def summary(self) -> dict[str, Any]:
-        return {"input": self.input, "nodes": self.nodes, "fold": self.fold, "fold_nodes": self.fold_nodes}
+        return {"input": self.input, "nodes": self.nodes, "fold": self.fold, "fold_nodes": self.fold_nodes,
+                "kind": self.kind}
 
 
 def find_groups(model: onnx.ModelProto, targets: str = "ln-fed",
@@ -84,7 +94,51 @@ def find_groups(model: onnx.ModelProto, targets: str = "ln-fed",
         group.weights.append(w)
     for group in groups.values():
         _plan_fold(group, prod, users, inits)
+        group.kind = _group_kind(group, model, prod, users, inits)
     return list(groups.values())
+
+
+def _is_attention_product(node: onnx.NodeProto, inits) -> bool:
+    return node.op_type == "MatMul" and node.input[0] not in inits and node.input[1] not in inits
+
+
+def _stops(node: onnx.NodeProto, inits) -> bool:
+    """Walking stops at the next Linear or normalisation: the attention product is within a block."""
+    return ((node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in inits)
+            or "Normalization" in node.op_type)
+
+
+def _group_kind(group: SmoothGroup, model: onnx.ModelProto, prod, users, inits) -> str:
+    by_name = {n.name: n for n in model.graph.node}
+    frontier = [o for name in group.nodes for o in by_name[name].output]
+    seen: set[str] = set()
+    for _ in range(_KIND_HOPS):                       # forward: Q/K/V feed the attention product
+        nxt = []
+        for tensor in frontier:
+            for user in users.get(tensor, []):
+                if user.name in seen:
+                    continue
+                seen.add(user.name)
+                if _is_attention_product(user, inits):
+                    return "attention-in"
+                if not _stops(user, inits):
+                    nxt += list(user.output)
+        frontier = nxt
+    frontier, seen = [group.input], set()
+    for _ in range(_KIND_HOPS):                       # backward: the output projection reads it
+        nxt = []
+        for tensor in frontier:
+            node = prod.get(tensor)
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            if _is_attention_product(node, inits):
+                return "attention-out"
+            if not _stops(node, inits):
+                nxt += [i for i in node.input if i and i not in inits]
+        frontier = nxt
+    k, n = inits[group.weights[0]].dims
+    return "mlp-out" if k > n else "mlp-in"
 
 
 def _plan_fold(group: SmoothGroup, prod, users, inits) -> None:
@@ -162,14 +216,38 @@ def smoothing_scales(act_absmax: np.ndarray, weights: list[np.ndarray], alpha: f
     return np.clip(s, _S_MIN, _S_MAX)
 
 
+def alpha_for(alpha: float | dict[str, float | None], kind: str) -> float | None:
+    """The strength for a group of ``kind``: ``alpha`` itself, or its entry for the kind
+    (a kind missing from the mapping, or mapped to None, is not smoothed)."""
+    return alpha.get(kind) if isinstance(alpha, dict) else alpha
+
+
+def check_alpha(alpha: float | dict[str, float | None]) -> None:
+    values = alpha.values() if isinstance(alpha, dict) else [alpha]
+    if isinstance(alpha, dict):
+        unknown = sorted(set(alpha) - set(KINDS))
+        if unknown:
+            raise UserError(f"unknown SmoothQuant group kind(s) {unknown}", fix=f"use {', '.join(KINDS)}")
+    for a in values:
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0):
+            raise UserError(f"SmoothQuant alpha {a} is outside [0, 1]", fix="use e.g. 0.5 to 0.9")
+
+
 def group_scales(model: onnx.ModelProto, groups: list[SmoothGroup], act_absmax: dict[str, np.ndarray],
-                 alpha: float) -> dict[str, np.ndarray]:
-    """The smoothing vector ``s`` of every group for strength ``alpha``."""
-    if not 0.0 <= alpha <= 1.0:
-        raise UserError(f"SmoothQuant alpha {alpha} is outside [0, 1]", fix="use e.g. 0.5 to 0.9")
+                 alpha: float | dict[str, float | None]) -> dict[str, np.ndarray]:
+    """The smoothing vector ``s`` of every group for strength ``alpha`` (one value, or one per
+    group kind); a group whose strength is None gets ``s = 1``."""
+    check_alpha(alpha)
     inits = initializers(model)
-    return {g.input: smoothing_scales(act_absmax[g.input], [numpy_helper.to_array(inits[w]) for w in g.weights],
-                                      alpha).astype(np.float32) for g in groups}
+    out = {}
+    for g in groups:
+        a = alpha_for(alpha, g.kind)
+        if a is None:
+            out[g.input] = np.ones(len(act_absmax[g.input]), np.float32)
+            continue
+        out[g.input] = smoothing_scales(act_absmax[g.input], [numpy_helper.to_array(inits[w]) for w in g.weights],
+                                        a).astype(np.float32)
+    return out
 
 
 def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup],
@@ -256,18 +334,22 @@ def _insert_mul(model: onnx.ModelProto, group: SmoothGroup, inv_s: np.ndarray) -
             node.input[0] = out_name
 
 
-def smooth(model: onnx.ModelProto, split: Split, alpha: float, *, targets: str = "ln-fed",
+def smooth(model: onnx.ModelProto, split: Split, alpha: float | dict[str, float | None], *, targets: str = "ln-fed",
            exclude_nodes: tuple[str, ...] = (), batch_size: int = 16, threads: int | None = None,
            stats: dict[str, np.ndarray] | None = None, check_split: Split | None = None
            ) -> tuple[onnx.ModelProto, list[dict[str, Any]], dict[str, np.ndarray]]:
     """Smooth ``model`` with strength ``alpha``; folds are verified on ``check_split``
     (default: the first 8 samples of ``split``). Returns (model, records, channel stats);
     pass ``stats`` back in to smooth with another alpha without re-collecting."""
+    check_alpha(alpha)
     groups = find_groups(model, targets, exclude_nodes)
     if not groups:
         return model, [], {}
-    if stats is None:
+    if stats is None or any(g.input not in stats for g in groups):   # every group's: reusable for any alpha
         stats = channel_absmax(model, groups, split, batch_size=batch_size, threads=threads)
+    groups = [g for g in groups if alpha_for(alpha, g.kind) is not None]   # no Mul of ones for unsmoothed kinds
+    if not groups:
+        return model, [], stats
     scales = group_scales(model, groups, stats, alpha)
     smoothed, records = apply_smoothing(model, groups, scales)
     check = check_split or _head(split, 8)
@@ -276,7 +358,7 @@ def smooth(model: onnx.ModelProto, split: Split, alpha: float, *, targets: str =
             g.fold, g.fold_nodes = "mul", []
         smoothed, records = apply_smoothing(model, groups, scales)
     for record in records:
-        record["alpha"] = alpha
+        record["alpha"] = alpha_for(alpha, record["kind"])
     return smoothed, records, stats
 
 

@@ -39,28 +39,78 @@ from deploykit.data import Split, iterate_batches
 from deploykit.metrics import task_metrics
 from deploykit.onnx_utils import get_metadata
 from deploykit.progress import say
-from deploykit.quantize.config import QuantConfig
+from deploykit.quantize.config import GROUP_KINDS, QuantConfig
 from deploykit.quantize.graph import cpu_session
 from deploykit.quantize.qdq import Prepared, build_qdq, prepare
 
 
 @dataclass
-class Trial:
-    index: int
-    phase: str                       # grid | fallback
-    alpha: float | None
+class Candidate:
+    """One configuration the search builds: smoothing strength (one value or one per group
+    kind), calibration method (with per-tensor exceptions) and bias correction."""
+    alpha: float | dict[str, float | None] | None
     method: str
     percentile: float | None
+    tensor_methods: dict[str, str] = field(default_factory=dict)
+    bias_correction: bool = False
+
+    def but(self, **changes: Any) -> Candidate:
+        out = copy.deepcopy(self)
+        for k, v in changes.items():
+            setattr(out, k, v)
+        return out
+
+    def label(self) -> str:
+        alpha = (",".join(f"{k}={v}" for k, v in self.alpha.items()) if isinstance(self.alpha, dict)
+                 else str(self.alpha))
+        return (f"alpha={alpha} {self.method}{'' if self.percentile is None else f' {self.percentile}'}"
+                + (f" +{len(self.tensor_methods)} tensor methods" if self.tensor_methods else "")
+                + (" +bias" if self.bias_correction else ""))
+
+
+def build(prepared: Prepared, candidate: Candidate, float_nodes: list[str] = (), *,
+          threads: int | None = None) -> onnx.ModelProto:
+    """The Q/DQ model of ``candidate`` from ``prepared`` (its alpha already applied)."""
+    ranges = prepared.ranges(candidate.method, candidate.percentile, candidate.tensor_methods)
+    model = build_qdq(prepared, ranges, float_nodes)
+    if candidate.bias_correction:
+        from deploykit.quantize.bias import correct_biases
+
+        model, _ = correct_biases(model, prepared.model, prepared.calibration, threads=threads)
+    return model
+
+
+@dataclass
+class Trial:
+    index: int
+    phase: str                       # grid | group-alpha | tensor-method | bias-correction | fallback
+    candidate: Candidate
     float_nodes: list[str]
     metrics: dict[str, float]
     passed: bool
     score: float
     seconds: float
+    float_op_types: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def alpha(self):
+        return self.candidate.alpha
+
+    @property
+    def method(self) -> str:
+        return self.candidate.method
+
+    @property
+    def percentile(self) -> float | None:
+        return self.candidate.percentile if self.candidate.method == "percentile" else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"trial": self.index, "phase": self.phase, "alpha": self.alpha, "method": self.method,
-                "percentile": self.percentile, "float_node_count": len(self.float_nodes),
-                "float_nodes": self.float_nodes, "metrics": {k: None if v is None else round(v, 6) for k, v in self.metrics.items()},
+        c = self.candidate
+        return {"trial": self.index, "phase": self.phase, "alpha": c.alpha, "method": c.method,
+                "percentile": self.percentile, "tensor_methods": dict(c.tensor_methods),
+                "bias_correction": c.bias_correction, "float_node_count": len(self.float_nodes),
+                "float_nodes": self.float_nodes, "float_op_types": self.float_op_types,
+                "metrics": {k: None if v is None else round(v, 6) for k, v in self.metrics.items()},
                 "passed": self.passed, "score": round(self.score, 6), "seconds": round(self.seconds, 2)}
 
 
@@ -117,81 +167,205 @@ def _grid(config: QuantConfig) -> list[tuple[str, float | None]]:
 class _Search:
     """The trials run so far and the best one seen, with the prepared graph it was built from."""
 
-    def __init__(self, scorer: _Scorer, criteria: dict[str, str], budget: int):
-        self.scorer, self.criteria, self.budget = scorer, criteria, budget
+    def __init__(self, scorer: _Scorer, criteria: dict[str, str], budget: int, threads: int | None):
+        self.scorer, self.criteria, self.budget, self.threads = scorer, criteria, budget, threads
         self.trials: list[Trial] = []
         self.best: tuple[Trial, Prepared] | None = None
+        self.info: dict[str, Any] = {}       # what the refinement phases measured, for the log
 
     def spent(self) -> bool:
         return len(self.trials) >= self.budget
 
-    def record(self, phase, alpha, method, pct, float_nodes, prepared) -> Trial:
+    @staticmethod
+    def _key(trial: Trial) -> tuple:
+        return (trial.passed, -len(trial.float_nodes) if trial.passed else 0, trial.score)
+
+    def record(self, phase: str, candidate: Candidate, float_nodes: list[str], prepared: Prepared) -> Trial:
         t0 = time.perf_counter()
-        model = build_qdq(prepared, prepared.ranges(method, pct), float_nodes)
+        model = build(prepared, candidate, float_nodes, threads=self.threads)
         metrics = self.scorer(model)
         ok, score = criteria_score(metrics, self.criteria)
-        trial = Trial(len(self.trials) + 1, phase, alpha, method, pct if method == "percentile" else None,
-                      list(float_nodes), metrics, ok, score, time.perf_counter() - t0)
+        types: dict[str, int] = {}
+        by_name = {n.name: n.op_type for n in prepared.nodes}
+        for name in float_nodes:
+            types[by_name.get(name, "?")] = types.get(by_name.get(name, "?"), 0) + 1
+        trial = Trial(len(self.trials) + 1, phase, copy.deepcopy(candidate), list(float_nodes), metrics, ok, score,
+                      time.perf_counter() - t0, dict(sorted(types.items())))
         self.trials.append(trial)
-        best = self.best
-        key = (trial.passed, -len(trial.float_nodes) if trial.passed else 0, trial.score)
-        if best is None or key > (best[0].passed, -len(best[0].float_nodes) if best[0].passed else 0, best[0].score):
+        if self.best is None or self._key(trial) > self._key(self.best[0]):
             self.best = (trial, prepared)
-        say(f"  trial {trial.index:>2} {phase:8s} alpha={alpha} {method}{'' if pct is None else f' {pct}'} "
-            f"float={len(float_nodes)}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in self.criteria if k in metrics)
-            + (" PASS" if ok else ""))
+        say(f"  trial {trial.index:>2} {phase:15s} {candidate.label()} float={len(float_nodes)}: "
+            + ", ".join(f"{k} {metrics[k]:.4f}" for k in self.criteria if k in metrics) + (" PASS" if ok else ""))
         return trial
 
 
 def _grid_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split, config: QuantConfig,
-                threads: int | None) -> None:
-    """Phase 1: the configuration grid; stops at the first configuration that passes unaided."""
+                threads: int | None) -> dict[Any, Prepared]:
+    """Phase 1: the configuration grid; stops at the first configuration that passes unaided.
+    Returns the prepared graphs by alpha (their channel statistics serve later alphas)."""
+    prepared_by_alpha: dict[Any, Prepared] = {}
     smooth_stats = None
-    done = False
     for alpha in config.tune.alphas:
-        if done or search.spent():
+        if search.spent() or (search.best is not None and search.best[0].passed):
             break
         prepared = prepare(inferred, calibration, config, alpha=alpha, smooth_stats=smooth_stats, threads=threads)
+        prepared_by_alpha[_alpha_key(alpha)] = prepared
         if alpha is not None and smooth_stats is None:
             smooth_stats = prepared.smooth_stats
         for method, pct in _grid(config):
             if search.spent():
                 break
-            if search.record("grid", alpha, method, pct, [], prepared).passed:
-                done = True
+            if search.record("grid", Candidate(alpha, method, pct), [], prepared).passed:
                 break
+    return prepared_by_alpha
 
 
-def _fallback_phase(search: _Search, tuning: Split, max_float_nodes: int | None,
-                    threads: int | None) -> dict[str, Any]:
-    """Phase 2: fall back the worst nodes of the best configuration (grow k, then narrow it);
-    the node ranking, for the log."""
+def _alpha_key(alpha) -> Any:
+    return tuple(sorted(alpha.items())) if isinstance(alpha, dict) else alpha
+
+
+def _group_alpha_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split, config: QuantConfig,
+                       threads: int | None, prepared_by_alpha: dict[Any, Prepared]) -> None:
+    """Coordinate search over the SmoothQuant strength of each group kind (attention-in,
+    attention-out, mlp-in, mlp-out), starting from the best grid alpha; a change is kept
+    when it raises the score."""
+    from deploykit.quantize.smoothquant import find_groups
+
+    kinds = sorted({g.kind for g in find_groups(inferred, config.smoothquant.targets,
+                                                tuple(config.nodes_to_exclude))}, key=GROUP_KINDS.index)
+    if not kinds:
+        return
+    best, _ = search.best
+    base = best.candidate
+    current = base.alpha if isinstance(base.alpha, dict) else {k: base.alpha for k in kinds}
+    stats = next((p.smooth_stats for p in prepared_by_alpha.values() if p.smooth_stats), None)
+    for kind in kinds:
+        for value in config.tune.group_alphas:
+            if search.spent() or search.best[0].passed:
+                return
+            if value == current.get(kind):
+                continue
+            alpha = {**current, kind: value}
+            key = _alpha_key(alpha)
+            if key not in prepared_by_alpha:
+                prepared_by_alpha[key] = prepare(inferred, calibration, config, alpha=alpha, smooth_stats=stats,
+                                                 threads=threads)
+                stats = stats or prepared_by_alpha[key].smooth_stats
+            before = search.best[0]
+            trial = search.record("group-alpha", base.but(alpha=alpha), [], prepared_by_alpha[key])
+            if search.best[0] is trial and trial is not before:
+                current, base = alpha, trial.candidate
+
+
+def _tensor_method_phase(search: _Search, config: QuantConfig, tuning: Split, threads: int | None) -> None:
+    """Each activation tensor takes the range of the candidate method that adds the least
+    error where it is read: for every method of the grid (and minmax), the error each
+    quantized node adds on its own (:func:`deploykit.quantize.debug.node_errors`, as noise
+    power relative to the node's output), summed over the tensor's readers. Kept when the
+    combined choice raises the score."""
+    from deploykit.quantize.debug import node_errors, quantized_nodes
+
+    best, prepared = search.best
+    if best.passed or search.spent():
+        return
+    split = _head(tuning, config.tune.refine_samples)
+    specs = [("minmax", None)] + [m for m in _grid(config) if m != ("minmax", None)]
+    noise: dict[str, dict[str, float]] = {}          # tensor -> spec -> summed relative noise
+    for method, pct in specs:
+        spec = spec_of(method, pct)
+        candidate = best.candidate.but(method=method, percentile=pct, tensor_methods={}, bias_correction=False)
+        qdq = build(prepared, candidate, threads=threads)
+        readers: dict[str, list[str]] = {}
+        for node, mapping, _ in quantized_nodes(qdq):
+            for src in mapping.values():
+                if src:
+                    readers.setdefault(node.name, []).append(src)
+        for e in node_errors(prepared.model, qdq, split, threads=threads):
+            for tensor in readers.get(e.node, []):
+                noise.setdefault(tensor, {}).setdefault(spec, 0.0)
+                noise[tensor][spec] += 10.0 ** (-e.added_snr_db / 10.0)
+    base = best.candidate
+    base_spec = spec_of(base.method, base.percentile)
+    chosen = choose_tensor_methods(noise, base_spec)
+    search.info["tensor_method_noise"] = {t: {k: float(f"{v:.6g}") for k, v in by_spec.items()}
+                                          for t, by_spec in sorted(noise.items())}
+    search.info["tensor_method_base"] = base_spec
+    if chosen:
+        search.record("tensor-method", base.but(tensor_methods=chosen), [], prepared)
+
+
+def spec_of(method: str, percentile: float | None) -> str:
+    """A method as ``QuantConfig.tensor_methods`` writes it: ``mse``, ``percentile:99.99``."""
+    return method if percentile is None or method != "percentile" else f"{method}:{percentile}"
+
+
+def choose_tensor_methods(noise: dict[str, dict[str, float]], base: str) -> dict[str, str]:
+    """Per tensor, the method of least added noise where it beats ``base`` (ties keep ``base``)."""
+    chosen = {}
+    for tensor, by_spec in sorted(noise.items()):
+        spec = min(by_spec, key=lambda k: (by_spec[k], k != base, k))
+        if spec != base and by_spec[spec] < by_spec.get(base, np.inf):
+            chosen[tensor] = spec
+    return chosen
+
+
+def _bias_phase(search: _Search) -> None:
+    best, prepared = search.best
+    if best.passed or search.spent() or best.candidate.bias_correction:
+        return
+    search.record("bias-correction", best.candidate.but(bias_correction=True), [], prepared)
+
+
+def _head(split: Split, n: int) -> Split:
+    return Split(split.name, {k: v[:n] for k, v in split.feeds.items()}, split.sha256)
+
+
+def _fallback_phase(search: _Search, tuning: Split, max_float_nodes: int | None, samples: int,
+                    threads: int | None, sensitivity: int = 0) -> dict[str, Any]:
+    """Phase 3: fall back the nodes of the best configuration that add the most error on
+    their own (the first ``sensitivity`` of them re-ranked by the score each one alone in
+    float reaches), growing k, then narrowing it; the node ranking, for the log."""
     from deploykit.quantize.debug import node_errors
 
-    grid_best, prepared = search.best
-    if grid_best.passed or search.spent():
+    best, prepared = search.best
+    if best.passed or search.spent():
         return {}
-    alpha, method, pct = grid_best.alpha, grid_best.method, grid_best.percentile
-    qdq = build_qdq(prepared, prepared.ranges(method, pct))
-    ranking_split = Split("ranking", {k: v[:64] for k, v in tuning.feeds.items()}, tuning.sha256)
+    candidate = best.candidate
+    qdq = build(prepared, candidate, threads=threads)
     selectable = {n.name for n in prepared.nodes} - set(prepared.mask_float_nodes)
-    ranked = [e for e in node_errors(prepared.model, qdq, ranking_split, threads=threads) if e.node in selectable]
+    ranked = [e for e in node_errors(prepared.model, qdq, _head(tuning, samples), threads=threads)
+              if e.node in selectable]
     order = [e.node for e in ranked]
-    fallback_info = {"ranking": [{"node": e.node, "module": e.module, "added_snr_db": round(e.added_snr_db, 2)}
-                                 for e in ranked]}
+    fallback_info = {"ranking": [{"node": e.node, "op_type": e.op_type, "module": e.module,
+                                  "added_snr_db": round(e.added_snr_db, 2)} for e in ranked]}
+    if sensitivity and not search.spent():
+        # End-to-end sensitivity of the worst few: the score with each one alone in float.
+        scores = {}
+        for node in order[:sensitivity]:
+            if search.spent():
+                break
+            trial = search.record("sensitivity", candidate, [node], prepared)
+            scores[node] = trial.score
+            if trial.passed:
+                return fallback_info
+        order = sorted(scores, key=lambda n: (-scores[n], order.index(n))) + [n for n in order if n not in scores]
+        fallback_info["sensitivity"] = [{"node": n, "score": round(scores[n], 6)} for n in order if n in scores]
     limit = min(len(order), max_float_nodes if max_float_nodes is not None else len(order))
     passing: int | None = None
     failing = 0
     k = 1
+    if sensitivity and order and order[0] in (fallback_info.get("sensitivity") and
+                                              {r["node"] for r in fallback_info["sensitivity"]} or ()):
+        failing, k = 1, 2                          # k = 1 was a sensitivity trial, and it failed
     while k <= limit and not search.spent():       # grow: 1, 2, 4, ...
-        if search.record("fallback", alpha, method, pct, order[:k], prepared).passed:
+        if search.record("fallback", candidate, order[:k], prepared).passed:
             passing = k
             break
         failing = k
         k = min(k * 2, limit) if k < limit else limit + 1
     while passing is not None and passing - failing > 1 and not search.spent():   # narrow
         mid = (passing + failing) // 2
-        if search.record("fallback", alpha, method, pct, order[:mid], prepared).passed:
+        if search.record("fallback", candidate, order[:mid], prepared).passed:
             passing = mid
         else:
             failing = mid
@@ -203,20 +377,38 @@ def tune(model_path: Path, inferred: onnx.ModelProto, calibration: Split, tuning
     start = time.perf_counter()
     tc = config.tune
     task = get_metadata(inferred).get("task", "text-embedding")
-    search = _Search(_Scorer(inferred, tuning, task, threads), tc.criteria, tc.budget)
-    _grid_phase(search, inferred, calibration, config, threads)
-    fallback_info = _fallback_phase(search, tuning, tc.max_float_nodes, threads)
+    search = _Search(_Scorer(inferred, tuning, task, threads), tc.criteria, tc.budget, threads)
+    prepared_by_alpha = _grid_phase(search, inferred, calibration, config, threads)
+    phase_seconds = {"grid": round(time.perf_counter() - start, 1)}
+    for step in tc.refine:
+        if search.best[0].passed or search.spent():
+            break
+        t0 = time.perf_counter()
+        if step == "group-alpha":
+            _group_alpha_phase(search, inferred, calibration, config, threads, prepared_by_alpha)
+        elif step == "tensor-method":
+            _tensor_method_phase(search, config, tuning, threads)
+        elif step == "bias-correction":
+            _bias_phase(search)
+        phase_seconds[step] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    fallback_info = _fallback_phase(search, tuning, tc.max_float_nodes, tc.refine_samples, threads,
+                                    tc.sensitivity_candidates)
+    phase_seconds["fallback"] = round(time.perf_counter() - t0, 1)
     trials = search.trials
 
     chosen, prepared = search.best
+    c = chosen.candidate
     out_config = copy.deepcopy(config)
-    out_config.method = chosen.method
-    if chosen.percentile is not None:
-        out_config.percentile = chosen.percentile
-    out_config.smoothquant.alpha = chosen.alpha
+    out_config.method = c.method
+    if c.percentile is not None:
+        out_config.percentile = c.percentile
+    out_config.smoothquant.alpha = c.alpha
+    out_config.tensor_methods = dict(c.tensor_methods)
+    out_config.bias_correction = c.bias_correction
     log = {"criteria": dict(tc.criteria), "met": chosen.passed, "budget": tc.budget, "trials_run": len(trials),
            "chosen": chosen.to_dict(), "tuning_data": tuning.summary(), "seconds": round(time.perf_counter() - start, 1),
-           "trials": [t.to_dict() for t in trials], **fallback_info}
+           "phase_seconds": phase_seconds, "trials": [t.to_dict() for t in trials], **search.info, **fallback_info}
     if not chosen.passed:
         say(f"  tuning: the criteria were not met within {tc.budget} trials; using the best trial "
             f"(#{chosen.index})")

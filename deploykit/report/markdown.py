@@ -80,7 +80,8 @@ def _tuning_section(tuning: dict, plot: str = TUNING_PLOT) -> list[str]:
             + f", {chosen.get('float_node_count', 0)} nodes in float.")
     metrics = list(criteria) or sorted({m for t in tuning["trials"] for m in t["metrics"]})
     rows = [[str(t["trial"]), t["phase"], format_cell(t["alpha"]), t["method"] + (f" {t['percentile']}" if t["percentile"]
-            is not None else ""), str(t["float_node_count"]), *(format_number(t["metrics"].get(m), m) for m in metrics),
+            is not None else "") + (f", {len(t['tensor_methods'])} tensors own method" if t.get("tensor_methods") else "")
+             + (", bias corrected" if t.get("bias_correction") else ""), str(t["float_node_count"]), *(format_number(t["metrics"].get(m), m) for m in metrics),
              "✅" if t["passed"] else ""] for t in tuning["trials"]]
     table = _table(["trial", "phase", "alpha", "method", "float nodes", *metrics, "pass"], rows)
     out = ["## Tuning", "", head, "", f"![Tuning trials]({plot})", "", *table]
@@ -90,6 +91,21 @@ def _tuning_section(tuning: dict, plot: str = TUNING_PLOT) -> list[str]:
                 *_table(["node", "torch module", "added SNR (dB)"],
                         [[f"`{r['node']}`", f"`{r['module']}`", f"{r['added_snr_db']:.1f}"] for r in ranking[:15]])]
     return out
+
+
+def _float_nodes_section(calibration: dict) -> list[str]:
+    """The nodes of the INT8 model that stay in float, with their op types and why."""
+    ops = calibration.get("float_node_ops") or {}
+    names = calibration.get("float_nodes") or []
+    fallback = set(calibration.get("fallback_nodes") or [])
+    per_type = calibration.get("float_by_op_type") or {}
+    head = (f"**{len(names)} node(s) kept in float** of the {calibration.get('quantized_nodes', 0) + len(names)} "
+            "selected for quantization" + (f" ({', '.join(f'{op} {v}' for op, v in per_type.items())})"
+                                           if per_type else "") + ".")
+    rows = [[f"`{n}`", ops.get(n, "?"), "fallen back by tuning" if n in fallback else "touches a mask"]
+            for n in names]
+    return ["## Float nodes", "", head, *(["", *_table(["node", "op type", "why"], rows, ["l", "l", "l"])]
+                                          if rows else [])]
 
 
 def _accuracy_section(accuracy: dict) -> list[str]:
@@ -364,6 +380,8 @@ def render_markdown(report: dict, rendering: Rendering) -> str:
                "on a linear axis).", "", f"![Cosine distribution]({cosine_plot})", ""]
     if acceptance:
         md += [*_acceptance_section(acceptance), ""]
+    if isinstance(report.get("calibration"), dict) and "float_nodes" in report["calibration"]:
+        md += [*_float_nodes_section(report["calibration"]), ""]
 
     rows = format_latency_table(report)
     if rows:
