@@ -129,9 +129,21 @@ def _embedded(rest: str, source: str, options: dict[str, Any]) -> ModelBundle:
 
 @register_source("hf")
 def _hugging_face(rest: str, source: str, options: dict[str, Any]) -> ModelBundle:
+    import json
+
     from deploykit.models.text import load_text_model
 
     folder = Path(rest)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}      # load_text_model names what is missing
+    from deploykit.models.vision import HF_VISION_TYPES
+
+    if config.get("model_type") in HF_VISION_TYPES:
+        from deploykit.models.vision import load_hf_vision_model
+
+        return load_hf_vision_model(folder, source=source, options=options, config=config)
     return load_text_model(folder, source=source, options=options, name=folder.name)
 
 
