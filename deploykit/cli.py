@@ -97,7 +97,7 @@ def _options(items: list[str] | None) -> dict:
 
 # Shared option declarations.
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="Model source (embedded:minilm, hf:<folder>, a folder, timm:<arch>). "
+    "--model", "-m", help="Model source (embedded:minilm, embedded:mpnet, hf:<folder>, a folder, timm:<arch>). "
                           "Default: the source recorded in the ONNX file.")]
 OptionOpt = Annotated[Optional[list[str]], typer.Option("--option", help="Model option key=value (repeatable).")]
 DataOpt = Annotated[str, typer.Option("--data", help="docstrings | digits | <file>.txt | <file>.npz (saved feeds, "

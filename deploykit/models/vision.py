@@ -1,8 +1,11 @@
-"""timm vision models by architecture name (random init or a local checkpoint; never downloads)."""
+"""Image models: timm by architecture name (random init or a local checkpoint; never
+downloads) and Hugging Face ViT folders."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from deploykit._compat import ensure_model_libraries_importable
 from deploykit.errors import UserError
@@ -64,4 +67,74 @@ def load_timm_model(arch: str, *, source: str, options: dict[str, Any]) -> Model
         dynamic_axes={"pixel_values": {0: "batch"}},
         preprocessor=ImagePreprocessor(img_size=img_size, in_chans=in_chans, mean=mean, std=std),
         info={"num_classes": int(model.num_classes), "img_size": img_size, "in_chans": in_chans},
+    )
+
+
+HF_VISION_TYPES = {"vit"}       # config.json model_type values loaded as image models
+HF_VISION_OPTIONS = {"checkpoint"}
+
+
+class _Features(torch.nn.Module):
+    """A bare ViTModel -> its pooled features (the pooler when present, else the [CLS] token)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        out = self.model(pixel_values=pixel_values)
+        if getattr(out, "pooler_output", None) is not None:
+            return out.pooler_output
+        return out.last_hidden_state[:, 0]
+
+
+class _Logits(torch.nn.Module):
+    """ViTForImageClassification -> its logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).logits
+
+
+def load_hf_vision_model(folder, *, source: str, options: dict[str, Any], config: dict[str, Any]) -> ModelBundle:
+    """A Hugging Face ViT folder: ``ViTForImageClassification`` (logits) when its config names
+    that architecture, else the bare ``ViTModel`` (pooled features)."""
+    unknown = set(options) - HF_VISION_OPTIONS
+    if unknown:
+        raise UserError(f"unknown model option(s) {sorted(unknown)} for a Hugging Face image model",
+                        fix=f"use only {sorted(HF_VISION_OPTIONS)}")
+    ensure_model_libraries_importable()
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    classify = any(a.endswith("ForImageClassification") for a in config.get("architectures") or [])
+    loader = AutoModelForImageClassification if classify else AutoModel
+    try:
+        model = loader.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager")
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot load the Hugging Face model ({str(exc).splitlines()[0]})", path=folder,
+                        fix="the folder needs config.json and model weights") from None
+    model.eval()
+    if options.get("checkpoint"):
+        from deploykit.models.weights import apply_state_dict, load_state_dict
+
+        apply_state_dict(model, load_state_dict(options["checkpoint"]), options["checkpoint"])
+    module = (_Logits if classify else _Features)(model).eval()
+    cfg = model.config
+    in_chans, img_size = int(cfg.num_channels), int(cfg.image_size)
+    return ModelBundle(
+        source=source,
+        name=folder.name,
+        task="image-classification",
+        module=module,
+        input_names=["pixel_values"],
+        output_name="logits" if classify else "features",
+        dynamic_axes={"pixel_values": {0: "batch"}},
+        # the ViT image processor's default normalisation
+        preprocessor=ImagePreprocessor(img_size=img_size, in_chans=in_chans, mean=(0.5,) * in_chans,
+                                       std=(0.5,) * in_chans),
+        info={"num_classes": int(cfg.num_labels) if classify else int(cfg.hidden_size), "img_size": img_size,
+              "in_chans": in_chans, "model_type": cfg.model_type},
     )
