@@ -345,10 +345,10 @@ def verify_models(models: list[Path], report: Path, *, source: str | None, data:
     result = verify_backends(bundle, variants, ref, split, backends=list(backends or ["auto"]), rules=rules or {},
                              batch_size=batch_size, localize_failures=localize_failures,
                              localize_samples=localize_samples, ranges=ranges)
+    name = stages.reference_name(bundle)
+    computed = f"{name}{'' if stages.has_onnx_reference(bundle) else ' fp32'}, computed here"
     result["verification"].update({"inputs": str(inputs_path) if inputs_path else None,
-                                   "reference": str(reference) if reference else
-                                   f"{stages.reference_name(bundle)}{'' if stages.has_onnx_reference(bundle) else ' fp32'}"
-                                   ", computed here", "reference_model": stages.reference_name(bundle)})
+                                   "reference": str(reference) if reference else computed, "reference_model": name})
     print_parity(result["parity"], result["verification"])
     update = {"model": bundle.source, "artifacts": {f"{k}.onnx": str(m) for k, m in variants.items()},
               "accuracy": result["accuracy"], "distributions": result["distributions"], "parity": result["parity"],
