@@ -97,7 +97,8 @@ def _options(items: list[str] | None) -> dict:
 
 # Shared option declarations.
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="Model source (embedded:minilm, embedded:mpnet, hf:<folder>, a folder, timm:<arch>). "
+    "--model", "-m", help="Model source (embedded:minilm, embedded:mpnet, embedded:minilm-l3, hf:<folder>, "
+                           "a folder, onnx:<file>, timm:<arch>). "
                           "Default: the source recorded in the ONNX file.")]
 OptionOpt = Annotated[Optional[list[str]], typer.Option("--option", help="Model option key=value (repeatable).")]
 DataOpt = Annotated[str, typer.Option("--data", help="docstrings | digits | <file>.txt | <file>.npz (saved feeds, "
@@ -179,7 +180,8 @@ def _alphas(items: list[str] | None) -> list[float | None] | None:
 @app.command(short_help="Static INT8: explicit Q/DQ ONNX + ranges.")
 @_guard
 def calibrate(
-    model: Annotated[Path, typer.Argument(help="FP32 ONNX model (from deploykit export).")],
+    model: Annotated[Path, typer.Argument(help="FP32 ONNX model (from deploykit export, or your own: "
+                                               "docs/onnx-in.md).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Q/DQ model to write "
                                                                      "(default: <model>.int8.onnx).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="Take the quantize and data settings from this recipe "

@@ -49,7 +49,10 @@ def model_source_for(onnx_path: Path, source: str | None) -> str:
     """The model source to use with an ONNX file: given, or recorded in it at export."""
     if source:
         return source
-    recorded = get_metadata(load_onnx(onnx_path, load_weights=False)).get("source")
+    meta = get_metadata(load_onnx(onnx_path, load_weights=False))
+    recorded = meta.get("source")
+    if not recorded and not meta:
+        return f"onnx:{Path(onnx_path).resolve()}"       # a user's ONNX file is its own model source
     if not recorded:
         raise UserError("the ONNX file does not record its model source", path=onnx_path,
                         fix="pass --model (e.g. --model embedded:minilm)")
@@ -64,6 +67,31 @@ def model_for(onnx_path: Path, source: str | None, options: dict[str, Any] | Non
     if not source and not options:
         options = get_metadata(load_onnx(onnx_path, load_weights=False)).get("options") or {}
     return load_model(model_source_for(onnx_path, source), options)
+
+
+def is_user_onnx(path: Path) -> bool:
+    """An ONNX file deploykit did not write (no deploykit metadata): prepared before use."""
+    return not get_metadata(load_onnx(path, load_weights=False))
+
+
+def prepared_models(bundle, models: list[Path], out_dir: Path) -> list[Path]:
+    """``models`` with each user's FP32 ONNX file (an ONNX model source) replaced by its
+    prepared graph, written to ``out_dir/<stem>.fp32.onnx``; the user's file is only read."""
+    if not stages.has_onnx_reference(bundle):
+        return list(models)
+    from deploykit.export.onnx_in import prepare_onnx
+
+    out: list[Path] = []
+    for path in models:
+        if is_user_onnx(path) and Path(path).resolve() == Path(bundle.info["onnx_file"]):
+            prepared = Path(out_dir) / f"{Path(path).stem}.fp32.onnx"
+            refuse_overwriting_inputs(prepared, tuple(models))
+            with stage(f"prepare {path} -> {prepared}"):
+                result = prepare_onnx(bundle, prepared)
+            say(f"  parity vs {stages.reference_name(bundle)}: max |diff| {result.parity['max_abs_diff']:.3g}")
+            path = prepared
+        out.append(path)
+    return out
 
 
 def check_data_file(data: str | Path | None, models: list[Path]) -> None:
@@ -124,6 +152,7 @@ def calibrate_model(model_path: Path, out: Path, *, source: str | None, data: st
     refuse_overwriting_inputs(out, (model_path,))
     check_data_file(data, [model_path])
     bundle = model_for(model_path, source, options)
+    model_path = prepared_models(bundle, [model_path], out.parent)[0]
     tuning = config.tune.enabled
     if data.endswith(".npz"):
         split = load_split(data, bundle.input_names, bundle)
@@ -301,8 +330,9 @@ def verify_models(models: list[Path], report: Path, *, source: str | None, data:
     """``deploykit verify``: the models on every usable backend against torch FP32, on saved inputs."""
     if not models:
         raise UserError("no ONNX model given", fix="pass one or more .onnx files")
-    notes = check_targets(models, targets or [])
     bundle = model_for(models[0], source, options)
+    models = prepared_models(bundle, models, report.parent)
+    notes = check_targets(models, targets or [])
     split, inputs_path = verification_inputs(bundle, inputs, data, spec, models)
     if reference is not None:
         ref = read_npz(reference, what="reference file").get("output")
@@ -315,8 +345,10 @@ def verify_models(models: list[Path], report: Path, *, source: str | None, data:
     result = verify_backends(bundle, variants, ref, split, backends=list(backends or ["auto"]), rules=rules or {},
                              batch_size=batch_size, localize_failures=localize_failures,
                              localize_samples=localize_samples, ranges=ranges)
+    name = stages.reference_name(bundle)
+    computed = f"{name}{'' if stages.has_onnx_reference(bundle) else ' fp32'}, computed here"
     result["verification"].update({"inputs": str(inputs_path) if inputs_path else None,
-                                   "reference": str(reference) if reference else "torch fp32, computed here"})
+                                   "reference": str(reference) if reference else computed, "reference_model": name})
     print_parity(result["parity"], result["verification"])
     update = {"model": bundle.source, "artifacts": {f"{k}.onnx": str(m) for k, m in variants.items()},
               "accuracy": result["accuracy"], "distributions": result["distributions"], "parity": result["parity"],
@@ -342,6 +374,7 @@ def bench_models(models: list[Path], report: Path, *, source: str | None, data: 
         raise UserError("nothing to benchmark", fix="pass .onnx files and/or keep the torch baseline")
     if models:
         bundle = model_for(models[0], source, options)
+        models = prepared_models(bundle, models, report.parent)
     elif source:
         bundle = load_model(source, options)
     else:
@@ -365,6 +398,7 @@ def bench_models_on_targets(models: list[Path], report: Path, targets: list[str]
     notes = check_targets(models, targets)
     check_data_file(data, models)
     bundle = model_for(models[0], source, options)
+    models = prepared_models(bundle, models, report.parent)
     split = checked_split(stage_split(bundle, data, "evaluation", spec), models, data)
     check_bench_length(split, models, data, config)
     section = bench_targets(dict(zip(variant_names(models), models)), split, targets, config)
@@ -453,7 +487,8 @@ def _run_report(ctx: RunContext) -> dict[str, Any]:
         "distributions": verified["distributions"],
         "parity": verified["parity"],
         "verification": {**verified["verification"], "inputs": str(ctx.data_paths["evaluation"]),
-                         "reference": str(run_dir / "reference.npz")},
+                         "reference": str(run_dir / "reference.npz"),
+                         "reference_model": stages.reference_name(ctx.bundle)},
         "latency": ctx.latency,
         "targets": ctx.targets,
         "data": ctx.splits.summary(),

@@ -64,20 +64,37 @@ def train(ctx: RunContext) -> None:
 
 # ----------------------------------------------------------------------------- export, calibrate
 def export(ctx: RunContext, title: str = "export", *, record: bool = True):
-    """``<run>/model.onnx`` with its parity against torch on two real batches; ``record``: its
+    """``<run>/model.onnx`` with its parity against torch on two real batches (an ONNX model
+    source: the prepared graph, against the user's file on ONNX Runtime); ``record``: its
     summary in ``model.export.json`` and the parity said."""
     from deploykit.export import export_onnx
 
     path = ctx.run_dir / "model.onnx"
-    with stage(title):
-        ctx.exported = export_onnx(ctx.bundle, path, opset=ctx.rec.export.opset,
-                                   parity_feeds=parity_feeds(ctx.splits.evaluation))
+    onnx_in = has_onnx_reference(ctx.bundle)
+    with stage(f"prepare {ctx.bundle.info['onnx_file']}" if onnx_in else title):
+        if onnx_in:
+            from deploykit.export.onnx_in import prepare_onnx
+
+            ctx.exported = prepare_onnx(ctx.bundle, path, parity_feeds=parity_feeds(ctx.splits.evaluation))
+        else:
+            ctx.exported = export_onnx(ctx.bundle, path, opset=ctx.rec.export.opset,
+                                       parity_feeds=parity_feeds(ctx.splits.evaluation))
         if record:
             write_json(path.with_suffix(".export.json"), {"model": ctx.bundle.source, **ctx.exported.summary()})
     ctx.models["fp32"] = path
     if record:
-        say(f"  parity vs torch: max |diff| {ctx.exported.parity['max_abs_diff']:.3g}")
+        say(f"  parity vs {reference_name(ctx.bundle)}: max |diff| {ctx.exported.parity['max_abs_diff']:.3g}")
     return ctx.exported
+
+
+def has_onnx_reference(bundle) -> bool:
+    """The model source is an ONNX file (no torch model): its reference is that file on ORT."""
+    return bundle is not None and getattr(bundle, "module", None) is None and "onnx_file" in bundle.info
+
+
+def reference_name(bundle) -> str:
+    """What the FP32 reference is, as reports and bundles name it."""
+    return getattr(bundle, "reference_name", None) or "torch"
 
 
 def calibrate(ctx: RunContext, key: str, config: QuantConfig, preset: str, title: str, *,
@@ -129,9 +146,11 @@ def baselines(ctx: RunContext) -> None:
 
 
 # ----------------------------------------------------------------------------- verify
-def reference(ctx: RunContext, title: str = "reference outputs (torch fp32)", name: str = "reference.npz"):
-    """Torch FP32 outputs of the model on the evaluation split, saved as ``<run>/<name>``."""
-    with stage(title):
+def reference(ctx: RunContext, title: str | None = None, name: str = "reference.npz"):
+    """Torch FP32 outputs of the model (an ONNX model source: the user's FP32 graph on ONNX
+    Runtime) on the evaluation split, saved as ``<run>/<name>``."""
+    with stage(title or f"reference outputs ({reference_name(ctx.bundle)}"
+               f"{'' if has_onnx_reference(ctx.bundle) else ' fp32'})"):
         ctx.reference = reference_outputs(ctx.bundle, ctx.splits.evaluation, ctx.rec.verify.batch_size)
         write_npz(ctx.run_dir / name, {"output": ctx.reference})
     return ctx.reference
@@ -205,6 +224,9 @@ def verify_backends(bundle, variants: dict[str, Path], reference: np.ndarray, sp
     from deploykit.verify import choose_backends, cross_verify, evaluate_checks, localize, parity_entry
 
     run, skipped = choose_backends(backends)
+    if "torch" in run and has_onnx_reference(bundle):
+        run = [b for b in run if b != "torch"]
+        skipped = {**skipped, "torch": f"no torch model: the reference is the {reference_name(bundle)}"}
     for backend, reason in skipped.items():
         say(f"  {backend}: skipped ({reason})")
     parity: dict[str, Any] = {}
@@ -293,7 +315,7 @@ def bench_all(bundle, split, models, backends, config, threads, torch_baseline) 
     names = variant_names(models)
     runners = [(name, make_runner(backend, model_path=m, threads=threads))
                for backend in backends if backend != "torch" for name, m in zip(names, models)]
-    if torch_baseline or "torch" in backends:
+    if (torch_baseline or "torch" in backends) and not has_onnx_reference(bundle):
         runners.append(("fp32", TorchRunner(bundle, threads=threads)))
     with stage(f"bench ({threads} threads, batches {config.batches})"):
         return bench_runners(runners, split, config)

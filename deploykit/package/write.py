@@ -364,6 +364,7 @@ def _manifest(files: dict[str, bytes | Path], *, run_dir: Path, name: str, creat
         "model": portable_path(source), "recipe": portable_path(report.get("recipe")), "run": report.get("run"),
         "variants": {"int8": "model/model.int8.onnx", "fp32": "model/model.onnx"}, "primary": PRIMARY,
         "task": task, "source_files": {v: portable_path(str(p), run_dir) for v, p in models.items()},
+        "reference": _reference_name(models["fp32"], report),
         "inputs": {"names": list(part.feeds), "samples": part.count, "sha256": part.sha256},
         "versions": _versions(),
         "flags": {"quantize": settings.get("quantize"), "export": settings.get("export"),
@@ -377,6 +378,15 @@ def _manifest(files: dict[str, bytes | Path], *, run_dir: Path, name: str, creat
         "notes": notes,
         "files": entries,
     }
+
+
+def _reference_name(fp32: Path, report: dict[str, Any]) -> str:
+    """What the expected outputs were compared with: "torch", or "fp32 onnx on ort-cpu" for a
+    model that arrived as ONNX (recorded in its prepared graph)."""
+    from deploykit.onnx_utils import get_metadata, load_onnx
+
+    recorded = get_metadata(load_onnx(fp32, load_weights=False)).get("reference")
+    return str(recorded or (report.get("verification") or {}).get("reference_model") or "torch")
 
 
 def _write_archive(out: Path, name: str, files: dict[str, bytes | Path], models: dict[str, Path],

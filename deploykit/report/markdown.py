@@ -179,7 +179,8 @@ def _parity_section(report: dict, plot: str | None, base: Path | None = None) ->
         digest = f", sha256 `{ver['inputs_sha256'][:16]}…`" if ver.get("inputs_sha256") else ""
         source = f" (`{format_cell(ver['inputs'])}`{digest})"
     intro = (f"Each variant run on each backend on the same saved inputs{source}, compared with "
-             f"{format_cell(ver.get('reference') or 'torch FP32')}.")
+             f"{format_cell(ver.get('reference') or 'torch FP32')}"
+             f"{' (the ' + format_cell(ver['reference_model']) + ')' if ver.get('reference_model') else ''}.")
     out = ["## Accuracy per backend", "", intro, ""]
     rows = parity_rows(parity)
     if rows:
