@@ -224,3 +224,36 @@ def test_smollm2_loads_and_exports(tmp_path):
     # Logits of a 30-layer float32 model are O(10); ORT and torch differ by summation order
     # (measured 2.6e-4); 2e-3 still catches any wrong mask or position (those move logits by >1).
     assert result.parity["max_abs_diff"] < 2e-3
+
+
+def test_tiny_llama_run_packages_and_device_verifies(tiny_llama_dir, tmp_path):
+    """deploykit run on a causal LM: LM figures in the report, a bundle whose expected outputs are
+    per-position records (not logits), and device-verify passing on them."""
+    import json
+
+    from deploykit.package import device_verify
+    from deploykit.pipeline import run_recipe
+
+    recipe = tmp_path / "tiny-lm.yaml"
+    recipe.write_text(f"""
+name: tiny-lm
+targets: [edge-cpu-x86]
+model: {{source: "hf:{tiny_llama_dir}", options: {{max_length: 32}}}}
+data: {{source: docstrings, calibration: 16, evaluation: 16, seed: 1}}
+quantize: {{preset: cpu-ort, method: minmax, smoothquant: {{alpha: 0.5, targets: all}}}}
+bench: {{batches: [1], seq_len: 32, warmup: 0, iterations: 2, min_seconds: 0.0, torch_baseline: false}}
+package: {{targets: [edge-cpu-x86]}}
+acceptance: {{fp32.top1_agreement: '>= 0.999', int8.perplexity_ratio: '<= 1.05'}}
+""")
+    result = run_recipe(recipe, out_root=tmp_path / "runs")
+    assert result.accepted
+    report = json.loads(result.report_path.read_text())
+    int8 = report["parity"]["int8@ort-cpu"]
+    assert {"perplexity", "perplexity_ratio", "top1_agreement", "cosine_mean"} <= set(int8)
+    assert "perplexity_ratio" in (result.run_dir / "report.md").read_text()
+    archive = result.run_dir / "bundles" / "tiny-lm-edge-cpu-x86.tar.gz"
+    dv = device_verify(archive, iterations=1)
+    assert dv["passed"]
+    # Same machine and runtime: the records computed where it was packaged come back exactly
+    # up to float rounding of the gathered logits (O(1) for this random model).
+    assert dv["vs_packaging_machine"]["int8@ort-cpu"]["max_abs_diff"] <= 1e-4
