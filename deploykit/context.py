@@ -94,4 +94,7 @@ def parity_feeds(split: Split) -> list[dict[str, np.ndarray]]:
 
 
 def reference_outputs(bundle, split: Split, batch_size: int) -> np.ndarray:
-    return run_split(TorchRunner(bundle), split, batch_size=batch_size, description="reference (torch fp32)")
+    from deploykit.metrics import output_reducer
+
+    return run_split(TorchRunner(bundle), split, batch_size=batch_size, description="reference (torch fp32)",
+                     reduce=output_reducer(bundle.task, split.feeds))

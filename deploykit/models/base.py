@@ -65,7 +65,7 @@ class ModelBundle:
 
     source: str
     name: str
-    task: str                      # "text-embedding" | "image-classification"
+    task: str                      # "text-embedding" | "image-classification" | "text-generation"
     module: torch.nn.Module
     input_names: list[str]
     output_name: str
@@ -78,7 +78,7 @@ class ModelBundle:
     def example_feeds(self, batch: int = 2, seq: int = 16) -> dict[str, np.ndarray]:
         """Small synthetic feeds of the right names, dtypes and ranks (for tracing)."""
         rng = np.random.default_rng(0)
-        if self.task == "text-embedding":
+        if self.task in ("text-embedding", "text-generation"):
             vocab = int(self.info.get("vocab_size", 1000))
             ids = rng.integers(1000 if vocab > 2000 else 1, vocab, size=(batch, seq), dtype=np.int64)
             mask = np.ones((batch, seq), dtype=np.int64)

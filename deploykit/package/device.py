@@ -233,7 +233,9 @@ def _run_variants(runners: dict[str, Any], backend: str, split, expected: dict[s
     vs_here: dict[str, Any] = {}
     latency: dict[str, Any] = {}
     for variant, runner in runners.items():
-        output = _variant_outputs(variant, runner, split, shown)
+        from deploykit.metrics import output_reducer
+
+        output = _variant_outputs(variant, runner, split, shown, output_reducer(task, split.feeds, reference))
         if output.shape != reference.shape:
             raise bad_bundle(f"variant {variant} gives outputs of shape {list(output.shape)}, the expected outputs "
                              f"are {list(reference.shape)}", shown)
@@ -255,12 +257,17 @@ def _run_variants(runners: dict[str, Any], backend: str, split, expected: dict[s
     return parity, vs_here, latency
 
 
-def _variant_outputs(variant: str, runner, split, shown: Path) -> np.ndarray:
-    """The variant's outputs on all saved inputs, in device-verify's batches."""
+def _variant_outputs(variant: str, runner, split, shown: Path, reduce=None) -> np.ndarray:
+    """The variant's outputs on all saved inputs, in device-verify's batches; ``reduce`` (a causal
+    LM's per-position record against the expected reference) shrinks each batch's output."""
     from deploykit.data import iterate_batches
 
     try:
-        return np.concatenate([runner.infer(f) for f in iterate_batches(split.feeds, VERIFY_BATCH)], axis=0)
+        outs = []
+        for i, f in enumerate(iterate_batches(split.feeds, VERIFY_BATCH)):
+            out = runner.infer(f)
+            outs.append(out if reduce is None else reduce(f, out, i * VERIFY_BATCH))
+        return np.concatenate(outs, axis=0)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - the runtimes raise their own types for bad graphs or feeds

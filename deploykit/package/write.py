@@ -262,7 +262,7 @@ def _expected_outputs(run_dir: Path, target, models: dict[str, Path], part, refe
     """(``{"reference": .., "int8": .., "fp32": ..}`` outputs on ``part``, each model's figures
     against the reference); the caller's ``outputs`` when they cover the whole split of ``total``."""
     from deploykit.runners import OrtRunner
-    from deploykit.verify import parity_entry, run_split
+    from deploykit.verify import output_reducer, parity_entry, run_split
 
     n = part.count
     expected = {"reference": reference}
@@ -271,7 +271,8 @@ def _expected_outputs(run_dir: Path, target, models: dict[str, Path], part, refe
         for kind, path in models.items():
             known = (outputs or {}).get(kind)
             expected[kind] = known if known is not None and known.shape[0] == n == total else \
-                run_split(OrtRunner(path), part, batch_size=VERIFY_BATCH, description=f"expected {kind}")
+                run_split(OrtRunner(path), part, batch_size=VERIFY_BATCH, description=f"expected {kind}",
+                          reduce=output_reducer(task, part.feeds, reference))   # a causal LM: per-position records
             figures[f"{kind}@ort-cpu"] = parity_entry(task, reference, expected[kind], part.labels)
     return expected, figures
 

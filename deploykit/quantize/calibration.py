@@ -81,7 +81,7 @@ class CalibrationResult:
             "smoothquant_alpha": c.smoothquant.alpha, "smoothquant_targets": c.smoothquant.targets,
             "smoothed_groups": len(self.smoothing),
             "smoothing_folds": {k: sum(1 for g in self.smoothing if g["fold"] == k)
-                                for k in ("layernorm", "linear", "mul")},
+                                for k in ("layernorm", "rmsnorm", "linear", "mul")},
             "op_types": c.op_types, "residual_adds": c.residual_adds, "layernorm": c.layernorm,
             "per_channel": c.per_channel, "activation_type": c.activation_type,
             "activation_symmetric": c.activation_symmetric,

@@ -10,10 +10,15 @@ Where ``1 / s`` goes, from best to fallback:
 
 * ``layernorm``: the activation is a LayerNormalization output read only by the group, so
   ``gamma / s`` and ``beta / s`` absorb it (pre-LN blocks: ViT, GPT-style models).
+* ``rmsnorm``: the activation is an RMSNorm output (``Mul(weight, x * rsqrt(mean(x^2) + eps))``,
+  the Llama family's ``input_layernorm`` -> q/k/v and ``post_attention_layernorm`` ->
+  gate/up) read only by the group, so ``weight / s`` absorbs it.
 * ``linear``: the activation comes from another Linear through ops that keep the channel
   axis (Reshape, Transpose, the attention's ``P @ V``), read by nothing else, so that
   Linear's output columns and bias absorb it (e.g. the value projection feeding the
-  attention output projection).
+  attention output projection), or is an elementwise product with such a Linear's output
+  (SwiGLU's ``act(gate) * up`` feeding ``down_proj``: scaling ``up``'s columns scales the
+  product).
 * ``mul``: an explicit per-channel ``Mul`` before the group. Post-LN blocks (the BERT family,
   MiniLM included) need it: the LayerNorm output also feeds the residual path, so folding
   ``1 / s`` into it would change the function. TensorRT fuses such a pointwise Mul into
@@ -63,7 +68,7 @@ class SmoothGroup:
     input: str                      # activation read by every MatMul of the group
     nodes: list[str]                # MatMul node names
     weights: list[str]              # their [K, N] weight initializers
-    fold: str = "mul"               # layernorm | linear | mul
+    fold: str = "mul"               # layernorm | rmsnorm | linear | mul
     fold_nodes: list[str] = field(default_factory=list)   # LN or (MatMul[, Add]) that absorb 1/s
     kind: str = "mlp-in"            # one of KINDS: where the group sits in its block (for per-kind alpha)
 
@@ -154,11 +159,50 @@ def _plan_fold(group: SmoothGroup, prod, users, inits) -> None:
         if scale_ok and bias_ok:
             group.fold, group.fold_nodes = "layernorm", [source.name]
         return
+    channels = inits[group.weights[0]].dims[0]
+    if source.op_type == "Mul":
+        const = [i for i in source.input if i in inits]
+        other = [i for i in source.input if i not in inits]
+        if len(const) == 1 and len(other) == 1 and list(inits[const[0]].dims) == [channels] \
+                and _is_rms_normalised(other[0], prod):
+            group.fold, group.fold_nodes = "rmsnorm", [source.name]
+            return
     chain = _linear_chain(group.input, prod, users, inits)
     channels = inits[group.weights[0]].dims[0]
     if chain and inits[chain[0].input[1]].dims[-1] == channels:
         group.fold, group.fold_nodes = "linear", [n.name for n in chain]
 
+
+
+def _is_rms_normalised(tensor: str, prod) -> bool:
+    """``tensor`` is ``x * rsqrt(mean(x^2) + eps)`` (the exported RMSNorm before its weight):
+    a Mul one of whose inputs comes from Reciprocal(Sqrt(...)) or Rsqrt over a ReduceMean."""
+    node = prod.get(tensor)
+    if node is None or node.op_type != "Mul":
+        return False
+    for name in node.input:
+        walk = prod.get(name)
+        for _ in range(4):
+            if walk is None:
+                break
+            if walk.op_type == "ReduceMean":
+                return True
+            if walk.op_type not in ("Reciprocal", "Sqrt", "Rsqrt", "Add", "Div"):
+                break
+            walk = prod.get(walk.input[1] if walk.op_type == "Div" else walk.input[0])
+    return False
+
+
+def _product_factor(node: onnx.NodeProto, prod, users, inits) -> list[onnx.NodeProto] | None:
+    """For ``a * b`` (no constant input), the Linear producing one factor, read only here."""
+    if any(i in inits for i in node.input) or len(node.input) != 2:
+        return None
+    for name in node.input:
+        producer = prod.get(name)
+        if (producer is not None and producer.op_type == "MatMul" and producer.input[1] in inits
+                and len(users.get(name, [])) == 1):
+            return [producer]
+    return None
 
 
 def _linear_chain(tensor: str, prod, users, inits) -> list[onnx.NodeProto] | None:
@@ -185,6 +229,8 @@ def _linear_chain(tensor: str, prod, users, inits) -> list[onnx.NodeProto] | Non
             return [producer, node]
         elif node.op_type == "MatMul" and node.input[1] in inits:
             return [node]
+        elif node.op_type == "Mul" and current == tensor:
+            return _product_factor(node, prod, users, inits)
         else:
             return None
         if len(users.get(current, [])) != 1:
@@ -273,6 +319,10 @@ def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup],
             _replace_input(out, ln, ln.input[1], inits[ln.input[1]] / s, f"{ln.input[1]}_smoothed", uses, inits)
             if len(ln.input) > 2 and ln.input[2]:
                 _replace_input(out, ln, ln.input[2], inits[ln.input[2]] / s, f"{ln.input[2]}_smoothed", uses, inits)
+        elif group.fold == "rmsnorm":
+            mul = nodes[group.fold_nodes[0]]
+            weight = next(i for i in mul.input if i in inits)
+            _replace_input(out, mul, weight, inits[weight] / s, f"{weight}_smoothed", uses, inits)
         elif group.fold == "linear":
             matmul = nodes[group.fold_nodes[0]]
             w = inits[matmul.input[1]]

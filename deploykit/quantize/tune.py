@@ -36,7 +36,7 @@ import onnx
 
 from deploykit.acceptance import parse_rule, passes
 from deploykit.data import Split, iterate_batches
-from deploykit.metrics import task_metrics
+from deploykit.metrics import output_reducer, task_metrics
 from deploykit.onnx_utils import get_metadata
 from deploykit.progress import say
 from deploykit.quantize.config import GROUP_KINDS, QuantConfig
@@ -141,13 +141,17 @@ class _Scorer:
 
     def __init__(self, fp32: onnx.ModelProto, split: Split, task: str, threads: int | None, batch_size: int = 32):
         self.split, self.task, self.threads, self.batch_size = split, task, threads, batch_size
+        self.reference = None
         self.reference = self.run(fp32)
 
     def run(self, model: onnx.ModelProto) -> np.ndarray:
         session = cpu_session(model, self.threads)
         names = [i.name for i in session.get_inputs()]
-        outs = [session.run(None, {n: f[n] for n in names})[0]
-                for f in iterate_batches(self.split.feeds, self.batch_size)]
+        reduce = output_reducer(self.task, self.split.feeds, self.reference)   # a causal LM's per-batch record
+        outs = []
+        for i, f in enumerate(iterate_batches(self.split.feeds, self.batch_size)):
+            out = session.run(None, {n: f[n] for n in names})[0]
+            outs.append(out if reduce is None else reduce(f, out, i * self.batch_size))
         return np.concatenate(outs)
 
     def __call__(self, model: onnx.ModelProto) -> dict[str, float]:

@@ -292,7 +292,8 @@ def _target_accuracy_section(targets: dict, parity: dict, checks: list[dict]) ->
         label = f"`{backend}`" + (" (this machine's CPU, not the target's)"
                                   if backend == "ort-cpu" and not target.get("measurable") else "")
         for key, metrics in found.items():
-            task = "nn_agreement" if "nn_agreement" in metrics else "top1" if "top1" in metrics else "top1_agreement"
+            task = "nn_agreement" if "nn_agreement" in metrics else "top1" if "top1" in metrics else \
+                "perplexity_ratio" if "perplexity_ratio" in metrics else "top1_agreement"
             own = [c for c in checks if c.get("check", "").startswith(f"{key}.")]
             verdict = "—" if not own else ("✅ " if all(c["passed"] for c in own) else "❌ ") + \
                 f"{sum(c['passed'] for c in own)}/{len(own)}"

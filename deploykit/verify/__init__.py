@@ -4,7 +4,10 @@ Text embeddings: per-sentence cosine to the reference embedding (mean, min, 1st 
 and nearest-neighbour agreement: for each sentence, is its nearest other sentence (by cosine)
 the same under the variant as under the reference? Classification: top-1 agreement with the
 reference, top-1 accuracy against labels when the data has them, and logit cosine.
-Both also carry the parity figures: max abs difference and SNR in dB over all elements
+Causal language models (``text-generation``): perplexity of each on the evaluation text and its
+ratio to the reference's, top-1 next-token agreement, and the cosine of the logits over the
+reference's top-k tokens, from per-batch records (:func:`deploykit.metrics.lm_record`).
+All also carry the parity figures: max abs difference and SNR in dB over all elements
 (``10 log10(sum ref^2 / sum (ref - out)^2)``; null when the outputs are identical).
 
 Cross-backend verification (:func:`cross_verify`) runs each variant (fp32, int8, ...) on
@@ -23,19 +26,25 @@ import numpy as np
 
 from deploykit.acceptance import evaluate_checks, parse_rule, passes
 from deploykit.data import Split, iterate_batches
-from deploykit.metrics import (classification_metrics, embedding_metrics, nearest_neighbours, parity_entry, snr_db,
-                               task_metrics)
+from deploykit.metrics import (LM_TASK, classification_metrics, embedding_metrics, lm_metrics, nearest_neighbours,
+                               output_reducer, parity_entry, snr_db, task_metrics)
 from deploykit.progress import track
 
 
-def run_split(runner, split: Split, *, batch_size: int = 32, description: str = "") -> np.ndarray:
+def run_split(runner, split: Split, *, batch_size: int = 32, description: str = "", reduce=None) -> np.ndarray:
+    """``runner``'s outputs on ``split`` in batches; ``reduce(feeds, output, start)`` (e.g. a causal
+    LM's per-position record, :func:`deploykit.metrics.output_reducer`) shrinks each batch's
+    output before the next batch runs."""
     if batch_size < 1:
         from deploykit.errors import UserError
 
         raise UserError(f"batch size must be at least 1, not {batch_size}", fix="e.g. verify.batch_size: 32")
     n_batches = -(-split.count // batch_size)
-    outs = [runner.infer(feeds) for feeds in track(iterate_batches(split.feeds, batch_size), total=n_batches,
-                                                    description=description or f"verify {runner.backend}")]
+    outs = []
+    for i, feeds in enumerate(track(iterate_batches(split.feeds, batch_size), total=n_batches,
+                                    description=description or f"verify {runner.backend}")):
+        out = runner.infer(feeds)
+        outs.append(out if reduce is None else reduce(feeds, out, i * batch_size))
     return np.concatenate(outs, axis=0)
 
 
@@ -58,8 +67,11 @@ def verify(variants: dict[str, Any], reference: np.ndarray, split: Split, task: 
         result.accuracy[reference_name] = {"top1": float(np.mean(reference.argmax(1) == split.labels))}
     for name, runner in variants.items():
         start = time.perf_counter()
-        output = run_split(runner, split, batch_size=batch_size, description=f"verify {name}@{runner.backend}")
-        if task == "text-embedding":
+        output = run_split(runner, split, batch_size=batch_size, description=f"verify {name}@{runner.backend}",
+                           reduce=output_reducer(task, split.feeds, reference))
+        if task == LM_TASK:
+            metrics, cos = lm_metrics(reference, output)
+        elif task == "text-embedding":
             metrics, cos = embedding_metrics(reference, output)
         else:
             metrics, cos = classification_metrics(reference, output, split.labels)
@@ -121,7 +133,8 @@ def cross_verify(runners: dict[str, Any], reference: np.ndarray, split: Split, t
     parity: dict[str, dict[str, Any]] = {}
     outputs: dict[str, np.ndarray] = {}
     for key, runner in runners.items():
-        output = run_split(runner, split, batch_size=batch_size, description=f"verify {key}")
+        output = run_split(runner, split, batch_size=batch_size, description=f"verify {key}",
+                           reduce=output_reducer(task, split.feeds, reference))
         outputs[key] = output
         parity[key] = parity_entry(task, reference, output, split.labels)
     return parity, outputs
@@ -160,5 +173,5 @@ def localize(fp32_path, qdq_path, split: Split, *, samples: int = 64, top: int =
 
 
 __all__ = ["ALL_BACKENDS", "VerifyResult", "backend_availability", "choose_backends", "classification_metrics",
-           "cross_verify", "embedding_metrics", "evaluate_checks", "localize", "nearest_neighbours", "parity_entry",
+           "cross_verify", "embedding_metrics", "lm_metrics", "output_reducer", "evaluate_checks", "localize", "nearest_neighbours", "parity_entry",
            "parse_rule", "passes", "run_split", "snr_db", "suggest_exclusions", "task_metrics", "verify"]
