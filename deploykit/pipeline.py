@@ -140,6 +140,18 @@ def export_model(source: str, out: Path, *, options: dict[str, Any] | None = Non
 
 
 # ----------------------------------------------------------------------------- calibrate
+def smoothing_line(summary: dict[str, Any]) -> str:
+    """``SmoothQuant alpha 0.8 (ln-fed): 12 groups smoothed (6 folded into LayerNorm, 6 as Mul)``."""
+    folds = summary.get("smoothing_folds") or {}
+    how = {"layernorm": "folded into LayerNorm", "rmsnorm": "folded into RMSNorm",
+           "linear": "folded into the previous Linear", "mul": "as an explicit Mul"}
+    parts = ", ".join(f"{n} {how.get(k, k)}" for k, n in folds.items() if n)
+    alpha = summary.get("smoothquant_alpha")
+    alpha = ", ".join(f"{k} {v}" for k, v in alpha.items()) if isinstance(alpha, dict) else alpha
+    return (f"SmoothQuant alpha {alpha} ({summary.get('smoothquant_targets')}): "
+            f"{summary.get('smoothed_groups', 0)} groups smoothed" + (f" ({parts})" if parts else ""))
+
+
 def calibrate_model(model_path: Path, out: Path, *, source: str | None, data: str, spec: DataSpec,
                     config: QuantConfig, options: dict[str, Any] | None = None,
                     default_preset: str = "gpu-trt", targets: list[str] | None = None) -> dict[str, Any]:
@@ -175,6 +187,8 @@ def calibrate_model(model_path: Path, out: Path, *, source: str | None, data: st
     say(f"wrote {out}: {summary['qdq']['QuantizeLinear']} QuantizeLinear, {summary['quantized_nodes']} quantized "
         f"nodes, {result.float_line()}; "
         f"ranges in {result.ranges_path}")
+    if summary.get("smoothed_groups") or summary.get("smoothquant_alpha") is not None:
+        say("  " + smoothing_line(summary))
     if result.tuning is not None:
         tuning_path = out.with_name(out.stem + ".tuning.json")
         write_json(tuning_path, result.tuning, inputs=(model_path,))

@@ -77,6 +77,13 @@ def test_the_run_reports_backends_targets_and_its_bundle(run_dir, bundle):
     # report.md names the run's files relative to itself, the recipe by its file name
     assert str(run_dir) not in md and str(run_dir.parent.parent) not in md
     assert "**recipe** `tiny.yaml`" in md and "`model.int8.onnx`" in md
+    # one accuracy table, no alias rows, no raw dicts, only settings that took effect
+    assert md.count("| variant | cosine_mean") == 0 and md.count("| variant@backend | cosine_mean") == 1
+    assert "parity_max_abs_diff" not in md and "shape=" not in md and "max_abs_diff=" not in md
+    assert "smoothquant_targets" not in md and "`plugin_int8`" not in md     # no smoothing, no plugin nodes
+    h100 = next(line for line in md.splitlines() if line.startswith("| `h100`") and "not measurable" in line)
+    assert h100.split("|")[3].strip() == "—"                                 # not in the variant column
+    assert "- `h100`: " in md and "not measurable here" in md
     assert (run_dir / "parity_by_backend.png").is_file() and (run_dir / "latency_by_target.png").is_file()
 
 

@@ -116,3 +116,14 @@ def test_report_header_and_artifacts_name_paths_relative_to_the_report(tmp_path)
     assert str(tmp_path) not in md
     assert "# deploykit report: hf:my-bert" in md and "**recipe** `mine.yaml`" in md
     assert "`model.int8.onnx`" in md
+
+
+def test_calibrate_with_smoothquant_says_how_many_groups_it_smoothed(tiny_onnx, tiny_bert_dir, tmp_path):
+    out = tmp_path / "m.int8.onnx"
+    proc = deploykit("calibrate", str(tiny_onnx), "-o", str(out), "--model", f"hf:{tiny_bert_dir}",
+                     "--calibration", "8", "--evaluation", "8", "--smoothquant", "0.5",
+                     "--smoothquant-targets", "all", cwd=tmp_path)
+    line = next(line for line in (proc.stdout + proc.stderr).splitlines() if "groups smoothed" in line)
+    # the tiny BERT has 2 layers x (Q/K/V, attention out, FFN in, FFN out) = 8 smoothed groups at most
+    count = int(line.split("groups smoothed")[0].split()[-1])
+    assert 1 <= count <= 8 and "alpha 0.5 (all)" in line, line

@@ -50,11 +50,25 @@ def format_cell(value: Any) -> str:
     if isinstance(value, (int, float)):
         return format_number(value)
     if isinstance(value, list):
+        if value and all(isinstance(v, dict) for v in value):     # records: one "k v, k v" group each
+            shown = "; ".join(_record(v) for v in value[:6])
+            return f"{len(value)} records: {shown}; …" if len(value) > 6 else shown
         shown = ", ".join(format_cell(v) for v in value[:6])
         return f"{len(value)} items: {shown}, …" if len(value) > 6 else (shown or "(none)")
     if isinstance(value, dict):
-        return ", ".join(f"{k}={format_cell(v)}" for k, v in value.items()) or "(none)"
+        return _record(value) or "(none)"
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _record(data: dict) -> str:
+    """``{"shape": [8, 49], "max_abs_diff": 1.6e-07}`` -> ``shape 8×49, max_abs_diff 1.600e-07``."""
+    parts = []
+    for key, value in data.items():
+        if key == "shape" and isinstance(value, list) and all(isinstance(v, int) for v in value):
+            parts.append(f"{key} {'×'.join(map(str, value))}")
+        else:
+            parts.append(f"{key} {format_number(value, key) if isinstance(value, (int, float)) else format_cell(value)}")
+    return ", ".join(parts)
 
 
 def format_latency_table(report: dict) -> list[dict]:

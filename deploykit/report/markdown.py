@@ -64,7 +64,28 @@ def _table(header: list[str], rows: list[list[str]], align: list[str] | None = N
 
 
 def _kv_table(data: dict) -> list[str]:
-    return _table(["key", "value"], [[f"`{k}`", format_cell(v)] for k, v in _flatten(data)], ["l", "l"])
+    rows = _flatten(data)
+    values = dict(rows)
+    # a flat alias of a nested entry (parity_max_abs_diff next to parity.max_abs_diff) once
+    rows = [(k, v) for k, v in rows if not ("_" in k and values.get(k.replace("_", ".", 1), object()) == v)]
+    return _table(["key", "value"], [[f"`{k}`", format_cell(v)] for k, v in rows], ["l", "l"])
+
+
+def _applied_calibration(cal: dict) -> dict:
+    """The calibration settings that took effect: no smoothing settings without smoothing, no
+    plugin INT8 without plugin nodes, no percentile unless a percentile method ran."""
+    cal = dict(cal)
+    if cal.get("smoothquant_alpha") is None and not cal.get("smoothed_groups"):
+        for key in [k for k in cal if k.startswith(("smoothquant", "smoothing", "smoothed", "group_alpha"))]:
+            cal.pop(key)
+    if not cal.get("plugin_int8_nodes"):
+        cal.pop("plugin_int8", None)
+        cal.pop("plugin_int8_nodes", None)
+    methods = {cal.get("method"), *((cal.get("tensor_methods") or {}).values()
+                                    if isinstance(cal.get("tensor_methods"), dict) else ())}
+    if "percentile" not in methods:
+        cal.pop("percentile", None)
+    return cal
 
 
 # ----------------------------------------------------------------------------- sections
@@ -239,9 +260,7 @@ def _targets_section(targets: dict, plot: str | None) -> list[str]:
     for name, target in targets.items():
         runtime = f"`{format_cell(target.get('runtime'))}`"
         if not target.get("measurable"):
-            reason = format_cell(target.get("reason") or "no reason given")
-            why = reason if "not measurable here" in str(reason) else f"not measurable here: {reason}"
-            rows.append([f"`{name}`", runtime, why, "—", "—", "—", "—", "—"])
+            rows.append([f"`{name}`", runtime, "—", "—", "—", "—", "—", "not measurable here"])
             continue
         latency = target.get("latency") or {}
         if not latency:
@@ -263,6 +282,11 @@ def _targets_section(targets: dict, plot: str | None) -> list[str]:
            *_table(["target", "runtime", "variant", "threads", "p50 ms", "p99 ms", "peak RSS / budget MiB",
                     "within budget"], rows, ["l", "l", "l", "r", "r", "r", "r", "l"])]
     bullets = [f"- `{name}`: {format_cell(note)}" for name, target in targets.items() for note in target.get("notes") or []]
+    for name, target in targets.items():
+        if not target.get("measurable"):
+            reason = format_cell(target.get("reason") or "no reason given")
+            bullets.append(f"- `{name}`: " + (reason if "not measurable here" in str(reason)
+                                              else f"not measurable here: {reason}"))
     cores = {name: target["machine_cores"] for name, target in targets.items() if target.get("machine_cores")}
     if len(set(cores.values())) == 1:
         bullets.insert(0, f"- measured on a machine with {next(iter(cores.values()))} cores")
@@ -327,7 +351,8 @@ def _settings_and_environment(report: dict, base: Path | None = None) -> list[st
     for key, heading in (("file_sizes", "File sizes"), ("data", "Data"), ("export", "Export"),
                          ("calibration", "Calibration"), ("bench", "Bench settings")):
         if report.get(key):
-            md += [f"## {heading}", "", *_kv_table(report[key]), ""]
+            data = _applied_calibration(report[key]) if key == "calibration" else report[key]
+            md += [f"## {heading}", "", *_kv_table(data), ""]
     if report.get("timings_s"):
         timings = dict(report["timings_s"])
         timings["total"] = round(sum(timings.values()), 2)
@@ -372,8 +397,12 @@ def render_markdown(report: dict, rendering: Rendering) -> str:
     md = _header(report, rendering.out)
     md += render_sections(report, rendering)
     acceptance = report.get("acceptance") or []
-    if report["accuracy"]:
+    parity_variants = {k.split("@", 1)[0] for k in (report.get("parity") or {})}
+    if report["accuracy"] and not set(report["accuracy"]) <= parity_variants:
         md += [*_accuracy_section(report["accuracy"]), ""]
+    elif report["accuracy"]:       # the same figures are rows of "Accuracy per backend": one table
+        md += ["## Accuracy", "", "Every variant on every backend: **Accuracy per backend** below (the run's own "
+               "figures are its `@ort-cpu` rows).", ""]
     cosines = {v: d["cosine"] for v, d in (report.get("distributions") or {}).items() if d.get("cosine")}
     if cosines:
         cosine_plot = rendering.add(COSINE_PLOT, lambda dest: plot_cosine(cosines, dest))
