@@ -413,6 +413,8 @@ def bench(
     threads: Annotated[Optional[int], typer.Option(min=1, help="Threads (default: all cores available).")] = None,
     warmup: Annotated[int, typer.Option(min=0, help="Warm-up runs per configuration.")] = 3,
     iterations: Annotated[int, typer.Option(min=1, help="Timed runs per configuration (at least).")] = 20,
+    rounds: Annotated[int, typer.Option(min=1, help="Interleaved rounds the timed runs are spread over (ratios to "
+                                                    "FP32 and their spread are taken per round).")] = 5,
     torch_baseline: Annotated[bool, typer.Option("--torch/--no-torch", help="Time eager torch FP32 too.")] = True,
     target: Annotated[Optional[list[str]], typer.Option(
         "--target", "-t", help="Emulate a deployment target's budget instead (batch 1, its threads, peak memory "
@@ -426,7 +428,7 @@ def bench(
     from deploykit.pipeline import bench_models, bench_models_on_targets
 
     config = BenchConfig(batches=list(batch or [1, 8, 32]), seq_len=seq, warmup=warmup, iterations=iterations,
-                         threads=threads)
+                         threads=threads, rounds=rounds)
     if target:
         bench_models_on_targets(list(models or []), report, list(target), source=source, data=data, config=config,
                                 options=_options(option),

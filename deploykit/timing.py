@@ -53,3 +53,29 @@ def peak_rss_mib() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)   # bytes on macOS, KiB on Linux
+
+
+def time_calls(runner, feeds: dict[str, np.ndarray], iterations: int, min_seconds: float,
+               max_seconds: float) -> list[float]:
+    """Seconds of each timed ``infer`` call: at least ``iterations`` calls and ``min_seconds``,
+    stopping at ``max_seconds`` (after one call at least)."""
+    times: list[float] = []
+    started = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        runner.infer(feeds)
+        times.append(time.perf_counter() - t0)
+        spent = time.perf_counter() - started
+        if (len(times) >= iterations and spent >= min_seconds) or spent >= max_seconds:
+            return times
+
+
+def summarize(rounds: list[list[float]], batch: int, threads: Any) -> dict[str, Any]:
+    """A latency entry from the calls of every round (p50/p90/p99 over all of them) plus each
+    round's own p50 (what ratios and their spread are taken from)."""
+    ms = np.concatenate([np.asarray(r) for r in rounds]) * 1e3
+    return {"batch": batch, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+            "throughput_per_s": float(batch * len(ms) / (ms.sum() / 1e3)), "iterations": int(len(ms)),
+            "threads": threads, "rounds": len(rounds),
+            "round_p50_ms": [float(np.percentile(np.asarray(r) * 1e3, 50)) for r in rounds]}

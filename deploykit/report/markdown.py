@@ -166,6 +166,34 @@ def _latency_section(rows: list[dict], latency_plot: str = LATENCY_PLOT,
             f"![Throughput by batch size]({throughput_plot})"]
 
 
+def _ratio_section(latency: dict) -> list[str]:
+    """Each variant's batch-N p50 as a ratio to FP32 on the same backend: the median over the
+    interleaved rounds and its range, and whether the rounds agree on which is faster."""
+    rows, unclear = [], []
+    for key, e in latency.items():
+        if not isinstance(e, dict) or not is_number(e.get("ratio_to_fp32")):
+            continue
+        lo, hi = (e.get("ratio_spread") or [None, None])[:2]
+        verdict = ("faster" if hi is not None and hi < 1 else "slower" if lo is not None and lo > 1 else "inconclusive") \
+            if e.get("conclusive") else "inconclusive"
+        if verdict == "inconclusive":
+            unclear.append(key)
+        rows.append([f"`{key}`", f"{e['ratio_to_fp32']:.2f}×",
+                     f"{lo:.2f}–{hi:.2f}" if is_number(lo) and is_number(hi) else "—",
+                     format_cell(e.get("rounds")), verdict])
+    if not rows:
+        return []
+    out = ["### Against FP32", "",
+           "p50 latency over FP32's on the same backend and batch (below 1: faster), taken per round of the "
+           "interleaved measurement; the spread is the range over rounds.", "",
+           *_table(["variant@backend/batch", "ratio (median)", "spread", "rounds", "verdict"], rows,
+                   ["l", "r", "r", "r", "l"])]
+    if unclear:
+        out += ["", f"The rounds disagree for {', '.join(f'`{k}`' for k in unclear)}: this run cannot say whether "
+                "INT8 is faster or slower there; rerun on a quiet machine or with more rounds (`bench.rounds`)."]
+    return out
+
+
 def _db(value: Any) -> str:
     return f"{value:.1f}" if is_number(value) else "—"
 
@@ -418,6 +446,9 @@ def render_markdown(report: dict, rendering: Rendering) -> str:
     if rows:
         md += [*_latency_section(rows, rendering.add(LATENCY_PLOT, lambda dest: plot_latency(rows, dest)),
                                  rendering.add(THROUGHPUT_PLOT, lambda dest: plot_throughput(rows, dest))), ""]
+        ratios = _ratio_section(report.get("latency") or {})
+        if ratios:
+            md += [*ratios, ""]
 
     parity = report.get("parity") or {}
     if parity or report.get("verification"):
