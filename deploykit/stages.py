@@ -279,7 +279,10 @@ def print_parity(parity: dict[str, Any], verification: dict[str, Any]) -> None:
         say(f"  check {check['check']} {check['threshold']}: {check['value']} -> "
             f"{'pass' if check['passed'] else 'FAIL'}")
     for key, found in verification["localization"].items():
-        worst = ", ".join(f"{n['node']} ({n['added_snr_db']:.1f} dB)" for n in found["nodes"][:5])
+        # the torch module a node came from, where the export recorded it, before the ONNX name
+        worst = ", ".join((f"{n['module']} [{n['node']}]" if n.get("module") else n["node"])
+                          + (f" ({n['added_snr_db']:.1f} dB)" if isinstance(n.get("added_snr_db"), (int, float)) else "")
+                          for n in found["nodes"][:5])
         say(f"  {key} worst nodes: {worst}; try: " + " ".join(f"--exclude {n}" for n in found["exclude"]))
 
 
