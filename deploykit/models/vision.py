@@ -9,16 +9,13 @@ import torch
 
 from deploykit._compat import ensure_model_libraries_importable
 from deploykit.errors import UserError
-from deploykit.models.base import ImagePreprocessor, ModelBundle
+from deploykit.models.base import ImagePreprocessor, ModelBundle, check_options
 
 VISION_OPTIONS = {"img_size", "patch_size", "num_classes", "in_chans", "checkpoint", "seed", "kwargs"}
 
 
 def load_timm_model(arch: str, *, source: str, options: dict[str, Any]) -> ModelBundle:
-    unknown = set(options) - VISION_OPTIONS
-    if unknown:
-        raise UserError(f"unknown model option(s) {sorted(unknown)} for a timm model",
-                        fix=f"use only {sorted(VISION_OPTIONS)}")
+    check_options(options, VISION_OPTIONS, "a timm model")
     ensure_model_libraries_importable()
     import timm
     import torch
@@ -30,7 +27,7 @@ def load_timm_model(arch: str, *, source: str, options: dict[str, Any]) -> Model
         hint = f"did you mean {', '.join('timm:' + c for c in close)}?" if close else \
             "use a name from timm.list_models(), e.g. timm:vit_tiny_patch16_224"
         raise UserError(f"unknown timm architecture '{arch}'", fix=hint)
-    from deploykit.models.weights import apply_state_dict, load_state_dict, option_int
+    from deploykit.models.weights import load_checkpoint_option, option_int
 
     if not isinstance(options.get("kwargs") or {}, dict):
         raise UserError("model option kwargs must be a mapping of timm.create_model arguments",
@@ -46,8 +43,7 @@ def load_timm_model(arch: str, *, source: str, options: dict[str, Any]) -> Model
         raise UserError(f"timm:{arch} does not accept these options ({' '.join(str(exc).split())[:200]})",
                         fix="remove the options this architecture does not take") from None
     model.eval()
-    if options.get("checkpoint"):
-        apply_state_dict(model, load_state_dict(options["checkpoint"]), options["checkpoint"])
+    load_checkpoint_option(model, options)
     cfg = model.pretrained_cfg or {}
     input_size = cfg.get("input_size", (3, 224, 224))
     in_chans = int(kwargs.get("in_chans", input_size[0]))
@@ -102,10 +98,7 @@ class _Logits(torch.nn.Module):
 def load_hf_vision_model(folder, *, source: str, options: dict[str, Any], config: dict[str, Any]) -> ModelBundle:
     """A Hugging Face ViT folder: ``ViTForImageClassification`` (logits) when its config names
     that architecture, else the bare ``ViTModel`` (pooled features)."""
-    unknown = set(options) - HF_VISION_OPTIONS
-    if unknown:
-        raise UserError(f"unknown model option(s) {sorted(unknown)} for a Hugging Face image model",
-                        fix=f"use only {sorted(HF_VISION_OPTIONS)}")
+    check_options(options, HF_VISION_OPTIONS, "a Hugging Face image model")
     ensure_model_libraries_importable()
     from transformers import AutoModel, AutoModelForImageClassification
 
@@ -117,10 +110,9 @@ def load_hf_vision_model(folder, *, source: str, options: dict[str, Any], config
         raise UserError(f"cannot load the Hugging Face model ({str(exc).splitlines()[0]})", path=folder,
                         fix="the folder needs config.json and model weights") from None
     model.eval()
-    if options.get("checkpoint"):
-        from deploykit.models.weights import apply_state_dict, load_state_dict
+    from deploykit.models.weights import load_checkpoint_option
 
-        apply_state_dict(model, load_state_dict(options["checkpoint"]), options["checkpoint"])
+    load_checkpoint_option(model, options)
     module = (_Logits if classify else _Features)(model).eval()
     cfg = model.config
     in_chans, img_size = int(cfg.num_channels), int(cfg.image_size)

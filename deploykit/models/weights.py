@@ -55,6 +55,12 @@ def apply_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], pa
     module.load_state_dict(state)
 
 
+def load_checkpoint_option(module: torch.nn.Module, options: dict) -> None:
+    """Load ``options['checkpoint']`` (when given) into ``module`` exactly."""
+    if options.get("checkpoint"):
+        apply_state_dict(module, load_state_dict(options["checkpoint"]), options["checkpoint"])
+
+
 def option_int(options: dict, key: str, default: int | None = None, *, minimum: int | None = None) -> int | None:
     """``options[key]`` as an int (YAML or --option text); anything else is the user's to fix."""
     value = options.get(key, default)
