@@ -13,18 +13,42 @@ from deploykit.errors import UserError
 META_PREFIX = "deploykit."
 
 
-def load_onnx(path: str | Path, *, load_weights: bool = True) -> onnx.ModelProto:
+def load_onnx(path: str | Path, *, load_weights: bool = True, fix: str = "re-export it with deploykit export",
+              missing_fix: str = "check the path, or create it with deploykit export") -> onnx.ModelProto:
+    """The model at ``path``; a missing, unreadable or empty file is one line naming ``fix``."""
     path = Path(path)
     if not path.is_file():
-        raise UserError("ONNX file not found", path=path, fix="check the path, or create it with deploykit export")
+        raise UserError("ONNX file not found", path=path, fix=missing_fix)
     try:
         model = onnx.load(str(path), load_external_data=load_weights)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types for garbage
-        raise UserError(f"not a readable ONNX model ({type(exc).__name__})", path=path,
-                        fix="re-export it with deploykit export") from None
+        raise UserError(f"not a readable ONNX model ({type(exc).__name__})", path=path, fix=fix) from None
     if not model.graph.node or not model.graph.output:
-        raise UserError("the ONNX file has an empty graph", path=path, fix="re-export it with deploykit export")
+        raise UserError("the ONNX file has an empty graph", path=path, fix=fix)
     return model
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The default-domain opset the model imports (0 when none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def external_data_files(model: onnx.ModelProto) -> list[str]:
+    """The external-data file names the model's initializers point to (relative to the model)."""
+    return sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+
+
+def unique_name(model: onnx.ModelProto, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2`` ...: a name no value, initializer, graph input/output or
+    node of ``model`` has yet."""
+    graph = model.graph
+    taken = {n for node in graph.node for n in list(node.input) + list(node.output)}
+    taken |= {i.name for i in graph.initializer} | {n.name for n in graph.node}
+    taken |= {v.name for v in list(graph.input) + list(graph.output)}
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
 
 
 def get_metadata(model: onnx.ModelProto) -> dict[str, Any]:
@@ -82,6 +106,5 @@ def model_bytes(path: str | Path) -> int:
     """Bytes of an ONNX file on disk with the external-data files its initializers name."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
-    names = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
-    return path.stat().st_size + sum((path.parent / n).stat().st_size for n in sorted(names)
+    return path.stat().st_size + sum((path.parent / n).stat().st_size for n in external_data_files(model)
                                      if (path.parent / n).is_file())

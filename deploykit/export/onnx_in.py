@@ -23,17 +23,7 @@ import deploykit
 from deploykit.errors import UserError
 from deploykit.export import ExportResult
 from deploykit.io import atomic_path, sha256_file
-from deploykit.onnx_utils import rename_value, set_metadata
-
-
-def unique_value_name(graph: onnx.GraphProto, base: str) -> str:
-    names = {n for node in graph.node for n in list(node.input) + list(node.output)}
-    names |= {v.name for v in list(graph.input) + list(graph.output)} | {t.name for t in graph.initializer}
-    name, k = base, 0
-    while name in names:
-        k += 1
-        name = f"{base}_{k}"
-    return name
+from deploykit.onnx_utils import rename_value, set_metadata, unique_name
 
 
 def _keep_output(model: onnx.ModelProto, name: str) -> None:
@@ -57,7 +47,7 @@ def _keep_output(model: onnx.ModelProto, name: str) -> None:
 def _append_mean_pool(model: onnx.ModelProto, tokens: str) -> str:
     """sum(tokens * mask, axis=1) / max(sum(mask), 1e-9): the sentence embedding ``[batch, hidden]``."""
     g = model.graph
-    n = {k: unique_value_name(g, f"deploykit_pool_{k}") for k in
+    n = {k: unique_name(model, f"deploykit_pool_{k}") for k in
          ("mask_f", "mask3", "axis1", "axis2", "masked", "summed", "count", "eps", "count_c", "pooled")}
     g.initializer.extend([
         onnx.numpy_helper.from_array(np.array([2], dtype=np.int64), n["axis2"]),

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from deploykit.errors import UserError
+from deploykit.onnx_utils import external_data_files, load_onnx, opset_of
 from deploykit.models.base import ModelBundle, TextPreprocessor, check_options, installed_files
 
 ONNX_OPTIONS = {"tokenizer", "max_length", "output"}
@@ -62,22 +63,13 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
 
 def check_graph(path: Path) -> onnx.ModelProto:
     """The user's model, read without writing anything; refuses what deploykit cannot feed or quantize."""
-    if not path.is_file():
-        raise UserError("ONNX file not found", path=path, fix="check the path")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for garbage
-        raise UserError(f"not a readable ONNX model ({type(exc).__name__})", path=path,
-                        fix="give an .onnx file saved by onnx.save or torch.onnx.export") from None
-    if not model.graph.node or not model.graph.output:
-        raise UserError("not an ONNX model (empty graph)", path=path,
-                        fix="give an .onnx file saved by onnx.save or torch.onnx.export")
-    missing = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"
-                      and not (path.parent / e.value).is_file()})
+    model = load_onnx(path, load_weights=False, fix="give an .onnx file saved by onnx.save or torch.onnx.export",
+                      missing_fix="check the path")
+    missing = [name for name in external_data_files(model) if not (path.parent / name).is_file()]
     if missing:
         raise UserError(f"external data file(s) {', '.join(missing)} missing next to the model", path=path,
                         fix="keep the data files the model was saved with in the same folder")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = opset_of(model)
     if opset < MIN_OPSET:
         raise UserError(f"opset {opset} is below {MIN_OPSET} (per-channel Q/DQ needs it)", path=path,
                         fix="re-export with opset_version=17 or later")
@@ -220,7 +212,7 @@ def load_onnx_model(path: Path, *, source: str, options: dict[str, Any], name: s
     if max_length < 2:
         raise UserError(f"max_length {max_length} is below 2", fix="set model.options.max_length to 2 or more")
     hidden = _dims(next(o for o in model.graph.output if o.name == output))[-1]
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = opset_of(model)
     return OnnxModelBundle(
         source=source, name=name, task="text-embedding", module=None, input_names=input_names,
         output_name="sentence_embedding", dynamic_axes={n: {0: "batch", 1: "sequence"} for n in input_names},

@@ -18,7 +18,8 @@ import onnx
 from onnx import numpy_helper
 
 from deploykit.data import Split
-from deploykit.quantize.graph import consumers, iterate_activations, producers, unique_name
+from deploykit.onnx_utils import unique_name
+from deploykit.quantize.graph import consumers, iterate_activations, producers
 
 
 def _dequantized_weight(dq: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray | None:

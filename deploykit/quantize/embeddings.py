@@ -29,7 +29,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from deploykit.quantize.graph import consumers, unique_name
+from deploykit.onnx_utils import unique_name
+from deploykit.quantize.graph import consumers
 
 FORMS = ("dq-gather", "gather-mul", "gather-block")
 VENDOR_DOMAIN = "com.microsoft"

@@ -50,15 +50,6 @@ def constant_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-def unique_name(model: onnx.ModelProto, base: str) -> str:
-    taken = {n for node in model.graph.node for n in list(node.input) + list(node.output)}
-    taken |= {i.name for i in model.graph.initializer} | {n.name for n in model.graph.node}
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    return name
-
-
 def cpu_session(model: onnx.ModelProto, threads: int | None = None, *, optimize: bool = True):
     """An in-memory ONNX Runtime CPU session with explicit threads (no fusion when not ``optimize``)."""
     import onnxruntime as ort

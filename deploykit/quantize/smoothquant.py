@@ -39,6 +39,7 @@ from onnx import helper, numpy_helper
 
 from deploykit.data import Split
 from deploykit.errors import UserError
+from deploykit.onnx_utils import unique_name
 from deploykit.quantize.config import GROUP_KINDS
 from deploykit.quantize.graph import (
     consumers,
@@ -46,7 +47,6 @@ from deploykit.quantize.graph import (
     initializers,
     iterate_activations,
     producers,
-    unique_name,
 )
 
 TARGETS = ("ln-fed", "all")
