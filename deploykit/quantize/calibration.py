@@ -18,7 +18,8 @@ from deploykit.io import atomic_paths, json_text, refuse_overwriting_inputs, sha
 from deploykit.onnx_utils import get_metadata, set_metadata
 from deploykit.plugins import DOMAIN, INT8_FORMS
 from deploykit.quantize.config import QuantConfig
-from deploykit.quantize.qdq import build_qdq, load_for_quantization, prepare
+from deploykit.quantize.graph import float_op_types
+from deploykit.quantize.qdq import build_model, load_for_quantization, prepare
 from deploykit.quantize.record import ranges_path_for
 
 
@@ -29,16 +30,6 @@ def file_sizes(fp32: Path, int8: Path) -> dict[str, Any]:
 
     a, b = model_bytes(fp32), model_bytes(int8)
     return {"fp32_bytes": a, "int8_bytes": b, "int8_over_fp32": round(b / a, 4) if a else None}
-
-
-def float_op_types(nodes: list[onnx.NodeProto], names: list[str]) -> dict[str, int]:
-    """How many of ``names`` there are per op type (of the selected ``nodes``)."""
-    types = {n.name: n.op_type for n in nodes}
-    out: dict[str, int] = {}
-    for name in names:
-        op = types.get(name, "?")
-        out[op] = out.get(op, 0) + 1
-    return dict(sorted(out.items()))
 
 
 @dataclass
@@ -130,15 +121,11 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
         config, prepared, fallback, tuning = outcome.config, outcome.prepared, outcome.float_nodes, outcome.log
     else:
         prepared = prepare(inferred, split, config, alpha=config.smoothquant.alpha, threads=threads, where=model_path)
-    # the tuned choice, if tuning ran
-    ranges = prepared.ranges(config.method, config.percentile, config.tensor_methods)
     embeddings: list[dict[str, Any]] = []
-    quantized = build_qdq(prepared, ranges, fallback, embeddings)
     bias_records: list[dict[str, Any]] = []
-    if config.bias_correction:
-        from deploykit.quantize.bias import correct_biases
-
-        quantized, bias_records = correct_biases(quantized, prepared.model, split, threads=threads)
+    ranges = prepared.ranges(config.method, config.percentile, config.tensor_methods)   # the tuned choice, if tuning ran
+    quantized = build_model(prepared, ranges, fallback, bias_correction=config.bias_correction, threads=threads,
+                            embedding_log=embeddings, bias_log=bias_records)
     custom = sorted({n.op_type for n in quantized.graph.node if n.domain == DOMAIN})
     plugin_nodes = sorted(n.name for n in quantized.graph.node
                           if n.domain == DOMAIN and n.op_type in INT8_FORMS.values())

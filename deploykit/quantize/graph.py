@@ -50,6 +50,16 @@ def constant_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
+def float_op_types(nodes: list[onnx.NodeProto], names: list[str]) -> dict[str, int]:
+    """How many of ``names`` there are per op type (of the given ``nodes``; "?" for a name none has)."""
+    types = {n.name: n.op_type for n in nodes}
+    out: dict[str, int] = {}
+    for name in names:
+        op = types.get(name, "?")
+        out[op] = out.get(op, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def cpu_session(model: onnx.ModelProto, threads: int | None = None, *, optimize: bool = True):
     """An in-memory ONNX Runtime CPU session with explicit threads (no fusion when not ``optimize``)."""
     import onnxruntime as ort

@@ -229,6 +229,24 @@ def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: l
     return _with_int8_embeddings(result, config, embedding_log)
 
 
+def build_model(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: list[str] = (), *,
+                bias_correction: bool = False, threads: int | None = None,
+                embedding_log: list[dict[str, Any]] | None = None,
+                bias_log: list[dict[str, Any]] | None = None) -> onnx.ModelProto:
+    """The Q/DQ model of one configuration: Q/DQ with ``ranges`` and ``float_nodes`` kept float
+    (and int8 embedding tables where configured), then, with ``bias_correction``, biases
+    corrected on the calibration data. What calibrate writes and what each tuning trial scores
+    are built here alike."""
+    model = build_qdq(prepared, ranges, float_nodes, embedding_log)
+    if bias_correction:
+        from deploykit.quantize.bias import correct_biases
+
+        model, records = correct_biases(model, prepared.model, prepared.calibration, threads=threads)
+        if bias_log is not None:
+            bias_log.extend(records)
+    return model
+
+
 def _with_int8_embeddings(model: onnx.ModelProto, config: QuantConfig,
                           log: list[dict[str, Any]] | None) -> onnx.ModelProto:
     if config.embeddings:

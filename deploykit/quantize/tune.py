@@ -40,8 +40,8 @@ from deploykit.metrics import output_reducer, task_metrics
 from deploykit.onnx_utils import get_metadata
 from deploykit.progress import say
 from deploykit.quantize.config import GROUP_KINDS, QuantConfig
-from deploykit.quantize.graph import cpu_session
-from deploykit.quantize.qdq import Prepared, build_qdq, prepare
+from deploykit.quantize.graph import cpu_session, float_op_types
+from deploykit.quantize.qdq import Prepared, build_model, prepare
 
 
 @dataclass
@@ -72,12 +72,7 @@ def build(prepared: Prepared, candidate: Candidate, float_nodes: list[str] = (),
           threads: int | None = None) -> onnx.ModelProto:
     """The Q/DQ model of ``candidate`` from ``prepared`` (its alpha already applied)."""
     ranges = prepared.ranges(candidate.method, candidate.percentile, candidate.tensor_methods)
-    model = build_qdq(prepared, ranges, float_nodes)
-    if candidate.bias_correction:
-        from deploykit.quantize.bias import correct_biases
-
-        model, _ = correct_biases(model, prepared.model, prepared.calibration, threads=threads)
-    return model
+    return build_model(prepared, ranges, float_nodes, bias_correction=candidate.bias_correction, threads=threads)
 
 
 @dataclass
@@ -189,12 +184,8 @@ class _Search:
         model = build(prepared, candidate, float_nodes, threads=self.threads)
         metrics = self.scorer(model)
         ok, score = criteria_score(metrics, self.criteria)
-        types: dict[str, int] = {}
-        by_name = {n.name: n.op_type for n in prepared.nodes}
-        for name in float_nodes:
-            types[by_name.get(name, "?")] = types.get(by_name.get(name, "?"), 0) + 1
         trial = Trial(len(self.trials) + 1, phase, copy.deepcopy(candidate), list(float_nodes), metrics, ok, score,
-                      time.perf_counter() - t0, dict(sorted(types.items())))
+                      time.perf_counter() - t0, float_op_types(prepared.nodes, float_nodes))
         self.trials.append(trial)
         if self.best is None or self._key(trial) > self._key(self.best[0]):
             self.best = (trial, prepared)
@@ -358,8 +349,8 @@ def _fallback_phase(search: _Search, tuning: Split, max_float_nodes: int | None,
     passing: int | None = None
     failing = 0
     k = 1
-    if sensitivity and order and order[0] in (fallback_info.get("sensitivity") and
-                                              {r["node"] for r in fallback_info["sensitivity"]} or ()):
+    probed = {r["node"] for r in fallback_info.get("sensitivity", [])}
+    if order and order[0] in probed:
         failing, k = 1, 2                          # k = 1 was a sensitivity trial, and it failed
     while k <= limit and not search.spent():       # grow: 1, 2, 4, ...
         if search.record("fallback", candidate, order[:k], prepared).passed:
