@@ -226,9 +226,9 @@ def _parity_section(report: dict, plot: str | None, base: Path | None = None) ->
     source = ""
     if ver.get("inputs"):
         digest = f", sha256 `{ver['inputs_sha256'][:16]}…`" if ver.get("inputs_sha256") else ""
-        source = f" (`{format_cell(ver['inputs'])}`{digest})"
+        source = f" (`{format_cell(_relative(ver['inputs'], base))}`{digest})"
     intro = (f"Each variant run on each backend on the same saved inputs{source}, compared with "
-             f"{format_cell(ver.get('reference') or 'torch FP32')}"
+             f"{format_cell(_relative(ver.get('reference'), base) or 'torch FP32')}"
              f"{' (the ' + format_cell(ver['reference_model']) + ')' if ver.get('reference_model') else ''}.")
     out = ["## Accuracy per backend", "", intro, ""]
     rows = parity_rows(parity)
@@ -359,8 +359,8 @@ def _target_accuracy_section(targets: dict, parity: dict, checks: list[dict]) ->
                     ["l", "l", "l", "r", "l", "l"])]
 
 
-def _bundles_section(bundles: dict) -> list[str]:
-    rows = [[f"`{name}`", f"`{format_cell(b['path'])}`", f"`{b['sha256']}`" if b.get("sha256") else "—",
+def _bundles_section(bundles: dict, base: Path | None = None) -> list[str]:
+    rows = [[f"`{name}`", f"`{format_cell(_relative(b['path'], base))}`", f"`{b['sha256']}`" if b.get("sha256") else "—",
              _size(b.get("size_bytes")), format_cell(b.get("files"))] for name, b in bundles.items()]
     return ["## Edge bundles", "", *_table(["target", "path", "sha256", "size", "files"], rows,
                                            ["l", "l", "l", "r", "r"])]
@@ -460,7 +460,7 @@ def render_markdown(report: dict, rendering: Rendering) -> str:
         md += [*_targets_section(targets, rendering.add(TARGETS_PLOT, lambda dest: plot_targets(targets, dest))), ""]
         md += [*_target_accuracy_section(targets, parity, (report.get("verification") or {}).get("checks") or []), ""]
     if report.get("bundles"):
-        md += [*_bundles_section(report["bundles"]), ""]
+        md += [*_bundles_section(report["bundles"], rendering.out), ""]
 
     tuning = report.get("tuning")
     if isinstance(tuning, dict) and tuning.get("trials"):
