@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 
@@ -256,3 +256,14 @@ def iterate_batches(feeds: dict[str, np.ndarray], batch_size: int) -> Iterator[d
             batch = {k: (v[:, :length] if v.ndim == 2 and v.shape[1] == mask.shape[1] else v)
                      for k, v in batch.items()}
         yield {k: np.ascontiguousarray(v) for k, v in batch.items()}
+
+
+def map_batches(infer, batches: Iterable[dict[str, np.ndarray]], batch_size: int, reduce=None) -> np.ndarray:
+    """``infer(feeds)`` on each batch (``batch_size`` rows each but the last), concatenated;
+    ``reduce(feeds, output, start)`` (a causal LM's per-position record,
+    :func:`deploykit.metrics.output_reducer`) shrinks each output before the next batch runs."""
+    outs = []
+    for i, feeds in enumerate(batches):
+        out = infer(feeds)
+        outs.append(out if reduce is None else reduce(feeds, out, i * batch_size))
+    return np.concatenate(outs, axis=0)

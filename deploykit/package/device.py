@@ -260,14 +260,10 @@ def _run_variants(runners: dict[str, Any], backend: str, split, expected: dict[s
 def _variant_outputs(variant: str, runner, split, shown: Path, reduce=None) -> np.ndarray:
     """The variant's outputs on all saved inputs, in device-verify's batches; ``reduce`` (a causal
     LM's per-position record against the expected reference) shrinks each batch's output."""
-    from deploykit.data import iterate_batches
+    from deploykit.data import iterate_batches, map_batches
 
     try:
-        outs = []
-        for i, f in enumerate(iterate_batches(split.feeds, VERIFY_BATCH)):
-            out = runner.infer(f)
-            outs.append(out if reduce is None else reduce(f, out, i * VERIFY_BATCH))
-        return np.concatenate(outs, axis=0)
+        return map_batches(runner.infer, iterate_batches(split.feeds, VERIFY_BATCH), VERIFY_BATCH, reduce)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - the runtimes raise their own types for bad graphs or feeds

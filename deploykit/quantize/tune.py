@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 
 from deploykit.acceptance import parse_rule, passes
-from deploykit.data import Split, iterate_batches
+from deploykit.data import Split, iterate_batches, map_batches
 from deploykit.metrics import output_reducer, task_metrics
 from deploykit.onnx_utils import get_metadata
 from deploykit.progress import say
@@ -143,11 +143,8 @@ class _Scorer:
         session = cpu_session(model, self.threads)
         names = [i.name for i in session.get_inputs()]
         reduce = output_reducer(self.task, self.split.feeds, self.reference)   # a causal LM's per-batch record
-        outs = []
-        for i, f in enumerate(iterate_batches(self.split.feeds, self.batch_size)):
-            out = session.run(None, {n: f[n] for n in names})[0]
-            outs.append(out if reduce is None else reduce(f, out, i * self.batch_size))
-        return np.concatenate(outs)
+        return map_batches(lambda f: session.run(None, {n: f[n] for n in names})[0],
+                           iterate_batches(self.split.feeds, self.batch_size), self.batch_size, reduce)
 
     def __call__(self, model: onnx.ModelProto) -> dict[str, float]:
         return task_metrics(self.task, self.reference, self.run(model), self.split.labels)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from deploykit.acceptance import evaluate_checks, parse_rule, passes
-from deploykit.data import Split, iterate_batches
+from deploykit.data import Split, iterate_batches, map_batches
 from deploykit.metrics import (LM_TASK, classification_metrics, embedding_metrics, lm_metrics, nearest_neighbours,
                                output_reducer, parity_entry, snr_db, task_metrics)
 from deploykit.progress import track
@@ -40,12 +40,9 @@ def run_split(runner, split: Split, *, batch_size: int = 32, description: str = 
 
         raise UserError(f"batch size must be at least 1, not {batch_size}", fix="e.g. verify.batch_size: 32")
     n_batches = -(-split.count // batch_size)
-    outs = []
-    for i, feeds in enumerate(track(iterate_batches(split.feeds, batch_size), total=n_batches,
-                                    description=description or f"verify {runner.backend}")):
-        out = runner.infer(feeds)
-        outs.append(out if reduce is None else reduce(feeds, out, i * batch_size))
-    return np.concatenate(outs, axis=0)
+    batches = track(iterate_batches(split.feeds, batch_size), total=n_batches,
+                    description=description or f"verify {runner.backend}")
+    return map_batches(runner.infer, batches, batch_size, reduce)
 
 
 @dataclass
