@@ -20,23 +20,17 @@ def time_loop(runner, feeds: dict[str, np.ndarray], *, warmup: int, iterations: 
               max_seconds: float) -> dict[str, Any]:
     for _ in range(warmup):
         runner.infer(feeds)
-    times: list[float] = []
-    started = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        runner.infer(feeds)
-        times.append(time.perf_counter() - t0)
-        spent = time.perf_counter() - started
-        if len(times) >= iterations and spent >= min_seconds:
-            break
-        if spent >= max_seconds and len(times) >= 3:
-            break
+    times = time_calls(runner, feeds, iterations, min_seconds, max_seconds, min_calls=3)
     batch = int(next(iter(feeds.values())).shape[0])
-    ms = np.asarray(times) * 1e3
+    return latency_entry(np.asarray(times) * 1e3, batch, runner.threads)
+
+
+def latency_entry(ms: np.ndarray, batch: int, threads: Any) -> dict[str, Any]:
+    """p50/p90/p99, mean and throughput of one configuration's call times (milliseconds)."""
     return {"batch": batch, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
-            "throughput_per_s": float(batch * len(times) / sum(times)), "iterations": len(times),
-            "threads": runner.threads}
+            "throughput_per_s": float(batch * len(ms) / (ms.sum() / 1e3)), "iterations": int(len(ms)),
+            "threads": threads}
 
 
 def peak_rss_mib() -> float:
@@ -56,9 +50,9 @@ def peak_rss_mib() -> float:
 
 
 def time_calls(runner, feeds: dict[str, np.ndarray], iterations: int, min_seconds: float,
-               max_seconds: float) -> list[float]:
+               max_seconds: float, *, min_calls: int = 1) -> list[float]:
     """Seconds of each timed ``infer`` call: at least ``iterations`` calls and ``min_seconds``,
-    stopping at ``max_seconds`` (after one call at least)."""
+    stopping at ``max_seconds`` once ``min_calls`` calls are done."""
     times: list[float] = []
     started = time.perf_counter()
     while True:
@@ -66,7 +60,7 @@ def time_calls(runner, feeds: dict[str, np.ndarray], iterations: int, min_second
         runner.infer(feeds)
         times.append(time.perf_counter() - t0)
         spent = time.perf_counter() - started
-        if (len(times) >= iterations and spent >= min_seconds) or spent >= max_seconds:
+        if (len(times) >= iterations and spent >= min_seconds) or (spent >= max_seconds and len(times) >= min_calls):
             return times
 
 
@@ -74,8 +68,5 @@ def summarize(rounds: list[list[float]], batch: int, threads: Any) -> dict[str, 
     """A latency entry from the calls of every round (p50/p90/p99 over all of them) plus each
     round's own p50 (what ratios and their spread are taken from)."""
     ms = np.concatenate([np.asarray(r) for r in rounds]) * 1e3
-    return {"batch": batch, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
-            "throughput_per_s": float(batch * len(ms) / (ms.sum() / 1e3)), "iterations": int(len(ms)),
-            "threads": threads, "rounds": len(rounds),
+    return {**latency_entry(ms, batch, threads), "rounds": len(rounds),
             "round_p50_ms": [float(np.percentile(np.asarray(r) * 1e3, 50)) for r in rounds]}
