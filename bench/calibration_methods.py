@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from deploykit.data import DataSpec, Split, iterate_batches, make_splits
+from deploykit.data import DataSpec, Split, iterate_batches, make_splits, map_batches
 from deploykit.io import write_json
 from deploykit.metrics import embedding_metrics
 from deploykit.presets import PRESETS
@@ -45,8 +45,8 @@ def run_model(model: onnx.ModelProto, split: Split, output: str | None, threads:
     session = cpu_session(model, threads)
     names = [i.name for i in session.get_inputs()]
     outputs = [output] if output else None
-    return np.concatenate([session.run(outputs, {n: f[n] for n in names})[0]
-                           for f in iterate_batches(split.feeds, 32)])
+    return map_batches(lambda f: session.run(outputs, {n: f[n] for n in names})[0],
+                       iterate_batches(split.feeds, 32), 32)
 
 
 def restrict(split: Split, model: onnx.ModelProto) -> Split:

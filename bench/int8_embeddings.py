@@ -25,12 +25,9 @@ import json
 import logging
 import platform
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from deploykit.data import load_split
 from deploykit.io import read_npz, write_json
@@ -75,30 +72,18 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def _latency(paths: dict[str, Path], feeds: dict[str, np.ndarray], batches: list[int], seq: int,
+def _latency(paths: dict[str, Path], split, batches: list[int], seq: int,
              iterations: int, threads: int) -> dict[str, dict[str, float]]:
-    import onnxruntime as ort
+    """Median ms per form and batch, the forms timed interleaved call by call (deploykit's bench
+    with one call per round: load drifts hit every form alike)."""
+    from deploykit.bench import BenchConfig, bench
 
-    sessions = {}
-    for name, path in paths.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.log_severity_level = 3
-        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    out: dict[str, dict[str, float]] = {name: {} for name in paths}
-    for batch in batches:
-        x = {k: v[:batch, :seq] for k, v in feeds.items()}
-        times: dict[str, list[float]] = {name: [] for name in paths}
-        for s in sessions.values():
-            s.run(None, x)
-        for _ in range(iterations):             # interleaved: load drifts hit every form alike
-            for name, s in sessions.items():
-                start = time.perf_counter()
-                s.run(None, x)
-                times[name].append(time.perf_counter() - start)
-        for name in paths:
-            out[name][f"batch{batch}_ms_median"] = round(1e3 * float(np.median(times[name])), 3)
-    return out
+    runners = [(name, OrtRunner(path, threads=threads)) for name, path in paths.items()]
+    config = BenchConfig(batches=list(batches), seq_len=seq, warmup=1, iterations=iterations, min_seconds=0.0,
+                         rounds=iterations)
+    latency = bench(runners, split, config)
+    return {name: {f"batch{b}_ms_median": round(latency[f"{name}@ort-cpu/b{b}"]["p50_ms"], 3) for b in batches}
+            for name in paths}
 
 
 def main() -> None:
@@ -148,7 +133,7 @@ def main() -> None:
             rows[name] = measure(path)
             print(json.dumps({name: rows[name]}), flush=True)
         latency = _latency({"int8, fp32 embeddings": paths["int8, fp32 embeddings"], **forms},
-                           evaluation.feeds, args.batches, args.seq, args.iterations, args.threads)
+                           evaluation, args.batches, args.seq, args.iterations, args.threads)
         print(json.dumps(latency), flush=True)
     import onnxruntime
 
