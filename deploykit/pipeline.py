@@ -360,7 +360,7 @@ def verify_models(models: list[Path], report: Path, *, source: str | None, data:
                              batch_size=batch_size, localize_failures=localize_failures,
                              localize_samples=localize_samples, ranges=ranges)
     name = stages.reference_name(bundle)
-    computed = f"{name}{'' if stages.has_onnx_reference(bundle) else ' fp32'}, computed here"
+    computed = f"{stages.reference_label(bundle)}, computed here"
     result["verification"].update({"inputs": str(inputs_path) if inputs_path else None,
                                    "reference": str(reference) if reference else computed, "reference_model": name})
     print_parity(result["parity"], result["verification"])

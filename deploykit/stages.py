@@ -97,6 +97,11 @@ def reference_name(bundle) -> str:
     return getattr(bundle, "reference_name", None) or "torch"
 
 
+def reference_label(bundle) -> str:
+    """The reference as progress lines say it: ``torch fp32``, or ``fp32 onnx on ort-cpu``."""
+    return reference_name(bundle) if has_onnx_reference(bundle) else f"{reference_name(bundle)} fp32"
+
+
 def calibrate(ctx: RunContext, key: str, config: QuantConfig, preset: str, title: str, *,
               tuning_split: Split | None = None):
     """``<run>/model.<key>.onnx``: the FP32 export calibrated on the calibration split."""
@@ -149,8 +154,7 @@ def baselines(ctx: RunContext) -> None:
 def reference(ctx: RunContext, title: str | None = None, name: str = "reference.npz"):
     """Torch FP32 outputs of the model (an ONNX model source: the user's FP32 graph on ONNX
     Runtime) on the evaluation split, saved as ``<run>/<name>``."""
-    with stage(title or f"reference outputs ({reference_name(ctx.bundle)}"
-               f"{'' if has_onnx_reference(ctx.bundle) else ' fp32'})"):
+    with stage(title or f"reference outputs ({reference_label(ctx.bundle)})"):
         ctx.reference = reference_outputs(ctx.bundle, ctx.splits.evaluation, ctx.rec.verify.batch_size)
         write_npz(ctx.run_dir / name, {"output": ctx.reference})
     return ctx.reference
