@@ -211,6 +211,8 @@ def calibrate(
                                                         help="Weight scales per output channel.")] = None,
     smoothquant: Annotated[Optional[float], typer.Option(help="SmoothQuant strength alpha in [0, 1].")] = None,
     smoothquant_targets: Annotated[Optional[str], typer.Option(help="ln-fed | all")] = None,
+    pv_offset: Annotated[Optional[bool], typer.Option("--pv-offset/--no-pv-offset",
+                                                      help="Softmax·V as ½(2P−1)·V + ½ΣV: int8 P spans [−1, 1].")] = None,
     tune: Annotated[Optional[bool], typer.Option("--tune/--no-tune", help="Accuracy-driven search.")] = None,
     criterion: Annotated[Optional[list[str]], typer.Option(help="Tuning target, e.g. cosine_mean>=0.995 "
                                                                 "(repeatable).")] = None,
@@ -236,7 +238,7 @@ def calibrate(
     spec = rec.data if rec else DataSpec()
     overrides = {"preset": preset, "method": method, "percentile": percentile, "residual_adds": residual_adds,
                  "layernorm": layernorm, "activation_type": activation_type, "activation_symmetric": symmetric,
-                 "per_channel": per_channel, "batch_size": batch_size,
+                 "per_channel": per_channel, "batch_size": batch_size, "probability_offset": pv_offset,
                  "op_types": [t.strip() for t in op_types.split(",") if t.strip()] if op_types else None,
                  "nodes_to_exclude": list(exclude) if exclude else None,
                  "nodes_to_quantize": list(only) if only else None}

@@ -19,12 +19,54 @@ def splits(tiny_bundle):
     return make_splits(tiny_bundle, DataSpec(source="docstrings", calibration=32, evaluation=64, seed=0, tuning=48))
 
 
-def _config(criteria, budget=12, alphas=(None,), methods=("percentile",), refine=()):
-    # no refinement steps unless a test asks: these tests are about the grid and the fallback
-    return QuantConfig(smoothquant=SmoothQuantConfig(targets="all"),
+@pytest.fixture(scope="module")
+def outlier_onnx(tiny_onnx, tmp_path_factory):
+    """The tiny model with one activation channel made an outlier at the input of three
+    single-reader Linears, as in real transformers: x -> x·s with s = (200, 1, 1, ...) and the
+    weight's first row divided by 200, so the float function is unchanged while per-tensor
+    int8 of those three inputs rounds every other channel to a few levels. Falling back exactly
+    those three nodes is what fixes it; the rest of the random model barely notices int8."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(tiny_onnx))
+    inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    chosen = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+              and readers[n.input[0]] == 1][:3]
+    assert len(chosen) == 3
+    nodes = []
+    for n in model.graph.node:
+        if n.name in chosen:
+            w = numpy_helper.to_array(inits[n.input[1]]).copy()
+            scale = np.ones(w.shape[0], np.float32)
+            scale[0] = 200.0
+            w[0] /= 200.0
+            inits[n.input[1]].CopyFrom(numpy_helper.from_array(w, n.input[1]))
+            model.graph.initializer.append(numpy_helper.from_array(scale, f"{n.name}_outlier"))
+            nodes.append(helper.make_node("Mul", [n.input[0], f"{n.name}_outlier"], [f"{n.name}_x"],
+                                          name=f"{n.name}_outlier_mul"))
+            n.input[0] = f"{n.name}_x"
+        nodes.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    path = tmp_path_factory.mktemp("outlier-onnx") / "model.onnx"
+    onnx.save(model, str(path))
+    return path, chosen
+
+
+def _config(criteria, budget=12, alphas=(None,), methods=("percentile",), refine=(), max_float_fraction=1.0,
+            max_float_nodes=None):
+    # no refinement steps unless a test asks: these tests are about the grid and the fallback;
+    # the tiny model has few nodes, so the fallback may take any of them unless a test caps it
+    # (embedding tables stay float: an int8 table would keep even an all-float fallback off 1.0)
+    return QuantConfig(smoothquant=SmoothQuantConfig(targets="all"), embeddings=False,
                        tune=TuneConfig(enabled=True, criteria=criteria, budget=budget, alphas=list(alphas),
                                        methods=list(methods), percentiles=[99.99], samples=48,
-                                       refine=list(refine)))
+                                       refine=list(refine), max_float_fraction=max_float_fraction,
+                                       max_float_nodes=max_float_nodes))
 
 
 def _grid_best_metric(tiny_onnx, splits, tmp_path, metric="cosine_mean"):
@@ -41,15 +83,18 @@ def test_stops_at_the_first_configuration_that_passes(tiny_onnx, splits, tmp_pat
     assert log["chosen"]["trial"] == 1
 
 
-def test_falls_back_worst_nodes_until_the_target_then_narrows(tiny_onnx, splits, tmp_path):
-    # A target just above what full quantization reaches forces fallback; full fallback
-    # (every node float) reaches cosine 1.0, so the target is reachable.
-    unaided = _grid_best_metric(tiny_onnx, splits, tmp_path)
-    target = unaided + (1.0 - unaided) * 0.5
-    result = calibrate(tiny_onnx, splits.calibration, tmp_path / "q.onnx",
+def test_falls_back_worst_nodes_until_the_target_then_narrows(outlier_onnx, splits, tmp_path):
+    # Three nodes carry an outlier channel: they must rank worst, and a target 90 % of the way
+    # from the unaided score to 1.0 is out of reach until at least those three fall back.
+    path, outlier_nodes = outlier_onnx
+    unaided = _grid_best_metric(path, splits, tmp_path)
+    target = unaided + (1.0 - unaided) * 0.9
+    result = calibrate(path, splits.calibration, tmp_path / "q.onnx",
                        _config({"cosine_mean": f">= {target:.8f}"}, budget=30), tuning_split=splits.tuning)
     log = result.tuning
-    assert log["met"], log["trials"]
+    assert log["met"], [(t["float_node_count"], t["metrics"]["cosine_mean"]) for t in log["trials"]] + [target]
+    assert {r["node"] for r in log["ranking"][:3]} == set(outlier_nodes)
+    assert set(outlier_nodes) <= set(result.fallback_nodes)
     trials = log["trials"]
     fallback = [t for t in trials if t["phase"] == "fallback"]
     assert fallback and fallback[0]["float_node_count"] == 1
@@ -219,3 +264,62 @@ def test_sensitivity_reranks_the_worst_nodes_by_the_score_each_alone_in_float_re
         assert [r["node"] for r in log["sensitivity"]] == [t["float_nodes"][0] for t in by_score]
         fallback = [t for t in log["trials"] if t["phase"] == "fallback"]
         assert fallback and fallback[0]["float_nodes"][0] == by_score[0]["float_nodes"][0]
+
+
+def test_fallback_cap_is_the_lower_of_the_fraction_and_the_count():
+    from deploykit.quantize.tune import fallback_cap
+
+    assert fallback_cap(48, None, 0.125) == 6
+    assert fallback_cap(48, 4, 0.125) == 4
+    assert fallback_cap(96, None, 0.125) == 12
+    assert fallback_cap(5, None, 0.125) == 1          # at least one node may fall back ...
+    assert fallback_cap(5, 0, 0.125) == 0             # ... unless max_float_nodes says none
+    assert fallback_cap(5, None, 1.0) == 5
+
+
+def test_fallback_stops_at_the_cap_and_reports_not_met(outlier_onnx, splits, tmp_path):
+    # Three outlier nodes need falling back, but one node in eight of the tiny model's 16 is 2:
+    # the fallback stops there and the criteria are reported as not met.
+    path, _ = outlier_onnx
+    result = calibrate(path, splits.calibration, tmp_path / "q.onnx",
+                       _config({"cosine_mean": ">= 0.99999999"}, budget=30, max_float_fraction=0.125),
+                       tuning_split=splits.tuning)
+    log = result.tuning
+    selectable = len(result.quantized_nodes) + len(result.float_nodes)
+    cap = max(1, selectable // 8)
+    assert log["fallback_cap"] == cap and log["fallback_capped"] and not log["met"]
+    assert max(t["float_node_count"] for t in log["trials"]) <= cap
+    assert len(result.fallback_nodes) <= cap and result.quantized_nodes
+
+
+def test_a_model_with_no_int8_node_left_never_passes(tiny_onnx, splits, tmp_path):
+    # Only the FP32 graph itself reaches this target: even with the whole model allowed to
+    # fall back, the tuner must not call an all-float model a pass.
+    result = calibrate(tiny_onnx, splits.calibration, tmp_path / "q.onnx",
+                       _config({"cosine_mean": ">= 0.9999999999"}, budget=30, max_float_fraction=1.0),
+                       tuning_split=splits.tuning)
+    log = result.tuning
+    assert not log["met"] and not any(t["passed"] for t in log["trials"])
+    assert max(t["float_node_count"] for t in log["trials"]) == len(log["ranking"])   # it did try all-float
+
+
+def test_probability_offset_step_is_one_trial_and_carries_into_the_result(tiny_onnx, splits, tmp_path):
+    result = calibrate(tiny_onnx, splits.calibration, tmp_path / "q.onnx",
+                       _config({"cosine_mean": ">= 1.5"}, budget=3, refine=("probability-offset",)),
+                       tuning_split=splits.tuning)
+    trials = result.tuning["trials"]
+    offset = [t for t in trials if t["phase"] == "pv-offset"]
+    assert len(offset) == 1 and offset[0]["probability_offset"]
+    chose_offset = result.tuning["chosen"]["probability_offset"]
+    assert result.config.probability_offset == chose_offset
+    model = onnx.load(str(result.path))
+    sums = [n for n in model.graph.node if n.op_type == "ReduceSum" and n.name.endswith("_v_reducesum")]
+    assert bool(sums) == chose_offset and len(result.probability_offsets) == len(sums)
+
+
+def test_probability_offset_is_skipped_for_uint8_activations(tiny_onnx, splits, tmp_path):
+    config = _config({"cosine_mean": ">= 1.5"}, budget=3, refine=("probability-offset",))
+    config.preset = "cpu-ort"
+    result = calibrate(tiny_onnx, splits.calibration, tmp_path / "q.onnx", config, tuning_split=splits.tuning)
+    assert not any(t["phase"] == "pv-offset" for t in result.tuning["trials"])
+    assert "symmetric int8" in result.tuning["probability_offset"]

@@ -54,6 +54,7 @@ class CalibrationResult:
     float_node_ops: dict[str, str] = field(default_factory=dict)     # float node -> its op type
     selected_op_types: dict[str, int] = field(default_factory=dict)  # of every selected node, per op type
     bias_corrected: list[dict[str, Any]] = field(default_factory=list)
+    probability_offsets: list[str] = field(default_factory=list)    # P·V MatMuls with P as 2P−1
 
     def float_line(self) -> str:
         """One line for the run summary: the nodes kept in float, per op type against all selected."""
@@ -85,6 +86,7 @@ class CalibrationResult:
                                  for op, n in self.selected_op_types.items()},
             "tensor_methods": c.tensor_methods, "bias_correction": bool(c.bias_correction),
             "bias_corrected_nodes": len(self.bias_corrected),
+            "probability_offset": bool(c.probability_offset), "probability_offset_nodes": self.probability_offsets,
             "plugin_int8": c.plugin_int8, "plugin_int8_nodes": self.plugin_int8_nodes,
             "embeddings": c.embeddings or False, "embedding_tables": self.embeddings,
             "file_sizes": self.file_sizes,
@@ -136,6 +138,7 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
                                              "float_fallback": len(fallback),
                                              "embeddings": config.embeddings or False,
                                              "bias_correction": bool(config.bias_correction),
+                                             "probability_offset": len(prepared.offsets),
                                              "data_sha256": split.sha256, "samples": split.count}})
     onnx.checker.check_model(quantized, full_check=bool(custom))   # full: types through the local functions
     qdq = {op: sum(1 for n in quantized.graph.node if n.op_type == op) for op in ("QuantizeLinear", "DequantizeLinear")}
@@ -160,5 +163,6 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
                                float_op_types=float_op_types(prepared.nodes, float_nodes),
                                float_node_ops={n.name: n.op_type for n in prepared.nodes if n.name in float_nodes},
                                selected_op_types=float_op_types(prepared.nodes, [n.name for n in prepared.nodes]),
-                               bias_corrected=bias_records)
+                               bias_corrected=bias_records,
+                               probability_offsets=[r["node"] for r in prepared.offsets])
     return result

@@ -16,7 +16,7 @@ ACTIVATION_TYPES = ("int8", "uint8")
 GROUP_KINDS = ("attention-in", "attention-out", "mlp-in", "mlp-out")
 # Steps the tuner tries on its best configuration before it falls any node back to float
 # (see deploykit.quantize.tune); each is kept only when it raises the tuning score.
-REFINE_STEPS = ("tensor-method", "bias-correction", "group-alpha")
+REFINE_STEPS = ("probability-offset", "tensor-method", "bias-correction", "group-alpha")
 
 
 @dataclass
@@ -38,8 +38,14 @@ class TuneConfig:
     percentiles: list[float] = field(default_factory=lambda: [99.9, 99.99, 99.999])
     alphas: list[float | None] = field(default_factory=lambda: [None, 0.5, 0.65, 0.8])
     samples: int = 500                  # size of the tuning split
-    max_float_nodes: int | None = None  # give up falling back beyond this many nodes
+    # The fallback stops at this many float nodes, and at max_float_fraction of the quantizable
+    # ones (whichever is lower): a model mostly in float is not a W8A8 model, whatever its
+    # accuracy, so the tuner reports the criteria as not met rather than "pass" that way.
+    max_float_nodes: int | None = None
+    max_float_fraction: float = 0.125
     # Tried in the listed order on the best configuration so far, before any fallback:
+    #   probability-offset: P·V as ½(2P−1)·V + ½ΣV, so the int8 P spans [−1, 1]
+    #                    (deploykit.quantize.probabilities; symmetric int8 activations only)
     #   tensor-method:   each activation tensor's range from the method (of the grid's, or minmax)
     #                    that adds the least error at the output of the nodes reading it
     #   bias-correction: each quantized Linear's bias absorbs the mean output shift quantization adds
@@ -76,6 +82,9 @@ class QuantConfig:
     batch_size: int = 16
     sentinel_abs: float = 1e30
     bias_correction: bool = False              # Linear biases absorb the mean shift quantization adds
+    # P·V as ½(2P−1)·V + ½ΣV so the softmax output spans the whole symmetric int8 range
+    # (deploykit.quantize.probabilities); exact in float, half the rounding step on P.
+    probability_offset: bool = False
     tensor_methods: dict[str, str] = field(default_factory=dict)   # tensor -> "method" | "percentile:P"
     smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -134,6 +143,11 @@ class QuantConfig:
         for m in self.tune.methods:
             if m not in METHODS:
                 raise UserError(f"unknown method '{m}' in quantize.tune.methods", fix=f"use {', '.join(METHODS)}")
+        if not 0.0 < self.tune.max_float_fraction <= 1.0:
+            raise UserError(f"quantize.tune.max_float_fraction {self.tune.max_float_fraction} is outside (0, 1]",
+                            fix="use e.g. 0.125 (at most one node in eight falls back)")
+        if self.tune.max_float_nodes is not None and self.tune.max_float_nodes < 0:
+            raise UserError("quantize.tune.max_float_nodes is negative", fix="use 0 or more (0: no fallback)")
         if self.tune.budget < 1 or self.tune.samples < 8:
             raise UserError("quantize.tune needs budget >= 1 and samples >= 8", fix="raise tune.budget / tune.samples")
 

@@ -84,6 +84,7 @@ class Prepared:
     smoothing: list[dict[str, Any]] = field(default_factory=list)
     smooth_stats: dict[str, np.ndarray] | None = None   # per-channel max|x|, reusable for another alpha
     calibration: Split | None = None            # the data the statistics came from (bias correction)
+    offsets: list[dict[str, Any]] = field(default_factory=list)   # P·V products rewritten (probabilities)
 
     def ranges(self, method: str | None = None, percentile: float | None = None,
                tensor_methods: dict[str, str] | None = None) -> dict[str, TensorRange]:
@@ -139,9 +140,10 @@ def _shape_inferred(model: onnx.ModelProto, model_path: Path) -> onnx.ModelProto
 def prepare(inferred: onnx.ModelProto, split: Split, config: QuantConfig, *,
             alpha: float | dict[str, float | None] | None = None,
             smooth_stats: dict[str, np.ndarray] | None = None, threads: int | None = None,
-            where: str | Path = "") -> Prepared:
-    """Smooth (if ``alpha``), select nodes, collect statistics over ``split``."""
-    model, smoothing = inferred, []
+            where: str | Path = "", offset: bool | None = None) -> Prepared:
+    """Smooth (if ``alpha``), offset the attention probabilities (if ``offset``, by default
+    ``config.probability_offset``), select nodes, collect statistics over ``split``."""
+    model, smoothing, offsets = inferred, [], []
     if alpha is not None:
         from deploykit.quantize.smoothquant import smooth
 
@@ -149,6 +151,10 @@ def prepare(inferred: onnx.ModelProto, split: Split, config: QuantConfig, *,
                                                 exclude_nodes=tuple(config.nodes_to_exclude),
                                                 batch_size=config.batch_size, threads=threads, stats=smooth_stats)
         model = onnx.shape_inference.infer_shapes(model)
+    if config.probability_offset if offset is None else offset:
+        from deploykit.quantize.probabilities import offset_probabilities
+
+        model, offsets = offset_probabilities(model)
     nodes = select_nodes(model, config)
     if not nodes:
         raise UserError(f"no node of type {config.op_types} to quantize", path=where,
@@ -170,7 +176,7 @@ def prepare(inferred: onnx.ModelProto, split: Split, config: QuantConfig, *,
     masked = sorted(name for name, r in ranges.items() if r.masked)
     mask_set = set(masked)
     mask_float = sorted(n.name for n in nodes if mask_set.intersection(list(n.input) + list(n.output)))
-    return Prepared(model, config, nodes, collector, masked, mask_float, smoothing, smooth_stats, split)
+    return Prepared(model, config, nodes, collector, masked, mask_float, smoothing, smooth_stats, split, offsets)
 
 
 def _qtype(name: str):
@@ -224,6 +230,10 @@ def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: l
     quantizer.model.topological_sort()  # what ORT's own save step does before writing
     result = quantizer.model.model
     _restore_float_inputs(result, keep_float)
+    if prepared.offsets:
+        from deploykit.quantize.probabilities import share_dequantized_values
+
+        share_dequantized_values(result, prepared.offsets)
     if config.plugin_int8:
         fold_into_plugins(result)
     return _with_int8_embeddings(result, config, embedding_log)

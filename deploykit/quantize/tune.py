@@ -9,10 +9,16 @@ model's own outputs, every trial builds a Q/DQ model and checks the criteria:
    per alpha; each method's ranges come from the same histograms. The first configuration
    that meets every criterion wins (it needs no float node); otherwise the best-scoring one
    goes on.
-2. **Fallback**: the best configuration's quantized nodes are ranked by the error each adds
+2. **Refinement** (``tune.refine``, in order, each kept only when it raises the score): the
+   attention probabilities offset to [−1, 1] before P·V, a calibration method per tensor,
+   bias correction, a SmoothQuant strength per group kind.
+3. **Fallback**: the best configuration's quantized nodes are ranked by the error each adds
    on its own (``deploykit.quantize.debug.node_errors``), worst first, and the k worst are
    kept in float for k = 1, 2, 4, ... until the criteria hold, then k is narrowed by
-   bisection to the smallest passing k found.
+   bisection to the smallest passing k found. k stops at ``max_float_fraction`` of the
+   quantizable nodes (default one in eight) and at ``max_float_nodes``: beyond that the
+   result is reported as not meeting the criteria, never as a "pass" that is mostly float.
+   A trial with no node left in int8 never passes.
 
 The score of a trial is its smallest normalised margin over the criteria
 (``(value - threshold) / (1 - threshold)`` for ``>=`` rules), so "best" means "closest to
@@ -53,6 +59,7 @@ class Candidate:
     percentile: float | None
     tensor_methods: dict[str, str] = field(default_factory=dict)
     bias_correction: bool = False
+    offset: bool = False                # P·V with the probabilities offset (deploykit.quantize.probabilities)
 
     def but(self, **changes: Any) -> Candidate:
         out = copy.deepcopy(self)
@@ -65,7 +72,7 @@ class Candidate:
                  else str(self.alpha))
         return (f"alpha={alpha} {self.method}{'' if self.percentile is None else f' {self.percentile}'}"
                 + (f" +{len(self.tensor_methods)} tensor methods" if self.tensor_methods else "")
-                + (" +bias" if self.bias_correction else ""))
+                + (" +bias" if self.bias_correction else "") + (" +pv-offset" if self.offset else ""))
 
 
 def build(prepared: Prepared, candidate: Candidate, float_nodes: list[str] = (), *,
@@ -78,7 +85,7 @@ def build(prepared: Prepared, candidate: Candidate, float_nodes: list[str] = (),
 @dataclass
 class Trial:
     index: int
-    phase: str                       # grid | group-alpha | tensor-method | bias-correction | fallback
+    phase: str                       # grid | pv-offset | tensor-method | bias-correction | group-alpha | sensitivity | fallback
     candidate: Candidate
     float_nodes: list[str]
     metrics: dict[str, float]
@@ -103,7 +110,7 @@ class Trial:
         c = self.candidate
         return {"trial": self.index, "phase": self.phase, "alpha": c.alpha, "method": c.method,
                 "percentile": self.percentile, "tensor_methods": dict(c.tensor_methods),
-                "bias_correction": c.bias_correction, "float_node_count": len(self.float_nodes),
+                "bias_correction": c.bias_correction, "probability_offset": c.offset, "float_node_count": len(self.float_nodes),
                 "float_nodes": self.float_nodes, "float_op_types": self.float_op_types,
                 "metrics": {k: None if v is None else round(v, 6) for k, v in self.metrics.items()},
                 "passed": self.passed, "score": round(self.score, 6), "seconds": round(self.seconds, 2)}
@@ -181,6 +188,8 @@ class _Search:
         model = build(prepared, candidate, float_nodes, threads=self.threads)
         metrics = self.scorer(model)
         ok, score = criteria_score(metrics, self.criteria)
+        if not {n.name for n in prepared.nodes} - set(float_nodes) - set(prepared.mask_float_nodes):
+            ok = False                     # nothing left in int8: an FP32 model, not a pass
         trial = Trial(len(self.trials) + 1, phase, copy.deepcopy(candidate), list(float_nodes), metrics, ok, score,
                       time.perf_counter() - t0, float_op_types(prepared.nodes, float_nodes))
         self.trials.append(trial)
@@ -200,20 +209,23 @@ def _grid_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split, 
     for alpha in config.tune.alphas:
         if search.spent() or (search.best is not None and search.best[0].passed):
             break
-        prepared = prepare(inferred, calibration, config, alpha=alpha, smooth_stats=smooth_stats, threads=threads)
-        prepared_by_alpha[_alpha_key(alpha)] = prepared
+        offset = bool(config.probability_offset)
+        prepared = prepare(inferred, calibration, config, alpha=alpha, smooth_stats=smooth_stats, threads=threads,
+                           offset=offset)
+        prepared_by_alpha[_alpha_key(alpha, offset)] = prepared
         if alpha is not None and smooth_stats is None:
             smooth_stats = prepared.smooth_stats
         for method, pct in _grid(config):
             if search.spent():
                 break
-            if search.record("grid", Candidate(alpha, method, pct), [], prepared).passed:
+            if search.record("grid", Candidate(alpha, method, pct, offset=offset), [], prepared).passed:
                 break
     return prepared_by_alpha
 
 
-def _alpha_key(alpha) -> Any:
-    return tuple(sorted(alpha.items())) if isinstance(alpha, dict) else alpha
+def _alpha_key(alpha, offset: bool) -> Any:
+    """The key of a prepared graph: its smoothing strength(s) and whether P·V is offset."""
+    return (tuple(sorted(alpha.items())) if isinstance(alpha, dict) else alpha, bool(offset))
 
 
 def _group_alpha_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split, config: QuantConfig,
@@ -238,15 +250,36 @@ def _group_alpha_phase(search: _Search, inferred: onnx.ModelProto, calibration: 
             if value == current.get(kind):
                 continue
             alpha = {**current, kind: value}
-            key = _alpha_key(alpha)
+            key = _alpha_key(alpha, base.offset)
             if key not in prepared_by_alpha:
                 prepared_by_alpha[key] = prepare(inferred, calibration, config, alpha=alpha, smooth_stats=stats,
-                                                 threads=threads)
+                                                 threads=threads, offset=base.offset)
                 stats = stats or prepared_by_alpha[key].smooth_stats
             before = search.best[0]
             trial = search.record("group-alpha", base.but(alpha=alpha), [], prepared_by_alpha[key])
             if search.best[0] is trial and trial is not before:
                 current, base = alpha, trial.candidate
+
+
+def _offset_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split, config: QuantConfig,
+                  threads: int | None, prepared_by_alpha: dict[Any, Prepared]) -> None:
+    """The best configuration with the attention probabilities offset (P·V as ½(2P−1)·V + ½ΣV,
+    :mod:`deploykit.quantize.probabilities`); kept when it raises the score. Only symmetric int8
+    activations gain from it: uint8 already spans [0, 1] with 256 levels."""
+    best, prepared = search.best
+    if best.passed or search.spent() or best.candidate.offset:
+        return
+    if config.activation_type != "int8" or not config.activation_symmetric:
+        search.info["probability_offset"] = "skipped: activations are not symmetric int8"
+        return
+    key = _alpha_key(best.candidate.alpha, True)
+    if key not in prepared_by_alpha:
+        prepared_by_alpha[key] = prepare(inferred, calibration, config, alpha=best.candidate.alpha,
+                                         smooth_stats=prepared.smooth_stats, threads=threads, offset=True)
+    if not prepared_by_alpha[key].offsets:
+        search.info["probability_offset"] = "skipped: no softmax · V product in the graph"
+        return
+    search.record("pv-offset", best.candidate.but(offset=True), [], prepared_by_alpha[key])
 
 
 def _tensor_method_phase(search: _Search, config: QuantConfig, tuning: Split, threads: int | None) -> None:
@@ -312,8 +345,15 @@ def _head(split: Split, n: int) -> Split:
     return Split(split.name, {k: v[:n] for k, v in split.feeds.items()}, split.sha256)
 
 
+def fallback_cap(selectable: int, max_float_nodes: int | None, max_float_fraction: float) -> int:
+    """How many nodes the fallback may keep in float: ``max_float_fraction`` of the ``selectable``
+    ones (rounded down, at least 1), and no more than ``max_float_nodes`` when set."""
+    cap = max(1, int(np.floor(max_float_fraction * selectable + 1e-9)))
+    return min(cap, selectable, max_float_nodes if max_float_nodes is not None else cap)
+
+
 def _fallback_phase(search: _Search, tuning: Split, max_float_nodes: int | None, samples: int,
-                    threads: int | None, sensitivity: int = 0) -> dict[str, Any]:
+                    threads: int | None, sensitivity: int = 0, max_float_fraction: float = 1.0) -> dict[str, Any]:
     """Phase 3: fall back the nodes of the best configuration that add the most error on
     their own (the first ``sensitivity`` of them re-ranked by the score each one alone in
     float reaches), growing k, then narrowing it; the node ranking, for the log."""
@@ -325,10 +365,13 @@ def _fallback_phase(search: _Search, tuning: Split, max_float_nodes: int | None,
     candidate = best.candidate
     qdq = build(prepared, candidate, threads=threads)
     selectable = {n.name for n in prepared.nodes} - set(prepared.mask_float_nodes)
+    cap = fallback_cap(len(selectable), max_float_nodes, max_float_fraction)
+    if cap == 0:
+        return {"fallback_cap": 0}
     ranked = [e for e in node_errors(prepared.model, qdq, _head(tuning, samples), threads=threads)
               if e.node in selectable]
     order = [e.node for e in ranked]
-    fallback_info = {"ranking": [{"node": e.node, "op_type": e.op_type, "module": e.module,
+    fallback_info = {"fallback_cap": cap, "ranking": [{"node": e.node, "op_type": e.op_type, "module": e.module,
                                   "added_snr_db": round(e.added_snr_db, 2)} for e in ranked]}
     if sensitivity and not search.spent():
         # End-to-end sensitivity of the worst few: the score with each one alone in float.
@@ -342,7 +385,7 @@ def _fallback_phase(search: _Search, tuning: Split, max_float_nodes: int | None,
                 return fallback_info
         order = sorted(scores, key=lambda n: (-scores[n], order.index(n))) + [n for n in order if n not in scores]
         fallback_info["sensitivity"] = [{"node": n, "score": round(scores[n], 6)} for n in order if n in scores]
-    limit = min(len(order), max_float_nodes if max_float_nodes is not None else len(order))
+    limit = min(len(order), cap)
     passing: int | None = None
     failing = 0
     k = 1
@@ -355,6 +398,10 @@ def _fallback_phase(search: _Search, tuning: Split, max_float_nodes: int | None,
             break
         failing = k
         k = min(k * 2, limit) if k < limit else limit + 1
+    if passing is None and failing >= limit:
+        fallback_info["fallback_capped"] = True
+        say(f"  fallback: the criteria need more than {limit} float nodes, the most allowed "
+            f"(quantize.tune.max_float_nodes / max_float_fraction); not falling back further")
     while passing is not None and passing - failing > 1 and not search.spent():   # narrow
         mid = (passing + failing) // 2
         if search.record("fallback", candidate, order[:mid], prepared).passed:
@@ -376,7 +423,9 @@ def tune(model_path: Path, inferred: onnx.ModelProto, calibration: Split, tuning
         if search.best[0].passed or search.spent():
             break
         t0 = time.perf_counter()
-        if step == "group-alpha":
+        if step == "probability-offset":
+            _offset_phase(search, inferred, calibration, config, threads, prepared_by_alpha)
+        elif step == "group-alpha":
             _group_alpha_phase(search, inferred, calibration, config, threads, prepared_by_alpha)
         elif step == "tensor-method":
             _tensor_method_phase(search, config, tuning, threads)
@@ -385,7 +434,7 @@ def tune(model_path: Path, inferred: onnx.ModelProto, calibration: Split, tuning
         phase_seconds[step] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     fallback_info = _fallback_phase(search, tuning, tc.max_float_nodes, tc.refine_samples, threads,
-                                    tc.sensitivity_candidates)
+                                    tc.sensitivity_candidates, tc.max_float_fraction)
     phase_seconds["fallback"] = round(time.perf_counter() - t0, 1)
     trials = search.trials
 
@@ -398,6 +447,7 @@ def tune(model_path: Path, inferred: onnx.ModelProto, calibration: Split, tuning
     out_config.smoothquant.alpha = c.alpha
     out_config.tensor_methods = dict(c.tensor_methods)
     out_config.bias_correction = c.bias_correction
+    out_config.probability_offset = c.offset
     log = {"criteria": dict(tc.criteria), "met": chosen.passed, "budget": tc.budget, "trials_run": len(trials),
            "chosen": chosen.to_dict(), "tuning_data": tuning.summary(), "seconds": round(time.perf_counter() - start, 1),
            "phase_seconds": phase_seconds, "trials": [t.to_dict() for t in trials], **search.info, **fallback_info}

@@ -81,6 +81,9 @@ def _applied_calibration(cal: dict) -> dict:
     if not cal.get("plugin_int8_nodes"):
         cal.pop("plugin_int8", None)
         cal.pop("plugin_int8_nodes", None)
+    if not cal.get("probability_offset_nodes"):
+        cal.pop("probability_offset", None)
+        cal.pop("probability_offset_nodes", None)
     methods = {cal.get("method"), *((cal.get("tensor_methods") or {}).values()
                                     if isinstance(cal.get("tensor_methods"), dict) else ())}
     if "percentile" not in methods:
@@ -102,7 +105,8 @@ def _tuning_section(tuning: dict, plot: str = TUNING_PLOT) -> list[str]:
     metrics = list(criteria) or sorted({m for t in tuning["trials"] for m in t["metrics"]})
     rows = [[str(t["trial"]), t["phase"], format_cell(t["alpha"]), t["method"] + (f" {t['percentile']}" if t["percentile"]
             is not None else "") + (f", {len(t['tensor_methods'])} tensors own method" if t.get("tensor_methods") else "")
-             + (", bias corrected" if t.get("bias_correction") else ""), str(t["float_node_count"]), *(format_number(t["metrics"].get(m), m) for m in metrics),
+             + (", bias corrected" if t.get("bias_correction") else "")
+             + (", P·V offset" if t.get("probability_offset") else ""), str(t["float_node_count"]), *(format_number(t["metrics"].get(m), m) for m in metrics),
              "✅" if t["passed"] else ""] for t in tuning["trials"]]
     table = _table(["trial", "phase", "alpha", "method", "float nodes", *metrics, "pass"], rows)
     out = ["## Tuning", "", head, "", f"![Tuning trials]({plot})", "", *table]
