@@ -342,8 +342,13 @@ def bench_targets(models: dict[str, Path], split: Split, targets: list[str], con
             if not entry["measurable"]:
                 say(f"  {name}: {entry['reason']}")
             for variant, fig in entry["latency"].items():
-                say(f"  {name} {variant}: p50 {fig['p50_ms']:.2f} ms at batch 1 on {fig['threads']} threads, "
-                    f"peak RSS {fig['peak_rss_mib']:.0f} MiB of {entry['memory_budget_mib']:.0f}")
+                ratio = (f" ({fig['ratio_to_fp32']:.2f}× FP32, rounds {fig['ratio_spread'][0]:.2f}–"
+                         f"{fig['ratio_spread'][1]:.2f}{'' if fig['conclusive'] else ', inconclusive'})"
+                         if "ratio_to_fp32" in fig else "")
+                memory = (f", peak RSS {fig['peak_rss_mib']:.0f} MiB of {entry['memory_budget_mib']:.0f}"
+                          if fig.get("peak_rss_mib") is not None else "")
+                say(f"  {name} {variant}: p50 {fig['p50_ms']:.2f} ms{ratio} at batch 1 on {fig['threads']} threads"
+                    + memory)
     return out
 
 

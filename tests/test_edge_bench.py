@@ -66,6 +66,35 @@ def test_edge_x86_times_each_model_at_batch_1_with_its_memory(x86_entry):
         assert 0 < row["p50_ms"] <= row["p99_ms"] and row["mean_ms"] > 0 and row["throughput_per_s"] > 0
         assert row["peak_rss_mib"] > row["model_rss_mib"] >= 0
         assert row["within_memory_budget"] is True
+        assert row["rounds"] == FAST.rounds and len(row["round_p50_ms"]) == FAST.rounds
+
+
+def test_edge_models_are_timed_interleaved_with_a_ratio_per_round(x86_entry):
+    # the same file twice: its ratio to FP32 comes from the rounds both were timed in
+    again = x86_entry["latency"]["again"]
+    assert "ratio_to_fp32" not in x86_entry["latency"]["fp32"]
+    lo, hi = again["ratio_spread"]
+    assert lo <= again["ratio_to_fp32"] <= hi and isinstance(again["conclusive"], bool)
+    assert any(f"timed interleaved in {FAST.rounds} rounds" in note for note in x86_entry["notes"])
+
+
+def test_interleaved_rounds_alternate_between_the_children(model, split, monkeypatch):
+    from deploykit.bench import edge
+
+    order = []
+    ask = edge._Child.ask
+
+    def spy(self, command, want):
+        if command == "round":
+            order.append(self.model.name)
+        return ask(self, command, want)
+
+    monkeypatch.setattr(edge._Child, "ask", spy)
+    other = tiny_model(model.with_name("other.onnx"))
+    bench_on_target({"fp32": model, "int8": other}, split, get_target("edge-cpu-x86"),
+                    dataclasses.replace(FAST, rounds=3))
+    # rotating order: fp32 int8 | int8 fp32 | fp32 int8
+    assert order == ["tiny.onnx", "other.onnx", "other.onnx", "tiny.onnx", "tiny.onnx", "other.onnx"]
 
 
 def test_more_target_threads_than_cores_is_a_bound(x86_entry):

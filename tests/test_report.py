@@ -341,7 +341,9 @@ def add_deployment_sections(report: dict) -> dict:
                                     "peak_rss_mib": 412.3, "model_rss_mib": 90.1, "within_memory_budget": True},
                            "int8": {"batch": 1, "p50_ms": 5.5, "p90_ms": 6.0, "p99_ms": 7.75, "mean_ms": 5.7,
                                     "throughput_per_s": 181.8, "iterations": 50, "threads": 4,
-                                    "peak_rss_mib": 2300.0, "model_rss_mib": 25.4, "within_memory_budget": False}}},
+                                    "peak_rss_mib": 2300.0, "model_rss_mib": 25.4, "within_memory_budget": False,
+                                    "rounds": 5, "ratio_to_fp32": 0.44, "ratio_spread": [0.41, 0.47],
+                                    "conclusive": True}}},
         "rpi5": {"target": "rpi5", "runtime": "ort-cpu-arm64", "measurable": False,
                  "reason": "needs an aarch64 CPU, this machine is x86_64", "threads": None, "machine_cores": 8,
                  "memory_budget_mib": 512.0, "notes": [], "latency": {}},
@@ -456,10 +458,10 @@ def test_render_deployment_sections(tmp_path):
             "--exclude /encoder/layer.0/MatMul --exclude /encoder/layer.1/MatMul") in parity
 
     targets = md[md.index("## Targets"):md.index("## Edge bundles")]
-    assert "| `x86-server` | `ort-cpu` | `fp32` | 4 | 12.50 | 15.25 | 412.3 / 2048 | ✅ |" in targets
-    assert "| `x86-server` | `ort-cpu` | `int8` | 4 | 5.50 | 7.75 | 2300.0 / 2048 | ❌ |" in targets
+    assert "| `x86-server` | `ort-cpu` | `fp32` | 4 | 12.50 | 15.25 | — | 412.3 / 2048 | ✅ |" in targets
+    assert "| `x86-server` | `ort-cpu` | `int8` | 4 | 5.50 | 7.75 | 0.44× (0.41–0.47) | 2300.0 / 2048 | ❌ |" in targets
     # the reason is a line under the table, not a value of the variant column
-    assert "| `rpi5` | `ort-cpu-arm64` | — | — | — | — | — | not measurable here |" in targets
+    assert "| `rpi5` | `ort-cpu-arm64` | — | — | — | — | — | — | not measurable here |" in targets
     assert "- `rpi5`: not measurable here: needs an aarch64 CPU, this machine is x86_64" in targets
     assert "- `x86-server`: threads capped at the target's 4 cores" in targets
     # accuracy on each target's runtime: its backend's entries and checks, or why there are none

@@ -102,14 +102,20 @@ def add_ratios(latency: dict[str, Any]) -> None:
         series, _, batch = key.partition("/")
         variant, _, backend = series.partition("@")
         base = latency.get(f"fp32@{backend}/{batch}")
-        if variant == "fp32" or not base or not entry.get("round_p50_ms") or not base.get("round_p50_ms"):
-            continue
-        ratios = [a / b for a, b in zip(entry["round_p50_ms"], base["round_p50_ms"]) if b > 0]
-        if not ratios:
-            continue
-        entry["ratio_to_fp32"] = float(np.median(ratios))
-        entry["ratio_spread"] = [float(min(ratios)), float(max(ratios))]
-        entry["conclusive"] = bool(min(ratios) > 1.0 or max(ratios) < 1.0) if len(ratios) > 1 else False
+        if variant != "fp32" and base:
+            compare_rounds(entry, base)
+
+
+def compare_rounds(entry: dict[str, Any], base: dict[str, Any]) -> None:
+    """``entry``'s per-round p50 over ``base``'s (FP32's, timed in the same rounds): the median
+    as ``ratio_to_fp32``, the range as ``ratio_spread``; ``conclusive`` when every round agrees
+    on which is faster."""
+    ratios = [a / b for a, b in zip(entry.get("round_p50_ms") or [], base.get("round_p50_ms") or []) if b > 0]
+    if not ratios:
+        return
+    entry["ratio_to_fp32"] = float(np.median(ratios))
+    entry["ratio_spread"] = [float(min(ratios)), float(max(ratios))]
+    entry["conclusive"] = bool(min(ratios) > 1.0 or max(ratios) < 1.0) if len(ratios) > 1 else False
 
 
 def bench_settings(config: BenchConfig, threads: int) -> dict[str, Any]:

@@ -3,7 +3,10 @@
 What is emulated: the target's thread count (ONNX Runtime's intra-op threads, and the child
 process pinned to that many cores of this machine when it has more), batch 1 (edge serving),
 and the target's memory budget: each model runs in a fresh child process holding one ONNX
-Runtime session, whose peak resident memory is compared with ``memory_gib``. What is not:
+Runtime session, whose peak resident memory is compared with ``memory_gib``. The children
+are loaded together and timed interleaved in ``bench.rounds`` rounds, one round per model in
+turn, so a slow spell of this machine slows every variant alike; each variant's ratio to FP32
+is taken per round, with its spread, as ``deploykit bench`` does. What is not:
 the target's CPU microarchitecture (ISA extensions, caches, clock), memory bandwidth and
 thermal limits; latency is this machine's CPU at the target's thread count, a like-for-like
 comparison between variants, not the device's figure. ONNX Runtime CPU targets of this
@@ -133,7 +136,6 @@ def bench_on_target(models: dict[str, Path], split: Split, target: Target, confi
 
     from deploykit.bench import bench_feeds
     from deploykit.io import write_npz
-    from deploykit.progress import track
 
     wanted = target.threads or 1
     threads = min(wanted, len(cpus))
@@ -154,41 +156,112 @@ def bench_on_target(models: dict[str, Path], split: Split, target: Target, confi
     feeds = bench_feeds(split, 1, config.seq_len)
     with tempfile.TemporaryDirectory(prefix="deploykit-edge-") as tmp:
         feeds_path = write_npz(Path(tmp) / "feeds.npz", feeds)
-        for variant, model in track(list(models.items()), total=len(models),
-                                    description=f"benchmarking on {target.name}"):
-            result = _run_child(Path(model), feeds_path, threads, pinned, config)
-            result["within_memory_budget"] = bool(result["peak_rss_mib"] <= entry["memory_budget_mib"])
-            entry["latency"][variant] = result
+        entry["latency"] = _time_interleaved(models, feeds_path, threads, pinned, config, Path(tmp), target.name)
+    for result in entry["latency"].values():
+        result["within_memory_budget"] = bool(result["peak_rss_mib"] <= entry["memory_budget_mib"])
+    entry["notes"].append(f"each model in its own process, timed interleaved in {config.rounds} rounds")
     return entry
 
 
-def _run_child(model: Path, feeds_path: Path, threads: int, cpus: list[int] | None,
-               config: BenchConfig) -> dict[str, Any]:
-    """Time ``model`` in a fresh process; its JSON result, or a UserError naming the model."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--model", str(model), "--feeds", str(feeds_path),
-           "--threads", str(threads), "--warmup", str(config.warmup), "--iterations", str(config.iterations),
-           "--min-seconds", repr(float(config.min_seconds)), "--max-seconds", repr(float(config.max_seconds))]
-    if cpus:
-        cmd += ["--cpus", ",".join(map(str, cpus))]
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])        # deploykit importable however it was found here
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    last = _json_line(lines[-1]) if lines else None
-    if proc.returncode == 0 and isinstance(last, dict) and "p50_ms" in last:
-        return last
-    if proc.returncode == 2 and isinstance(last, dict) and "error" in last:   # the child's UserError
-        raise UserError(str(last["error"]), path=model, fix=last.get("fix"))
-    errors = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
-    if errors:
-        why = errors[-1]
-    elif proc.returncode < 0:
-        why = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
-    else:
-        why = f"exit code {proc.returncode}, no result"
-    raise UserError(f"timing the model in a child process failed ({why})", path=model,
-                    fix="check that ONNX Runtime runs it: deploykit bench --backend ort-cpu")
+class _Child:
+    """One model's timing process: it loads one ONNX Runtime session, then times a round per
+    ``round`` line it reads and reports its peak memory on ``done``."""
+
+    def __init__(self, model: Path, feeds_path: Path, threads: int, cpus: list[int] | None, config: BenchConfig,
+                 stderr_path: Path):
+        per_round = max(1, -(-config.iterations // config.rounds))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--model", str(model), "--feeds", str(feeds_path),
+               "--threads", str(threads), "--warmup", str(config.warmup), "--iterations", str(per_round),
+               "--min-seconds", repr(float(config.min_seconds) / config.rounds),
+               "--max-seconds", repr(float(config.max_seconds) / config.rounds)]
+        if cpus:
+            cmd += ["--cpus", ",".join(map(str, cpus))]
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])    # deploykit importable however it was found here
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+        self.model, self.stderr_path = model, stderr_path
+        self._stderr = open(stderr_path, "w", encoding="utf-8")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                     text=True, env=env, bufsize=1)
+
+    def ask(self, command: str | None, want: str) -> dict[str, Any]:
+        """Send ``command`` (None: only read) and return the child's next JSON line holding ``want``."""
+        try:
+            if command is not None:
+                self.proc.stdin.write(command + "\n")
+                self.proc.stdin.flush()
+            while True:
+                line = self.proc.stdout.readline()
+                if not line:
+                    break
+                reply = _json_line(line)
+                if isinstance(reply, dict) and want in reply:
+                    return reply
+                if isinstance(reply, dict) and "error" in reply:      # the child's UserError
+                    raise UserError(str(reply["error"]), path=self.model, fix=reply.get("fix"))
+        except (BrokenPipeError, OSError):
+            pass
+        raise self._failure()
+
+    def _failure(self) -> UserError:
+        code = self.proc.wait()
+        self._stderr.flush()
+        errors = [line.strip() for line in self.stderr_path.read_text(encoding="utf-8", errors="replace").splitlines()
+                  if line.strip()]
+        if errors:
+            why = errors[-1]
+        elif code < 0:
+            why = f"killed by signal {-code}" + (" (out of memory?)" if code == -9 else "")
+        else:
+            why = f"exit code {code}, no result"
+        return UserError(f"timing the model in a child process failed ({why})", path=self.model,
+                         fix="check that ONNX Runtime runs it: deploykit bench --backend ort-cpu")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+        self._stderr.close()
+
+
+def _time_interleaved(models: dict[str, Path], feeds_path: Path, threads: int, cpus: list[int] | None,
+                      config: BenchConfig, tmp: Path, target_name: str) -> dict[str, Any]:
+    """Every model in its own child process, all loaded at once and warmed up, then timed in
+    ``config.rounds`` rounds, one round per model in turn (the order rotating each round): a
+    slow spell of this machine slows every variant alike. Each variant's figures pool its
+    rounds; its ratio to FP32 is taken per round (as in ``deploykit bench``)."""
+    from deploykit.bench import compare_rounds
+    from deploykit.progress import track
+    from deploykit.timing import summarize
+
+    names = list(models)
+    children: dict[str, _Child] = {}
+    try:
+        for k, name in enumerate(names):
+            children[name] = _Child(Path(models[name]), feeds_path, threads, cpus, config, tmp / f"child{k}.err")
+        for name in names:
+            children[name].ask(None, "ready")
+            children[name].ask("warmup", "warm")
+        times: dict[str, list[list[float]]] = {name: [] for name in names}
+        for r in track(range(config.rounds), total=config.rounds,
+                       description=f"benchmarking on {target_name} ({config.rounds} rounds)"):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                times[name].append(children[name].ask("round", "times")["times"])
+        out: dict[str, Any] = {}
+        for name in names:
+            memory = children[name].ask("done", "peak_rss_mib")
+            out[name] = {**summarize(times[name], 1, threads), **memory}
+    finally:
+        for child in children.values():
+            child.close()
+    base = out.get("fp32")
+    for name, entry in out.items():
+        if base is not None and name != "fp32":
+            compare_rounds(entry, base)
+    return out
 
 
 def _json_line(text: str) -> Any:
@@ -200,15 +273,17 @@ def _json_line(text: str) -> Any:
 
 # ----------------------------------------------------------------------------- the child process
 def _child(argv: list[str] | None = None) -> int:
+    """Load the model, then serve the parent's lines: ``warmup``, ``round`` (time one round and
+    print its call times), ``done`` (print peak memory and exit). One JSON line per reply."""
     parser = argparse.ArgumentParser(description="time one ONNX model for deploykit bench --target (internal)")
     parser.add_argument("--model", required=True)
     parser.add_argument("--feeds", required=True)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--cpus", default="")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=20)
-    parser.add_argument("--min-seconds", type=float, default=1.0)
-    parser.add_argument("--max-seconds", type=float, default=20.0)
+    parser.add_argument("--iterations", type=int, default=4)        # per round
+    parser.add_argument("--min-seconds", type=float, default=0.2)   # per round
+    parser.add_argument("--max-seconds", type=float, default=4.0)   # per round
     args = parser.parse_args(argv)
     if args.cpus:                                          # before ONNX Runtime starts its threads
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
@@ -217,17 +292,29 @@ def _child(argv: list[str] | None = None) -> int:
 
     from deploykit.io import read_npz
     from deploykit.runners import OrtRunner
-    from deploykit.timing import peak_rss_mib, time_loop
+    from deploykit.timing import peak_rss_mib, time_calls
+
+    def reply(obj: dict[str, Any]) -> None:
+        print(json.dumps(obj), flush=True)
 
     try:
         feeds = read_npz(args.feeds, what="feeds file")
         baseline = peak_rss_mib()
         runner = OrtRunner(args.model, provider="cpu", threads=args.threads)
-        result = time_loop(runner, feeds, warmup=args.warmup, iterations=args.iterations,
-                            min_seconds=args.min_seconds, max_seconds=args.max_seconds)
+        reply({"ready": True})
+        for line in sys.stdin:
+            command = line.strip()
+            if command == "warmup":
+                for _ in range(args.warmup):
+                    runner.infer(feeds)
+                reply({"warm": True})
+            elif command == "round":
+                reply({"times": time_calls(runner, feeds, args.iterations, args.min_seconds, args.max_seconds)})
+            elif command == "done":
+                break
     except UserError as exc:
         print(exc.one_line(), file=sys.stderr)
-        print(json.dumps({"error": exc.message, "fix": exc.fix}))
+        reply({"error": exc.message, "fix": exc.fix})
         return 2
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types; the parent reports the last line
         traceback.print_exc()
@@ -235,8 +322,7 @@ def _child(argv: list[str] | None = None) -> int:
         print(f"{type(exc).__name__}: {text[:400]}", file=sys.stderr)   # one line: multi-line ORT messages
         return 1
     peak = peak_rss_mib()
-    result.update(peak_rss_mib=peak, model_rss_mib=max(peak - baseline, 0.0))
-    print(json.dumps(result))
+    reply({"peak_rss_mib": peak, "model_rss_mib": max(peak - baseline, 0.0)})
     return 0
 
 

@@ -287,17 +287,26 @@ def _parity_section(report: dict, plot: str | None, base: Path | None = None) ->
     return out[:-1] if out[-1] == "" else out
 
 
+def _ratio_cell(e: dict) -> str:
+    """``0.62× (0.58–0.66)``, marked inconclusive when the rounds disagree; "—" without a ratio."""
+    if not is_number(e.get("ratio_to_fp32")):
+        return "—"
+    lo, hi = (e.get("ratio_spread") or [None, None])[:2]
+    spread = f" ({lo:.2f}–{hi:.2f})" if is_number(lo) and is_number(hi) else ""
+    return f"{e['ratio_to_fp32']:.2f}×{spread}" + ("" if e.get("conclusive") else ", inconclusive")
+
+
 def _targets_section(targets: dict, plot: str | None) -> list[str]:
     rows = []
     for name, target in targets.items():
         runtime = f"`{format_cell(target.get('runtime'))}`"
         if not target.get("measurable"):
-            rows.append([f"`{name}`", runtime, "—", "—", "—", "—", "—", "not measurable here"])
+            rows.append([f"`{name}`", runtime, "—", "—", "—", "—", "—", "—", "not measurable here"])
             continue
         latency = target.get("latency") or {}
         if not latency:
             rows.append([f"`{name}`", runtime, "no latency measured", format_cell(target.get("threads")),
-                         "—", "—", "—", "—"])
+                         "—", "—", "—", "—", "—"])
         budget = target.get("memory_budget_mib")
         for variant, e in latency.items():
             threads = e.get("threads") if e.get("threads") is not None else target.get("threads")
@@ -307,12 +316,13 @@ def _targets_section(targets: dict, plot: str | None) -> list[str]:
             within = e.get("within_memory_budget")
             rows.append([f"`{name}`", runtime, f"`{variant}`", format_cell(threads),
                          format_ms(e["p50_ms"]) if is_number(e.get("p50_ms")) else "—",
-                         format_ms(e["p99_ms"]) if is_number(e.get("p99_ms")) else "—", memory,
+                         format_ms(e["p99_ms"]) if is_number(e.get("p99_ms")) else "—", _ratio_cell(e), memory,
                          "—" if within is None else "✅" if within else "❌"])
     out = ["## Targets", "", "Batch-1 latency per deployment target, with the runtime and threads it would use; "
+           "the ratio to FP32 is the median over rounds timed interleaved, with its range; "
            "peak RSS of the whole process against the target's memory budget.", "",
-           *_table(["target", "runtime", "variant", "threads", "p50 ms", "p99 ms", "peak RSS / budget MiB",
-                    "within budget"], rows, ["l", "l", "l", "r", "r", "r", "r", "l"])]
+           *_table(["target", "runtime", "variant", "threads", "p50 ms", "p99 ms", "vs FP32 (spread)",
+                    "peak RSS / budget MiB", "within budget"], rows, ["l", "l", "l", "r", "r", "r", "r", "r", "l"])]
     bullets = [f"- `{name}`: {format_cell(note)}" for name, target in targets.items() for note in target.get("notes") or []]
     for name, target in targets.items():
         if not target.get("measurable"):
