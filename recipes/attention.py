@@ -342,6 +342,56 @@ class HFSelfAttention(nn.Module):
         return context.transpose(1, 2).reshape(b, t, self.all_head_size), None
 
 
+def is_hf_decoder_attention(module: nn.Module) -> bool:
+    """A Llama-style causal self-attention (Llama, Mistral, Qwen2, SmolLM2, ...): q/k/v/o
+    projections, grouped key-value heads, rotary position embeddings applied by its module."""
+    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) \
+        and hasattr(module, "num_key_value_groups") and hasattr(module, "head_dim") \
+        and bool(getattr(module, "is_causal", False))
+
+
+class HFDecoderAttention(nn.Module):
+    """Replaces a Llama-style ``*Attention`` of a causal LM (prefill, no KV cache); keeps its
+    ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (and so the weights and their names). RoPE is
+    the model's own ``apply_rotary_pos_emb``; grouped key-value heads are repeated to every
+    query head before the core, as the eager attention does. The causal and padding mask
+    arrives additive, (B, 1, T, T)."""
+
+    def __init__(self, old: nn.Module):
+        super().__init__()
+        import sys
+
+        rotary = getattr(sys.modules.get(type(old).__module__), "apply_rotary_pos_emb", None)
+        if rotary is None:
+            raise UserError(f"{type(old).__name__} has no apply_rotary_pos_emb beside it",
+                            fix="the decoder attention transforms support Llama-style models (Llama, Mistral, Qwen2)")
+        self._rotary = rotary
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = old.q_proj, old.k_proj, old.v_proj, old.o_proj
+        self.head_dim = int(old.head_dim)
+        self.num_key_value_groups = int(old.num_key_value_groups)
+        self.num_heads = int(self.q_proj.out_features // self.head_dim)
+        self.is_causal = True
+        self.layer_idx = getattr(old, "layer_idx", None)
+        self.core = AttentionCore(self.num_heads, self.head_dim, int(self.q_proj.in_features),
+                                  float(getattr(old, "scaling", self.head_dim ** -0.5)))
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, *args, **kwargs):
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise NotImplementedError("deploykit's decoder attention transforms cover prefill only (no KV cache): "
+                                      "call the model with use_cache=False")
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = self._rotary(q, k, cos, sin)
+        if self.num_key_value_groups > 1:
+            k = k.repeat_interleave(self.num_key_value_groups, dim=1)
+            v = v.repeat_interleave(self.num_key_value_groups, dim=1)
+        context = self.core(hidden_states, q, k, v, attention_mask)
+        return self.o_proj(context.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)), None
+
+
 class TimmAttention(nn.Module):
     """Replaces timm's ``Attention`` (ViT, DeiT, ...); keeps every submodule and its name."""
 
@@ -381,8 +431,13 @@ def swap_all(root: nn.Module) -> list[nn.Module]:
     ours: list[nn.Module] = []
     for parent_name, parent in list(root.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, (HFSelfAttention, TimmAttention)):
+            if isinstance(child, (HFSelfAttention, TimmAttention, HFDecoderAttention)):
                 ours.append(child)
+            elif is_hf_decoder_attention(child):
+                new = HFDecoderAttention(child)
+                new.train(child.training)
+                setattr(parent, child_name, new)
+                ours.append(new)
             elif is_hf_self_attention(child):
                 new = HFSelfAttention(child)
                 new.train(child.training)
@@ -395,7 +450,8 @@ def swap_all(root: nn.Module) -> list[nn.Module]:
                 ours.append(new)
     if not ours:
         raise UserError("no attention module found to transform",
-                        fix="the attention transforms support Hugging Face BERT-family encoders and timm ViTs")
+                        fix="the attention transforms support Hugging Face BERT-family encoders, timm ViTs and "
+                            "Llama-style decoders")
     hf_config = getattr(getattr(root, "model", root), "config", None)
     if hf_config is not None and hasattr(hf_config, "_attn_implementation"):
         try:
@@ -406,7 +462,7 @@ def swap_all(root: nn.Module) -> list[nn.Module]:
 
 
 def attention_modules(root: nn.Module) -> list[nn.Module]:
-    return [m for m in root.modules() if isinstance(m, (HFSelfAttention, TimmAttention))]
+    return [m for m in root.modules() if isinstance(m, (HFSelfAttention, TimmAttention, HFDecoderAttention))]
 
 
 def apply_clipped_softmax(root: nn.Module, spec: SoftmaxSpec) -> int:
@@ -443,6 +499,10 @@ def apply_attention_swap(root: nn.Module, spec: MixerSpec) -> int:
                 raise UserError("a 2-D neighborhood needs the ViT's patch grid", fix="use a timm VisionTransformer")
             m_spec.grid = [int(g) for g in patch_embed.grid_size]
             m_spec.prefix_tokens = int(getattr(root, "num_prefix_tokens", 0))
+        if isinstance(m, HFDecoderAttention) and not m_spec.causal:
+            raise UserError(f"{spec.kind} attention on a causal language model must be causal",
+                            fix=f"set causal: true on the {spec.kind}-attention transform (a sliding window of "
+                                "kernel_size tokens ending at each token)")
         m.core.set_mixer(m_spec)
     return len(modules)
 
