@@ -139,11 +139,13 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write.")] = Path("model.onnx"),
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
     option: OptionOpt = None,
+    decode_step: Annotated[bool, typer.Option("--decode-step", help="A causal LM's one-token step with its KV "
+                                                                    "cache, instead of the prefill.")] = False,
 ) -> None:
     """Export a model to ONNX (dynamic batch/sequence) and check parity with torch."""
     from deploykit.pipeline import export_model
 
-    export_model(source, out, options=_options(option), opset=opset)
+    export_model(source, out, options=_options(option), opset=opset, decode_step=decode_step)
 
 
 def _criteria(items: list[str] | None, *, dotted: bool = False) -> dict[str, str] | None:

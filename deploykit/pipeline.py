@@ -125,10 +125,13 @@ def stage_split(bundle, data: str, which: str, spec: DataSpec) -> Split:
 
 
 # ----------------------------------------------------------------------------- export
-def export_model(source: str, out: Path, *, options: dict[str, Any] | None = None, opset: int = 18) -> dict[str, Any]:
+def export_model(source: str, out: Path, *, options: dict[str, Any] | None = None, opset: int = 18,
+                 decode_step: bool = False) -> dict[str, Any]:
     from deploykit.export import export_onnx
     from deploykit.models import load_model
 
+    if decode_step:
+        return _export_decode_step(source, out, options=options, opset=opset)
     with stage(f"export {source}"):
         bundle = load_model(source, options)
         result = export_onnx(bundle, out, opset=opset)
@@ -137,6 +140,23 @@ def export_model(source: str, out: Path, *, options: dict[str, Any] | None = Non
     say(f"wrote {out} (opset {opset}, {result.node_count} nodes); parity vs torch: max |diff| "
         f"{result.parity['max_abs_diff']:.3g}")
     return summary
+
+
+def _export_decode_step(source: str, out: Path, *, options: dict[str, Any] | None, opset: int) -> dict[str, Any]:
+    """``deploykit export --decode-step``: the KV-cache step, its parity measured on the last
+    token of 16 docstring sentences after their prefixes."""
+    from deploykit.export.decode import export_decode_step
+    from deploykit.models import load_model
+
+    with stage(f"export the decode step of {source}"):
+        bundle = load_model(source, options)
+        split = make_splits(bundle, DataSpec(source="docstrings", calibration=16, evaluation=1, seed=0)).calibration
+        record = export_decode_step(bundle, out, split, opset=opset)
+    write_json(out.with_suffix(".export.json"), record)
+    say(f"wrote {out} (decode step, {record['layers']} layers' KV cache, opset {opset}, {record['nodes']} nodes); "
+        f"parity vs torch: max |diff| {record['parity']['max_abs_diff']:.3g}, vs the prefill at the same position "
+        f"{record['parity']['vs_prefill_max_abs_diff']:.3g}")
+    return record
 
 
 # ----------------------------------------------------------------------------- calibrate

@@ -68,3 +68,31 @@ def minilm_bundle():
     from deploykit.models import load_model
 
     return load_model("embedded:minilm")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer, width-32 Llama (RMSNorm, RoPE, GQA 4:2 heads, SwiGLU, tied head) with MiniLM's
+    tokenizer, saved as a Hugging Face folder; RMSNorm weights away from 1."""
+    import torch
+
+    from deploykit._compat import ensure_model_libraries_importable
+    from deploykit.models.text import embedded_minilm_dir
+
+    ensure_model_libraries_importable()
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_minilm_dir()))
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():       # RMSNorm weights away from 1, so folding a scale into them is visible
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.eval().save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder

@@ -16,7 +16,6 @@ import torch
 from deploykit.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_decoders import tiny_llama_dir  # noqa: E402,F401 - the fixture
 
 LAYERS = 2
 

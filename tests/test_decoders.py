@@ -38,23 +38,6 @@ def _tokenizer():
 
 
 @pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    tok = _tokenizer()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():       # RMSNorm weights away from 1, so folding a scale into them is visible
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return _save(tmp_path_factory.mktemp("tiny-llama"), model, tok)
-
-
-@pytest.fixture(scope="module")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     tok = _tokenizer()
     from transformers import GPT2Config, GPT2LMHeadModel
