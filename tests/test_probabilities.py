@@ -122,3 +122,20 @@ def test_values_of_rank_one_are_left_alone():
     model.graph.output.extend([helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = onnx.shape_inference.infer_shapes(model)
     assert probability_matmuls(model) == []
+
+
+def test_per_node_error_rebuilds_the_offset_float_graph(tiny_onnx, tiny_splits, tmp_path):
+    # verify's localization and debug-quant compare each quantized node with the float graph
+    # it was quantized from: with the offset (and smoothing) that graph must be rebuilt too
+    from deploykit.quantize import calibrate
+    from deploykit.quantize.config import SmoothQuantConfig
+    from deploykit.quantize.debug import float_counterpart, node_errors
+
+    config = QuantConfig(preset="gpu-trt", probability_offset=True, smoothquant=SmoothQuantConfig(alpha=0.5))
+    result = calibrate(tiny_onnx, tiny_splits.calibration, tmp_path / "q.onnx", config)
+    assert result.probability_offsets                                   # the tiny BERT has 2 layers of P·V
+    float_model = float_counterpart(onnx.load(str(tiny_onnx)), result.ranges_path,
+                                    quantized=result.path, fp32=tiny_onnx)
+    errors = node_errors(float_model, onnx.load(str(result.path)), tiny_splits.calibration)
+    assert {e.node for e in errors} >= set(result.probability_offsets)
+    assert all(np.isfinite(e.added_snr_db) for e in errors)

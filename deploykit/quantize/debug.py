@@ -184,15 +184,23 @@ def node_errors(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, split:
 def float_counterpart(fp32_model: onnx.ModelProto, ranges_json: Path | None, *,
                       quantized: Path | None = None, fp32: Path | None = None) -> onnx.ModelProto:
     """The float graph an INT8 model was quantized from: ``fp32_model``, smoothed again
-    from the record in its ``.ranges.json`` when there is one. ``quantized`` and ``fp32`` are
-    the files the record must belong to (checked by hash)."""
+    from the record in its ``.ranges.json`` when there is one, and with its softmax · V
+    products offset again when the calibration offset them (the same rewrite, in the same
+    order as calibration: smoothing first). ``quantized`` and ``fp32`` are the files the
+    record must belong to (checked by hash)."""
     if ranges_json is None or not Path(ranges_json).is_file():
         return fp32_model
     from deploykit.quantize.record import read_ranges
     from deploykit.quantize.smoothquant import reapply
 
-    record = read_ranges(ranges_json, quantized=quantized, fp32=fp32).get("smoothing") or []
-    return reapply(fp32_model, record) if record else fp32_model
+    record = read_ranges(ranges_json, quantized=quantized, fp32=fp32)
+    smoothing = record.get("smoothing") or []
+    model = reapply(fp32_model, smoothing) if smoothing else fp32_model
+    if (record.get("config") or {}).get("probability_offset"):
+        from deploykit.quantize.probabilities import offset_probabilities
+
+        model, _ = offset_probabilities(onnx.shape_inference.infer_shapes(model))
+    return model
 
 
 def plot_node_errors(errors: list[NodeError], dest: Path, top: int = 30) -> Path:
