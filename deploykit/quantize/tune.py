@@ -452,6 +452,7 @@ def tune(model_path: Path, inferred: onnx.ModelProto, calibration: Split, tuning
            "chosen": chosen.to_dict(), "tuning_data": tuning.summary(), "seconds": round(time.perf_counter() - start, 1),
            "phase_seconds": phase_seconds, "trials": [t.to_dict() for t in trials], **search.info, **fallback_info}
     if not chosen.passed:
-        say(f"  tuning: the criteria were not met within {tc.budget} trials; using the best trial "
-            f"(#{chosen.index})")
+        why = (f"with at most {fallback_info['fallback_cap']} float nodes" if fallback_info.get("fallback_capped")
+               else f"within {tc.budget} trials" if search.spent() else f"in {len(trials)} trials")
+        say(f"  tuning: the criteria were not met {why}; using the best trial (#{chosen.index})")
     return TuneOutcome(out_config, prepared, list(chosen.float_nodes), log)
