@@ -46,7 +46,7 @@ def row(run: Path) -> dict[str, Any]:
     env = report.get("environment") or {}
     data = report.get("data") or {}
     return {
-        "run": run.name, "model": report.get("model"), "task": task, "metrics": [a, b],
+        "run": report.get("run") or run.name, "model": report.get("model"), "task": task, "metrics": [a, b],
         "evaluation_samples": (data.get("evaluation") or {}).get("count"),
         "fp32": {a: fp32.get(a), b: fp32.get(b)}, "int8": {a: int8.get(a), b: int8.get(b)},
         "float_matmuls": (cal.get("float_by_op_type") or {}).get("MatMul"),

@@ -179,6 +179,9 @@ def _alphas(items: list[str] | None) -> list[float | None] | None:
     return out
 
 
+_PV_HELP = "Softmax·V as ½(2P−1)·V + ½ΣV: int8 P spans [−1, 1]."
+
+
 @app.command(short_help="Static INT8: explicit Q/DQ ONNX + ranges.")
 @_guard
 def calibrate(
@@ -213,8 +216,7 @@ def calibrate(
                                                         help="Weight scales per output channel.")] = None,
     smoothquant: Annotated[Optional[float], typer.Option(help="SmoothQuant strength alpha in [0, 1].")] = None,
     smoothquant_targets: Annotated[Optional[str], typer.Option(help="ln-fed | all")] = None,
-    pv_offset: Annotated[Optional[bool], typer.Option("--pv-offset/--no-pv-offset",
-                                                      help="Softmax·V as ½(2P−1)·V + ½ΣV: int8 P spans [−1, 1].")] = None,
+    pv_offset: Annotated[Optional[bool], typer.Option("--pv-offset/--no-pv-offset", help=_PV_HELP)] = None,
     tune: Annotated[Optional[bool], typer.Option("--tune/--no-tune", help="Accuracy-driven search.")] = None,
     criterion: Annotated[Optional[list[str]], typer.Option(help="Tuning target, e.g. cosine_mean>=0.995 "
                                                                 "(repeatable).")] = None,

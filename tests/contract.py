@@ -11,9 +11,17 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+
+def _interactive_signals() -> None:
+    """In the child, before it starts: SIGINT as in a terminal. A shell starts background jobs
+    with SIGINT ignored, and a process that starts with it ignored rightly keeps ignoring it
+    (nohup semantics), so a suite run in the background would otherwise see no Ctrl-C at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def deploykit(*args, cwd: Path, check_rc: int | None = 0, tmpdir: Path | None = None,
@@ -24,7 +32,8 @@ def deploykit(*args, cwd: Path, check_rc: int | None = 0, tmpdir: Path | None = 
     if tmpdir is not None:
         Path(tmpdir).mkdir(parents=True, exist_ok=True)
         full_env["TMPDIR"] = str(tmpdir)
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env, timeout=timeout,
+                          preexec_fn=_interactive_signals if os.name == "posix" else None)
     if check_rc is not None:
         assert proc.returncode == check_rc, f"rc {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc

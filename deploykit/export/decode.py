@@ -68,6 +68,19 @@ def output_names(layers: int) -> list[str]:
     return ["logits"] + [f"present_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
 
 
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """``cache`` where the model's forward takes it (transformers >= 5.2x renamed it), else
+    ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out: Any):
+    cache = getattr(out, "past_key_values", None)
+    return cache if cache is not None else out.cache
+
+
 class DecodeStep(torch.nn.Module):
     """``(input_ids, attention_mask, position_ids, *past) -> (logits, *present)``."""
 
@@ -83,9 +96,9 @@ class DecodeStep(torch.nn.Module):
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         use_cache=True, **{_cache_keyword(self.model): cache})
         present = []
-        for layer in out.past_key_values.layers[: self.layers]:
+        for layer in _returned_cache(out).layers[: self.layers]:
             present += [layer.keys, layer.values]
         return (out.logits[:, -1], *present)
 
@@ -114,14 +127,14 @@ def decode_feeds(bundle: ModelBundle, split: Split, *, batch_size: int = 8) -> t
         ids = torch.from_numpy(ids_all[rows])
         prefix_mask = torch.from_numpy((np.arange(width)[None, :] < (n - 2)[:, None]).astype(np.int64))
         prefix = ids[:, :width].masked_fill(prefix_mask == 0, 0)
-        out = model(input_ids=prefix, attention_mask=prefix_mask, use_cache=True)
+        out = _returned_cache(model(input_ids=prefix, attention_mask=prefix_mask, use_cache=True))
         full = model(input_ids=ids, attention_mask=torch.from_numpy(mask_all[rows]), use_cache=False)
         expected.append(full.logits[index, at].float().numpy())
         targets.append(ids[index, at + 1].numpy())
         step = {"input_ids": ids[index, at][:, None].numpy().astype(np.int64),
                 "attention_mask": np.concatenate([prefix_mask.numpy(), np.ones((len(rows), 1), np.int64)], axis=1),
                 "position_ids": (n - 2)[:, None].astype(np.int64)}
-        for i, layer in enumerate(out.past_key_values.layers[: _layers(model)]):
+        for i, layer in enumerate(out.layers[: _layers(model)]):
             step[f"past_key_{i}"] = layer.keys.float().numpy()
             step[f"past_value_{i}"] = layer.values.float().numpy()
         for k, v in step.items():
