@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_step.json")
     args = parser.parse_args(argv)
 
-    from deploykit.data import DataSpec, make_splits
+    from deploykit.data import DataSpec, iterate_batches, make_splits, map_batches
     from deploykit.export.decode import decode_feeds, export_decode_step, step_metrics
     from deploykit.io import write_json
     from deploykit.models import load_model
@@ -61,10 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         threads = default_threads()
 
         def run(path: Path) -> np.ndarray:
-            runner = OrtRunner(path, threads=threads)
-            names = list(ev.feeds)
-            return np.concatenate([runner.infer({n: ev.feeds[n][i: i + 8] for n in names})
-                                   for i in range(0, ev.count, 8)])
+            return map_batches(OrtRunner(path, threads=threads).infer, iterate_batches(ev.feeds, 8), 8)
 
         fp32, int8 = run(step), run(Path(tmp) / "step.int8.onnx")
         sizes = {"fp32_mb": round(model_bytes(step) / 1e6, 1),

@@ -144,24 +144,22 @@ def decode_feeds(bundle: ModelBundle, split: Split, *, batch_size: int = 8) -> t
             np.concatenate(targets))
 
 
-def step_metrics(reference: np.ndarray, logits: np.ndarray, targets: np.ndarray, top: int = 32) -> dict[str, float]:
-    """A variant's step logits against the reference's (both [N, vocabulary]): perplexity of the
-    true next tokens (each and the reference's, and their ratio), top-1 agreement, and the
-    cosine of the logits at the reference's ``top`` tokens (where the probability mass is)."""
-    def nll(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64)
-        m = x.max(axis=1, keepdims=True)
-        lse = (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
-        return lse - x[np.arange(len(x)), targets]
+def step_metrics(reference: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """A variant's step logits against the reference's (both [N, vocabulary]) with the LM
+    metrics of a prefill (:func:`deploykit.metrics.lm_metrics`): perplexity of the true next
+    tokens and its ratio, top-1 agreement, cosine of the logits at the reference's top tokens.
+    Each step is a two-position record whose first position predicts ``targets``."""
+    from deploykit.metrics import lm_metrics, lm_record
 
-    ppl, ref_ppl = float(np.exp(nll(logits).mean())), float(np.exp(nll(reference).mean()))
-    ids = np.argsort(-reference, axis=1)[:, :top]
-    a = np.take_along_axis(reference, ids, 1).astype(np.float64)
-    b = np.take_along_axis(logits, ids, 1).astype(np.float64)
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
-    return {"perplexity": ppl, "reference_perplexity": ref_ppl, "perplexity_ratio": ppl / ref_ppl,
-            "top1_agreement": float(np.mean(reference.argmax(1) == logits.argmax(1))),
-            "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "steps": int(len(targets))}
+    ids = np.stack([np.zeros_like(targets), targets], axis=1).astype(np.int64)
+    mask = np.ones_like(ids)
+
+    def record(x: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+        return lm_record(np.stack([x, np.zeros_like(x)], axis=1), ids, mask, 2, ref)
+
+    ref = record(reference)
+    metrics, _ = lm_metrics(ref, record(logits, ref))
+    return {**metrics, "steps": metrics["tokens"]}
 
 
 def run_step_torch(bundle: ModelBundle, feeds: dict[str, np.ndarray]) -> np.ndarray:
