@@ -345,14 +345,9 @@ def binarize_initializers(model: onnx.ModelProto, *, min_channel_size: int = 8) 
             consumers.setdefault(name, []).append((node, i))
     graph_inputs = {i.name for i in graph.input}
     outputs = {o.name for o in graph.output}
-    taken = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} | graph_inputs
+    from deploykit.onnx_utils import name_allocator
 
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
+    fresh = name_allocator(model)
 
     done: list[dict[str, Any]] = []
     new_nodes = []

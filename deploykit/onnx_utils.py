@@ -38,17 +38,28 @@ def external_data_files(model: onnx.ModelProto) -> list[str]:
     return sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
 
 
-def unique_name(model: onnx.ModelProto, base: str) -> str:
-    """``base``, or ``base_1``, ``base_2`` ...: a name no value, initializer, graph input/output or
-    node of ``model`` has yet."""
+def name_allocator(model: onnx.ModelProto):
+    """``fresh(base)``: ``base``, or ``base_1``, ``base_2`` ..., a name no value, initializer,
+    graph input/output or node of ``model`` had when this was called, nor any name ``fresh``
+    gave before (for rewrites that build their nodes before putting them in the graph)."""
     graph = model.graph
     taken = {n for node in graph.node for n in list(node.input) + list(node.output)}
     taken |= {i.name for i in graph.initializer} | {n.name for n in graph.node}
     taken |= {v.name for v in list(graph.input) + list(graph.output)}
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    return name
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+    return fresh
+
+
+def unique_name(model: onnx.ModelProto, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2`` ...: a name no value, initializer, graph input/output or
+    node of ``model`` has yet."""
+    return name_allocator(model)(base)
 
 
 def get_metadata(model: onnx.ModelProto) -> dict[str, Any]:

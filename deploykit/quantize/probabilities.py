@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from deploykit.onnx_utils import name_allocator
 from deploykit.quantize.graph import constant_names, producers
 
 
@@ -74,15 +75,7 @@ def offset_probabilities(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[
     if not targets:
         return out, []
     g = out.graph
-    taken = {n.name for n in g.node} | {t for n in g.node for t in list(n.input) + list(n.output)} \
-        | {i.name for i in g.initializer} | {i.name for i in g.input}
-
-    def name(base: str) -> str:          # unique among the graph's names and those made here
-        new, k = base, 1
-        while new in taken:
-            new, k = f"{base}_{k}", k + 1
-        taken.add(new)
-        return new
+    name = name_allocator(out)           # unique among the graph's names and those made here
 
     two, one, half, axes = name("pv_offset_two"), name("pv_offset_one"), name("pv_offset_half"), name("pv_offset_axes")
     g.initializer.extend([numpy_helper.from_array(np.array(2.0, np.float32), two),
