@@ -10,8 +10,8 @@ is exact in real arithmetic, and ``P' = 2P − 1`` spans [−1, 1], so the MatMu
 has 255 levels over the probabilities: the step halves, as with uint8 on ORT's CPU kernels.
 The MatMul keeps its node name, so fallback and exclusion lists still address it. After Q/DQ
 placement the ReduceSum reads the same dequantized V as the MatMul (ORT's quantizer wires a
-float reader of a tensor with one quantized reader to that reader's DequantizeLinear;
-:func:`share_dequantized_values` makes sure of it either way): a masked key (P = 0, so P' = −1 exactly) then cancels
+float reader of a tensor with one quantized reader to that reader's DequantizeLinear, and
+``tests/test_probabilities.py`` holds it to that): a masked key (P = 0, so P' = −1 exactly) then cancels
 exactly, whatever V's rounding.
 
 Only a MatMul reading a Softmax over its last axis and an activation (not a weight) is
@@ -105,17 +105,3 @@ def offset_probabilities(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[
     del g.node[:]
     g.node.extend(nodes)
     return onnx.shape_inference.infer_shapes(out), records
-
-
-def share_dequantized_values(model: onnx.ModelProto, records: list[dict[str, Any]]) -> int:
-    """After Q/DQ placement: each rewrite's ReduceSum reads what its MatMul reads as V (the
-    dequantized V where the MatMul is quantized). Returns how many were rewired."""
-    by_name = {n.name: n for n in model.graph.node}
-    changed = 0
-    for r in records:
-        matmul, rsum = by_name.get(r["node"]), by_name.get(r["reducesum"])
-        if matmul is None or rsum is None or rsum.input[0] == matmul.input[1]:
-            continue
-        rsum.input[0] = matmul.input[1]
-        changed += 1
-    return changed

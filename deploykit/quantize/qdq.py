@@ -230,10 +230,6 @@ def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: l
     quantizer.model.topological_sort()  # what ORT's own save step does before writing
     result = quantizer.model.model
     _restore_float_inputs(result, keep_float)
-    if prepared.offsets:
-        from deploykit.quantize.probabilities import share_dequantized_values
-
-        share_dequantized_values(result, prepared.offsets)
     if config.plugin_int8:
         fold_into_plugins(result)
     return _with_int8_embeddings(result, config, embedding_log)
