@@ -180,6 +180,7 @@ def _alphas(items: list[str] | None) -> list[float | None] | None:
 
 
 _PV_HELP = "Softmax·V as ½(2P−1)·V + ½ΣV: int8 P spans [−1, 1]."
+_SHIFT_HELP = "With SmoothQuant: centre each channel first (its bias absorbs c·W), so one-sided channels use all of int8."
 
 
 @app.command(short_help="Static INT8: explicit Q/DQ ONNX + ranges.")
@@ -217,6 +218,7 @@ def calibrate(
     smoothquant: Annotated[Optional[float], typer.Option(help="SmoothQuant strength alpha in [0, 1].")] = None,
     smoothquant_targets: Annotated[Optional[str], typer.Option(help="ln-fed | all")] = None,
     pv_offset: Annotated[Optional[bool], typer.Option("--pv-offset/--no-pv-offset", help=_PV_HELP)] = None,
+    shift: Annotated[Optional[bool], typer.Option("--shift/--no-shift", help=_SHIFT_HELP)] = None,
     tune: Annotated[Optional[bool], typer.Option("--tune/--no-tune", help="Accuracy-driven search.")] = None,
     criterion: Annotated[Optional[list[str]], typer.Option(help="Tuning target, e.g. cosine_mean>=0.995 "
                                                                 "(repeatable).")] = None,
@@ -249,7 +251,7 @@ def calibrate(
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
-    for key, value in {"alpha": smoothquant, "targets": smoothquant_targets}.items():
+    for key, value in {"alpha": smoothquant, "targets": smoothquant_targets, "shift": shift}.items():
         if value is not None:
             setattr(config.smoothquant, key, value)
     for key, value in {"enabled": tune, "criteria": _criteria(criterion), "budget": tune_budget,

@@ -19,7 +19,7 @@ from deploykit.onnx_utils import get_metadata, set_metadata
 from deploykit.plugins import DOMAIN, INT8_FORMS
 from deploykit.quantize.config import QuantConfig
 from deploykit.quantize.graph import float_op_types
-from deploykit.quantize.qdq import build_model, load_for_quantization, prepare
+from deploykit.quantize.qdq import build_model, float_reference, load_for_quantization, prepare
 from deploykit.quantize.record import ranges_path_for
 
 
@@ -71,6 +71,8 @@ class CalibrationResult:
             "path": str(self.path), "ranges": str(self.ranges_path), "preset": c.preset, "method": c.method,
             "percentile": c.percentile if c.method == "percentile" else None,
             "smoothquant_alpha": c.smoothquant.alpha, "smoothquant_targets": c.smoothquant.targets,
+            "smoothquant_shift": bool(c.smoothquant.shift),
+            "shifted_groups": sum(1 for g in self.smoothing if g.get("shift")),
             "smoothed_groups": len(self.smoothing),
             "smoothing_folds": {k: sum(1 for g in self.smoothing if g["fold"] == k)
                                 for k in ("layernorm", "rmsnorm", "linear", "mul")},
@@ -128,6 +130,7 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
     ranges = prepared.ranges(config.method, config.percentile, config.tensor_methods)   # the tuned choice, if tuning ran
     quantized = build_model(prepared, ranges, fallback, bias_correction=config.bias_correction, threads=threads,
                             embedding_log=embeddings, bias_log=bias_records)
+    smoothing = float_reference(prepared, ranges)[1]   # with a channel shift: the offsets as snapped
     custom = sorted({n.op_type for n in quantized.graph.node if n.domain == DOMAIN})
     plugin_nodes = sorted(n.name for n in quantized.graph.node
                           if n.domain == DOMAIN and n.op_type in INT8_FORMS.values())
@@ -152,13 +155,13 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
             "model": str(model_path), "model_sha256": sha256_file(model_path),
             "quantized_model": str(out_path), "quantized_model_sha256": sha256_file(tmp_model),
             "data": {"sha256": split.sha256, "samples": split.count},
-            "config": config.summary(), "smoothing": prepared.smoothing,
+            "config": config.summary(), "smoothing": smoothing,
             "float_nodes": float_nodes, "tensors": {k: r.to_dict() for k, r in ranges.items()}}), encoding="utf-8")
     result = CalibrationResult(path=out_path, ranges_path=ranges_path, config=config, ranges=ranges,
                                quantized_nodes=quantized_nodes, float_nodes=float_nodes, fallback_nodes=fallback,
                                masked_tensors=prepared.masked_tensors, qdq_counts=qdq,
                                seconds=time.perf_counter() - start, data_sha256=split.sha256,
-                               smoothing=prepared.smoothing, tuning=tuning, plugin_int8_nodes=plugin_nodes,
+                               smoothing=smoothing, tuning=tuning, plugin_int8_nodes=plugin_nodes,
                                embeddings=embeddings, file_sizes=file_sizes(model_path, out_path),
                                float_op_types=float_op_types(prepared.nodes, float_nodes),
                                float_node_ops={n.name: n.op_type for n in prepared.nodes if n.name in float_nodes},

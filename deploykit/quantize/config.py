@@ -16,7 +16,7 @@ ACTIVATION_TYPES = ("int8", "uint8")
 GROUP_KINDS = ("attention-in", "attention-out", "mlp-in", "mlp-out")
 # Steps the tuner tries on its best configuration before it falls any node back to float
 # (see deploykit.quantize.tune); each is kept only when it raises the tuning score.
-REFINE_STEPS = ("probability-offset", "tensor-method", "bias-correction", "group-alpha")
+REFINE_STEPS = ("probability-offset", "channel-shift", "tensor-method", "bias-correction", "group-alpha")
 
 
 @dataclass
@@ -25,6 +25,9 @@ class SmoothQuantConfig:
     # (attention-in, attention-out, mlp-in, mlp-out; a kind left out or None is not smoothed)
     alpha: float | dict[str, float | None] | None = None
     targets: str = "ln-fed"             # ln-fed (Linears fed by a LayerNorm) | all (every MatMul)
+    # Centre each channel before scaling it (x - c, c the middle of its range), the MatMuls'
+    # biases absorbing c W: one-sided channels then use the whole symmetric int8 range.
+    shift: bool = False
 
 
 @dataclass
@@ -46,6 +49,8 @@ class TuneConfig:
     # Tried in the listed order on the best configuration so far, before any fallback:
     #   probability-offset: P·V as ½(2P−1)·V + ½ΣV, so the int8 P spans [−1, 1]
     #                    (deploykit.quantize.probabilities; symmetric int8 activations only)
+    #   channel-shift:   SmoothQuant centres each channel before scaling it (smoothquant.shift;
+    #                    deploykit.quantize.shift)
     #   tensor-method:   each activation tensor's range from the method (of the grid's, or minmax)
     #                    that adds the least error at the output of the nodes reading it
     #   bias-correction: each quantized Linear's bias absorbs the mean output shift quantization adds

@@ -65,7 +65,8 @@ def torch_module(node: onnx.NodeProto) -> str | None:
 
 def quantized_nodes(qdq: onnx.ModelProto) -> list[tuple[onnx.NodeProto, dict[str, str], str]]:
     """(node, {dequantized input -> the float tensor its QuantizeLinear reads}, float output)
-    for every non-Q/DQ node that reads a DequantizeLinear output, and for every attention op
+    for every non-Q/DQ node that reads a DequantizeLinear output (a Linear's output taken after
+    its bias), and for every attention op
     in its INT8 form (int8 inputs straight from QuantizeLinear; its float output is the
     DequantizeLinear after it, named as the FP32 graph names the op's output)."""
     from deploykit.plugins import DOMAIN, INT8_FORMS
@@ -73,6 +74,7 @@ def quantized_nodes(qdq: onnx.ModelProto) -> list[tuple[onnx.NodeProto, dict[str
     prod = producers(qdq)
     users = consumers(qdq)
     inits = {i.name for i in qdq.graph.initializer}
+    outputs = {o.name for o in qdq.graph.output}
     int8_forms = set(INT8_FORMS.values())
     out = []
     for node in qdq.graph.node:
@@ -104,7 +106,19 @@ def quantized_nodes(qdq: onnx.ModelProto) -> list[tuple[onnx.NodeProto, dict[str
                 break
         if mapping:
             mapping.update({name: name for name in plain})
-            out.append((node, mapping, node.output[0]))
+            out.append((node, mapping, _linear_output(node, users, inits, outputs)))
+    return out
+
+
+def _linear_output(node: onnx.NodeProto, users, inits: set[str], outputs: set[str]) -> str:
+    """Where a quantized Linear's output is compared: after its bias ``Add`` when it has one
+    (the only reader, one constant input), since bias correction and SmoothQuant's channel
+    shift compensate there what the int8 MatMul alone gets wrong on purpose."""
+    out = node.output[0]
+    readers = users.get(out, [])
+    if (node.op_type in ("MatMul", "Gemm") and out not in outputs and len(readers) == 1
+            and readers[0].op_type == "Add" and sum(1 for i in readers[0].input if i in inits) == 1):
+        return readers[0].output[0]
     return out
 
 

@@ -82,7 +82,7 @@ class Prepared:
     masked_tensors: list[str]
     mask_float_nodes: list[str]                 # nodes kept float because they touch a mask
     smoothing: list[dict[str, Any]] = field(default_factory=list)
-    smooth_stats: dict[str, np.ndarray] | None = None   # per-channel max|x|, reusable for another alpha
+    smooth_stats: dict[str, np.ndarray] | None = None   # per-channel [min, max], reusable for another alpha
     calibration: Split | None = None            # the data the statistics came from (bias correction)
     offsets: list[dict[str, Any]] = field(default_factory=list)   # P·V products rewritten (probabilities)
 
@@ -140,8 +140,9 @@ def _shape_inferred(model: onnx.ModelProto, model_path: Path) -> onnx.ModelProto
 def prepare(inferred: onnx.ModelProto, split: Split, config: QuantConfig, *,
             alpha: float | dict[str, float | None] | None = None,
             smooth_stats: dict[str, np.ndarray] | None = None, threads: int | None = None,
-            where: str | Path = "", offset: bool | None = None) -> Prepared:
-    """Smooth (if ``alpha``), offset the attention probabilities (if ``offset``, by default
+            where: str | Path = "", offset: bool | None = None, shift: bool | None = None) -> Prepared:
+    """Smooth (if ``alpha``; centring each channel if ``shift``, by default
+    ``config.smoothquant.shift``), offset the attention probabilities (if ``offset``, by default
     ``config.probability_offset``), select nodes, collect statistics over ``split``."""
     model, smoothing, offsets = inferred, [], []
     if alpha is not None:
@@ -149,7 +150,8 @@ def prepare(inferred: onnx.ModelProto, split: Split, config: QuantConfig, *,
 
         model, smoothing, smooth_stats = smooth(inferred, split, alpha, targets=config.smoothquant.targets,
                                                 exclude_nodes=tuple(config.nodes_to_exclude),
-                                                batch_size=config.batch_size, threads=threads, stats=smooth_stats)
+                                                batch_size=config.batch_size, threads=threads, stats=smooth_stats,
+                                                shift=config.smoothquant.shift if shift is None else shift)
         model = onnx.shape_inference.infer_shapes(model)
     if config.probability_offset if offset is None else offset:
         from deploykit.quantize.probabilities import offset_probabilities
@@ -185,25 +187,43 @@ def _qtype(name: str):
     return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]
 
 
+def float_reference(prepared: Prepared, ranges: dict[str, TensorRange]
+                    ) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+    """The float graph the Q/DQ model of ``ranges`` is quantized from, and its smoothing
+    records: ``prepared.model`` itself, or with SmoothQuant's channel shift the same function
+    with each explicit offset on its tensor's int8 grid (:func:`deploykit.quantize.shift.snap_shifts`).
+    Per-node errors and bias correction compare against this graph."""
+    from deploykit.quantize.shift import has_explicit_shifts, snap_shifts
+
+    if not has_explicit_shifts(prepared.smoothing):
+        return prepared.model, prepared.smoothing
+    return snap_shifts(prepared.model, prepared.smoothing, ranges, bool(prepared.config.activation_symmetric))
+
+
 def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: list[str] = (),
-              embedding_log: list[dict[str, Any]] | None = None) -> onnx.ModelProto:
+              embedding_log: list[dict[str, Any]] | None = None, *,
+              reference: tuple[onnx.ModelProto, list[dict[str, Any]]] | None = None,
+              exact_shift_bias: bool = True) -> onnx.ModelProto:
     """Q/DQ model from ``prepared`` with ``ranges``; ``float_nodes`` (and mask-touching nodes) stay
     float. With ``config.embeddings`` the embedding tables become int8 rows too; what was
-    rewritten is appended to ``embedding_log``."""
+    rewritten is appended to ``embedding_log``. It is quantized from ``reference`` (default
+    :func:`float_reference`); with ``exact_shift_bias`` shifted groups' biases compensate with
+    the int8 weights (:func:`deploykit.quantize.shift.compensate_weights`)."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
     config = prepared.config
+    base, records = reference or float_reference(prepared, ranges)
     keep_float = set(float_nodes) | set(prepared.mask_float_nodes)
     quantize = [n.name for n in prepared.nodes if n.name not in keep_float]
     if not quantize:
         model = onnx.ModelProto()
-        model.CopyFrom(prepared.model)
+        model.CopyFrom(base)
         return _with_int8_embeddings(model, config, embedding_log)
     data = {name: TensorData(lowest=np.float32(r.lo), highest=np.float32(r.hi))
             for name, r in ranges.items() if not r.masked}
     model = onnx.ModelProto()
-    model.CopyFrom(prepared.model)
+    model.CopyFrom(base)
     op_types = sorted({n.op_type for n in prepared.nodes})
     root = logging.getLogger()
     level = root.level
@@ -230,6 +250,10 @@ def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: l
     quantizer.model.topological_sort()  # what ORT's own save step does before writing
     result = quantizer.model.model
     _restore_float_inputs(result, keep_float)
+    if exact_shift_bias and any(r.get("shift") for r in records):
+        from deploykit.quantize.shift import compensate_weights
+
+        compensate_weights(result, base, records)
     if config.plugin_int8:
         fold_into_plugins(result)
     return _with_int8_embeddings(result, config, embedding_log)
@@ -243,11 +267,14 @@ def build_model(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes:
     (and int8 embedding tables where configured), then, with ``bias_correction``, biases
     corrected on the calibration data. What calibrate writes and what each tuning trial scores
     are built here alike."""
-    model = build_qdq(prepared, ranges, float_nodes, embedding_log)
+    reference = float_reference(prepared, ranges)
+    # bias correction measures the whole mean shift, the shifted groups' weight part included
+    model = build_qdq(prepared, ranges, float_nodes, embedding_log, reference=reference,
+                      exact_shift_bias=not bias_correction)
     if bias_correction:
         from deploykit.quantize.bias import correct_biases
 
-        model, records = correct_biases(model, prepared.model, prepared.calibration, threads=threads)
+        model, records = correct_biases(model, reference[0], prepared.calibration, threads=threads)
         if bias_log is not None:
             bias_log.extend(records)
     return model

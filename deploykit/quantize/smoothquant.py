@@ -24,6 +24,17 @@ Where ``1 / s`` goes, from best to fallback:
   ``1 / s`` into it would change the function. TensorRT fuses such a pointwise Mul into
   the neighbouring kernel.
 
+With ``shift`` each channel is also centred before it is scaled (Outlier Suppression+,
+Wei et al., 2023): ``x' = (x - c) / s`` with ``c_k`` the middle of the channel's calibrated
+range, and every MatMul of the group gets ``c W`` added to its bias, so
+``x W + b = x' (diag(s) W) + (b + c W)`` exactly. A one-sided channel (GELU outputs, most of
+an FFN's input; LayerNorm channels pushed off zero by their beta) then uses the whole
+symmetric int8 range instead of half of it, and ``s`` is computed from the centred
+half-range. The centre goes where the scale goes: into the LayerNorm's beta, into the
+previous Linear's bias (through ``P @ V`` too: softmax rows sum to 1), or as an explicit
+``Add`` after the ``Mul``; the compensation goes into the bias ``Add`` that follows each
+MatMul, or into a new one when it has none.
+
 Every fold is checked numerically against the unsmoothed graph on real inputs; a fold that
 does not reproduce the FP32 outputs falls back to ``mul``.
 """
@@ -238,20 +249,39 @@ def _linear_chain(tensor: str, prod, users, inits) -> list[onnx.NodeProto] | Non
     return None
 
 
-def channel_absmax(model: onnx.ModelProto, groups: list[SmoothGroup], split: Split, *, batch_size: int = 16,
+def channel_ranges(model: onnx.ModelProto, groups: list[SmoothGroup], split: Split, *, batch_size: int = 16,
                    threads: int | None = None, sentinel_abs: float = 1e30) -> dict[str, np.ndarray]:
-    """max |x| per channel (last axis) of each group's activation over ``split``.
-    Non-finite values and mask sentinels are ignored, as in calibration."""
+    """``[min, max]`` per channel (last axis; an array of shape ``[2, C]``) of each group's
+    activation over ``split``. Non-finite values and mask sentinels are ignored, as in
+    calibration; a channel with no value left reads ``[0, 0]``."""
     stats: dict[str, np.ndarray] = {}
     names = [g.input for g in groups]
     for values in iterate_activations(model, names, split, batch_size, threads,
                                       description="smoothquant: channel statistics"):
         for name, value in values.items():
-            x = np.abs(value.astype(np.float64)).reshape(-1, value.shape[-1])
-            x = np.where(np.isfinite(x) & (x < sentinel_abs), x, 0.0)
-            peak = x.max(axis=0)
-            stats[name] = peak if name not in stats else np.maximum(stats[name], peak)
+            x = value.astype(np.float64).reshape(-1, value.shape[-1])
+            valid = np.isfinite(x) & (np.abs(x) < sentinel_abs)
+            lo = np.where(valid, x, np.inf).min(axis=0)
+            hi = np.where(valid, x, -np.inf).max(axis=0)
+            if name in stats:
+                lo, hi = np.minimum(stats[name][0], lo), np.maximum(stats[name][1], hi)
+            stats[name] = np.stack([lo, hi])
+    for name, r in stats.items():
+        empty = ~np.isfinite(r).all(axis=0)
+        r[:, empty] = 0.0
     return stats
+
+
+def channel_absmax(ranges: np.ndarray, shift: bool = False) -> np.ndarray:
+    """What the smoothing divides: max |x| per channel, or with ``shift`` the half-range
+    around the channel's centre."""
+    lo, hi = ranges
+    return (hi - lo) / 2.0 if shift else np.maximum(-lo, hi)
+
+
+def channel_centres(ranges: np.ndarray) -> np.ndarray:
+    """The middle of each channel's range: what ``shift`` subtracts."""
+    return ((ranges[0] + ranges[1]) / 2.0).astype(np.float32)
 
 
 def smoothing_scales(act_absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
@@ -279,27 +309,30 @@ def check_alpha(alpha: float | dict[str, float | None]) -> None:
             raise UserError(f"SmoothQuant alpha {a} is outside [0, 1]", fix="use e.g. 0.5 to 0.9")
 
 
-def group_scales(model: onnx.ModelProto, groups: list[SmoothGroup], act_absmax: dict[str, np.ndarray],
-                 alpha: float | dict[str, float | None]) -> dict[str, np.ndarray]:
+def group_scales(model: onnx.ModelProto, groups: list[SmoothGroup], stats: dict[str, np.ndarray],
+                 alpha: float | dict[str, float | None], shift: bool = False) -> dict[str, np.ndarray]:
     """The smoothing vector ``s`` of every group for strength ``alpha`` (one value, or one per
-    group kind); a group whose strength is None gets ``s = 1``."""
+    group kind) from its channel ranges (:func:`channel_ranges`), on the centred half-range
+    with ``shift``; a group whose strength is None gets ``s = 1``."""
     check_alpha(alpha)
     inits = initializers(model)
     out = {}
     for g in groups:
         a = alpha_for(alpha, g.kind)
+        spread = channel_absmax(stats[g.input], shift)
         if a is None:
-            out[g.input] = np.ones(len(act_absmax[g.input]), np.float32)
+            out[g.input] = np.ones(len(spread), np.float32)
             continue
-        out[g.input] = smoothing_scales(act_absmax[g.input], [numpy_helper.to_array(inits[w]) for w in g.weights],
+        out[g.input] = smoothing_scales(spread, [numpy_helper.to_array(inits[w]) for w in g.weights],
                                         a).astype(np.float32)
     return out
 
 
-def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup],
-                    scales: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
-    """A smoothed copy of ``model`` with the given per-group ``scales``; returns it and a
-    per-group record (the scales included, so the smoothing can be re-applied exactly)."""
+def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup], scales: dict[str, np.ndarray],
+                    shifts: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+    """A smoothed copy of ``model`` with the given per-group ``scales`` (and, for the groups in
+    ``shifts``, channel centres subtracted first); returns it and a per-group record (scales
+    and shifts included, so the smoothing can be re-applied exactly)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     nodes = {n.name: n for n in out.graph.node}
@@ -308,17 +341,34 @@ def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup],
     for node in out.graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
+    shifts = shifts or {}
     records = []
     for group in groups:
         s = np.asarray(scales[group.input], dtype=np.float32)
+        c = shifts.get(group.input)
+        c = None if c is None or not np.any(c) else np.asarray(c, dtype=np.float32)
+        bias_nodes: dict[str, str] = {}
         for node_name, w_name in zip(group.nodes, group.weights):
-            _replace_input(out, nodes[node_name], w_name, (inits[w_name] * s[:, None]).astype(np.float32),
+            node = nodes[node_name]
+            if c is not None:     # x W = x' (diag(s) W) + c W: the bias takes c W of the weight as it stands
+                bias_nodes[node_name] = _add_to_bias(
+                    out, node, (c.astype(np.float64) @ inits[node.input[1]]).astype(np.float32), uses, inits, nodes)
+            _replace_input(out, node, w_name, (inits[w_name] * s[:, None]).astype(np.float32),
                            f"{w_name}_smoothed", uses, inits)
+        explicit_shift = c is not None
         if group.fold == "layernorm":
             ln = nodes[group.fold_nodes[0]]
             _replace_input(out, ln, ln.input[1], inits[ln.input[1]] / s, f"{ln.input[1]}_smoothed", uses, inits)
             if len(ln.input) > 2 and ln.input[2]:
-                _replace_input(out, ln, ln.input[2], inits[ln.input[2]] / s, f"{ln.input[2]}_smoothed", uses, inits)
+                beta = inits[ln.input[2]] - (0.0 if c is None else c)
+                _replace_input(out, ln, ln.input[2], beta / s, f"{ln.input[2]}_smoothed", uses, inits)
+            elif c is not None:
+                name = unique_name(out, f"{ln.name}_shift_beta")
+                out.graph.initializer.append(numpy_helper.from_array((-c / s).astype(np.float32), name))
+                inits[name] = (-c / s).astype(np.float32)
+                uses[name] = 1
+                ln.input[:] = list(ln.input[:2]) + [name]
+            explicit_shift = False
         elif group.fold == "rmsnorm":
             mul = nodes[group.fold_nodes[0]]
             weight = next(i for i in mul.input if i in inits)
@@ -330,11 +380,16 @@ def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup],
             if len(group.fold_nodes) > 1:
                 add = nodes[group.fold_nodes[1]]
                 bias = next(i for i in add.input if i in inits)
-                _replace_input(out, add, bias, inits[bias] / s, f"{bias}_smoothed", uses, inits)
+                _replace_input(out, add, bias, (inits[bias] - (0.0 if c is None else c)) / s,
+                               f"{bias}_smoothed", uses, inits)
+                explicit_shift = False
         else:
             _insert_mul(out, group, (1.0 / s).astype(np.float32))
+        shift_node = _insert_shift(out, group, (-c / s).astype(np.float32), nodes) if explicit_shift else None
         records.append({**group.summary(), "s_min": float(s.min()), "s_max": float(s.max()),
-                        "s_median": float(np.median(s)), "scales": [float(v) for v in s]})
+                        "s_median": float(np.median(s)), "scales": [float(v) for v in s],
+                        **({"shift": [float(v) for v in c], "shift_node": shift_node, "bias_nodes": bias_nodes}
+                           if c is not None else {})})
     return out, records
 
 
@@ -349,7 +404,8 @@ def reapply(model: onnx.ModelProto, records: list[dict[str, Any]]) -> onnx.Model
             raise UserError(f"the smoothing record names node(s) {missing} that the model lacks",
                             fix="give the FP32 model the INT8 model was calibrated from")
         g.weights = [by_name[n].input[1] for n in g.nodes]
-    smoothed, _ = apply_smoothing(model, groups, {r["input"]: np.asarray(r["scales"], np.float32) for r in records})
+    smoothed, _ = apply_smoothing(model, groups, {r["input"]: np.asarray(r["scales"], np.float32) for r in records},
+                                  {r["input"]: np.asarray(r["shift"], np.float32) for r in records if r.get("shift")})
     return smoothed
 
 
@@ -384,29 +440,76 @@ def _insert_mul(model: onnx.ModelProto, group: SmoothGroup, inv_s: np.ndarray) -
             node.input[0] = out_name
 
 
+def _insert_shift(model: onnx.ModelProto, group: SmoothGroup, offset: np.ndarray,
+                  nodes: dict[str, onnx.NodeProto]) -> str:
+    """``Add(x, offset)`` between the group's (smoothed) input and its MatMuls: the centring
+    where nothing before the group can absorb it (TensorRT fuses it with the Mul and the Q)."""
+    members = [nodes[n] for n in group.nodes]
+    current = members[0].input[0]
+    offset_name = unique_name(model, f"{group.input}_shift")
+    out_name = unique_name(model, f"{group.input}_shifted")
+    model.graph.initializer.append(numpy_helper.from_array(offset, offset_name))
+    add = helper.make_node("Add", [current, offset_name], [out_name], name=unique_name(model, "smooth_shift"))
+    first = min(i for i, n in enumerate(model.graph.node) if n.name in set(group.nodes))
+    model.graph.node.insert(first, add)
+    nodes[add.name] = add
+    for node in members:
+        node.input[0] = out_name
+    return add.name
+
+
+def _add_to_bias(model: onnx.ModelProto, matmul: onnx.NodeProto, delta: np.ndarray, uses: dict[str, int],
+                 inits: dict[str, np.ndarray], nodes: dict[str, onnx.NodeProto]) -> str:
+    """Add ``delta`` to the bias of ``matmul``'s output: the constant of the ``Add`` that is its
+    only reader, or a new ``Add`` after it (the MatMul's output renamed, so every reader and a
+    graph output keep their tensor). Returns the bias Add's name."""
+    out_name = matmul.output[0]
+    readers = [n for n in model.graph.node if out_name in n.input]
+    is_output = any(o.name == out_name for o in model.graph.output)
+    if len(readers) == 1 and not is_output and readers[0].op_type == "Add" and len(readers[0].input) == 2:
+        add = readers[0]
+        const = [i for i in add.input if i in inits]
+        if len(const) == 1 and inits[const[0]].shape == delta.shape:
+            _replace_input(model, add, const[0], inits[const[0]] + delta, f"{const[0]}_shifted", uses, inits)
+            return add.name
+    raw = unique_name(model, f"{out_name}_unbiased")
+    bias = unique_name(model, f"{matmul.name}_shift_bias")
+    model.graph.initializer.append(numpy_helper.from_array(delta.astype(np.float32), bias))
+    inits[bias] = delta.astype(np.float32)
+    uses[bias] = 1
+    matmul.output[0] = raw
+    add = helper.make_node("Add", [raw, bias], [out_name], name=unique_name(model, f"{matmul.name}_shift_add"))
+    index = next(i for i, n in enumerate(model.graph.node) if n is matmul or n.name == matmul.name)
+    model.graph.node.insert(index + 1, add)
+    nodes[add.name] = add
+    return add.name
+
+
 def smooth(model: onnx.ModelProto, split: Split, alpha: float | dict[str, float | None], *, targets: str = "ln-fed",
            exclude_nodes: tuple[str, ...] = (), batch_size: int = 16, threads: int | None = None,
-           stats: dict[str, np.ndarray] | None = None, check_split: Split | None = None
+           stats: dict[str, np.ndarray] | None = None, check_split: Split | None = None, shift: bool = False
            ) -> tuple[onnx.ModelProto, list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Smooth ``model`` with strength ``alpha``; folds are verified on ``check_split``
-    (default: the first 8 samples of ``split``). Returns (model, records, channel stats);
-    pass ``stats`` back in to smooth with another alpha without re-collecting."""
+    """Smooth ``model`` with strength ``alpha`` (each channel centred first with ``shift``);
+    folds are verified on ``check_split`` (default: the first 8 samples of ``split``).
+    Returns (model, records, channel ranges); pass ``stats`` back in to smooth with another
+    alpha, or with or without the shift, without re-collecting."""
     check_alpha(alpha)
     groups = find_groups(model, targets, exclude_nodes)
     if not groups:
         return model, [], {}
     if stats is None or any(g.input not in stats for g in groups):   # every group's: reusable for any alpha
-        stats = channel_absmax(model, groups, split, batch_size=batch_size, threads=threads)
+        stats = channel_ranges(model, groups, split, batch_size=batch_size, threads=threads)
     groups = [g for g in groups if alpha_for(alpha, g.kind) is not None]   # no Mul of ones for unsmoothed kinds
     if not groups:
         return model, [], stats
-    scales = group_scales(model, groups, stats, alpha)
-    smoothed, records = apply_smoothing(model, groups, scales)
+    scales = group_scales(model, groups, stats, alpha, shift)
+    shifts = {g.input: channel_centres(stats[g.input]) for g in groups} if shift else None
+    smoothed, records = apply_smoothing(model, groups, scales, shifts)
     check = check_split or _head(split, 8)
-    if any(g.fold != "mul" for g in groups) and not outputs_match(model, smoothed, check):
+    if (any(g.fold != "mul" for g in groups) or shift) and not outputs_match(model, smoothed, check):
         for g in groups:
             g.fold, g.fold_nodes = "mul", []
-        smoothed, records = apply_smoothing(model, groups, scales)
+        smoothed, records = apply_smoothing(model, groups, scales, shifts)
     for record in records:
         record["alpha"] = alpha_for(alpha, record["kind"])
     return smoothed, records, stats

@@ -10,7 +10,8 @@ model's own outputs, every trial builds a Q/DQ model and checks the criteria:
    that meets every criterion wins (it needs no float node); otherwise the best-scoring one
    goes on.
 2. **Refinement** (``tune.refine``, in order, each kept only when it raises the score): the
-   attention probabilities offset to [−1, 1] before P·V, a calibration method per tensor,
+   attention probabilities offset to [−1, 1] before P·V, SmoothQuant centring each channel
+   (``channel-shift``), a calibration method per tensor,
    bias correction, a SmoothQuant strength per group kind.
 3. **Fallback**: the best configuration's quantized nodes are ranked by the error each adds
    on its own (``deploykit.quantize.debug.node_errors``), worst first, and the k worst are
@@ -47,7 +48,7 @@ from deploykit.onnx_utils import get_metadata
 from deploykit.progress import say
 from deploykit.quantize.config import GROUP_KINDS, QuantConfig
 from deploykit.quantize.graph import cpu_session, float_op_types
-from deploykit.quantize.qdq import Prepared, build_model, prepare
+from deploykit.quantize.qdq import Prepared, build_model, float_reference, prepare
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Candidate:
     tensor_methods: dict[str, str] = field(default_factory=dict)
     bias_correction: bool = False
     offset: bool = False                # P·V with the probabilities offset (deploykit.quantize.probabilities)
+    shift: bool = False                 # SmoothQuant centres each channel first (smoothquant.shift)
 
     def but(self, **changes: Any) -> Candidate:
         out = copy.deepcopy(self)
@@ -72,7 +74,8 @@ class Candidate:
                  else str(self.alpha))
         return (f"alpha={alpha} {self.method}{'' if self.percentile is None else f' {self.percentile}'}"
                 + (f" +{len(self.tensor_methods)} tensor methods" if self.tensor_methods else "")
-                + (" +bias" if self.bias_correction else "") + (" +pv-offset" if self.offset else ""))
+                + (" +bias" if self.bias_correction else "") + (" +pv-offset" if self.offset else "")
+                + (" +shift" if self.shift else ""))
 
 
 def build(prepared: Prepared, candidate: Candidate, float_nodes: list[str] = (), *,
@@ -82,10 +85,16 @@ def build(prepared: Prepared, candidate: Candidate, float_nodes: list[str] = (),
     return build_model(prepared, ranges, float_nodes, bias_correction=candidate.bias_correction, threads=threads)
 
 
+def reference(prepared: Prepared, candidate: Candidate) -> onnx.ModelProto:
+    """The float graph ``candidate``'s Q/DQ model is quantized from (what per-node errors compare to)."""
+    ranges = prepared.ranges(candidate.method, candidate.percentile, candidate.tensor_methods)
+    return float_reference(prepared, ranges)[0]
+
+
 @dataclass
 class Trial:
     index: int
-    phase: str                       # grid | pv-offset | tensor-method | bias-correction | group-alpha | sensitivity | fallback
+    phase: str                       # grid | pv-offset | channel-shift | tensor-method | bias-correction | group-alpha | sensitivity | fallback
     candidate: Candidate
     float_nodes: list[str]
     metrics: dict[str, float]
@@ -110,7 +119,7 @@ class Trial:
         c = self.candidate
         return {"trial": self.index, "phase": self.phase, "alpha": c.alpha, "method": c.method,
                 "percentile": self.percentile, "tensor_methods": dict(c.tensor_methods),
-                "bias_correction": c.bias_correction, "probability_offset": c.offset, "float_node_count": len(self.float_nodes),
+                "bias_correction": c.bias_correction, "probability_offset": c.offset, "channel_shift": c.shift, "float_node_count": len(self.float_nodes),
                 "float_nodes": self.float_nodes, "float_op_types": self.float_op_types,
                 "metrics": {k: None if v is None else round(v, 6) for k, v in self.metrics.items()},
                 "passed": self.passed, "score": round(self.score, 6), "seconds": round(self.seconds, 2)}
@@ -210,22 +219,24 @@ def _grid_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split, 
         if search.spent() or (search.best is not None and search.best[0].passed):
             break
         offset = bool(config.probability_offset)
+        shift = bool(config.smoothquant.shift) and alpha is not None
         prepared = prepare(inferred, calibration, config, alpha=alpha, smooth_stats=smooth_stats, threads=threads,
-                           offset=offset)
-        prepared_by_alpha[_alpha_key(alpha, offset)] = prepared
+                           offset=offset, shift=shift)
+        prepared_by_alpha[_alpha_key(alpha, offset, shift)] = prepared
         if alpha is not None and smooth_stats is None:
             smooth_stats = prepared.smooth_stats
         for method, pct in _grid(config):
             if search.spent():
                 break
-            if search.record("grid", Candidate(alpha, method, pct, offset=offset), [], prepared).passed:
+            if search.record("grid", Candidate(alpha, method, pct, offset=offset, shift=shift), [], prepared).passed:
                 break
     return prepared_by_alpha
 
 
-def _alpha_key(alpha, offset: bool) -> Any:
-    """The key of a prepared graph: its smoothing strength(s) and whether P·V is offset."""
-    return (tuple(sorted(alpha.items())) if isinstance(alpha, dict) else alpha, bool(offset))
+def _alpha_key(alpha, offset: bool, shift: bool = False) -> Any:
+    """The key of a prepared graph: its smoothing strength(s), whether P·V is offset and
+    whether the smoothing centres channels."""
+    return (tuple(sorted(alpha.items())) if isinstance(alpha, dict) else alpha, bool(offset), bool(shift))
 
 
 def _group_alpha_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split, config: QuantConfig,
@@ -250,10 +261,10 @@ def _group_alpha_phase(search: _Search, inferred: onnx.ModelProto, calibration: 
             if value == current.get(kind):
                 continue
             alpha = {**current, kind: value}
-            key = _alpha_key(alpha, base.offset)
+            key = _alpha_key(alpha, base.offset, base.shift)
             if key not in prepared_by_alpha:
                 prepared_by_alpha[key] = prepare(inferred, calibration, config, alpha=alpha, smooth_stats=stats,
-                                                 threads=threads, offset=base.offset)
+                                                 threads=threads, offset=base.offset, shift=base.shift)
                 stats = stats or prepared_by_alpha[key].smooth_stats
             before = search.best[0]
             trial = search.record("group-alpha", base.but(alpha=alpha), [], prepared_by_alpha[key])
@@ -272,14 +283,33 @@ def _offset_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split
     if config.activation_type != "int8" or not config.activation_symmetric:
         search.info["probability_offset"] = "skipped: activations are not symmetric int8"
         return
-    key = _alpha_key(best.candidate.alpha, True)
+    key = _alpha_key(best.candidate.alpha, True, best.candidate.shift)
     if key not in prepared_by_alpha:
         prepared_by_alpha[key] = prepare(inferred, calibration, config, alpha=best.candidate.alpha,
-                                         smooth_stats=prepared.smooth_stats, threads=threads, offset=True)
+                                         smooth_stats=prepared.smooth_stats, threads=threads, offset=True,
+                                         shift=best.candidate.shift)
     if not prepared_by_alpha[key].offsets:
         search.info["probability_offset"] = "skipped: no softmax · V product in the graph"
         return
     search.record("pv-offset", best.candidate.but(offset=True), [], prepared_by_alpha[key])
+
+
+def _shift_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split, config: QuantConfig,
+                 threads: int | None, prepared_by_alpha: dict[Any, Prepared]) -> None:
+    """The best configuration with SmoothQuant centring each channel before scaling it
+    (:mod:`deploykit.quantize.shift`); kept when it raises the score."""
+    best, prepared = search.best
+    if best.passed or search.spent() or best.candidate.shift:
+        return
+    if best.candidate.alpha is None:
+        search.info["channel_shift"] = "skipped: the best configuration is not smoothed"
+        return
+    key = _alpha_key(best.candidate.alpha, best.candidate.offset, True)
+    if key not in prepared_by_alpha:
+        prepared_by_alpha[key] = prepare(inferred, calibration, config, alpha=best.candidate.alpha,
+                                         smooth_stats=prepared.smooth_stats, threads=threads,
+                                         offset=best.candidate.offset, shift=True)
+    search.record("channel-shift", best.candidate.but(shift=True), [], prepared_by_alpha[key])
 
 
 def _tensor_method_phase(search: _Search, config: QuantConfig, tuning: Split, threads: int | None) -> None:
@@ -305,7 +335,7 @@ def _tensor_method_phase(search: _Search, config: QuantConfig, tuning: Split, th
             for src in mapping.values():
                 if src:
                     readers.setdefault(node.name, []).append(src)
-        for e in node_errors(prepared.model, qdq, split, threads=threads):
+        for e in node_errors(reference(prepared, candidate), qdq, split, threads=threads):
             for tensor in readers.get(e.node, []):
                 noise.setdefault(tensor, {}).setdefault(spec, 0.0)
                 noise[tensor][spec] += 10.0 ** (-e.added_snr_db / 10.0)
@@ -368,7 +398,7 @@ def _fallback_phase(search: _Search, tuning: Split, max_float_nodes: int | None,
     cap = fallback_cap(len(selectable), max_float_nodes, max_float_fraction)
     if cap == 0:
         return {"fallback_cap": 0}
-    ranked = [e for e in node_errors(prepared.model, qdq, _head(tuning, samples), threads=threads)
+    ranked = [e for e in node_errors(reference(prepared, candidate), qdq, _head(tuning, samples), threads=threads)
               if e.node in selectable]
     order = [e.node for e in ranked]
     fallback_info = {"fallback_cap": cap, "ranking": [{"node": e.node, "op_type": e.op_type, "module": e.module,
@@ -425,6 +455,8 @@ def tune(model_path: Path, inferred: onnx.ModelProto, calibration: Split, tuning
         t0 = time.perf_counter()
         if step == "probability-offset":
             _offset_phase(search, inferred, calibration, config, threads, prepared_by_alpha)
+        elif step == "channel-shift":
+            _shift_phase(search, inferred, calibration, config, threads, prepared_by_alpha)
         elif step == "group-alpha":
             _group_alpha_phase(search, inferred, calibration, config, threads, prepared_by_alpha)
         elif step == "tensor-method":
@@ -448,6 +480,7 @@ def tune(model_path: Path, inferred: onnx.ModelProto, calibration: Split, tuning
     out_config.tensor_methods = dict(c.tensor_methods)
     out_config.bias_correction = c.bias_correction
     out_config.probability_offset = c.offset
+    out_config.smoothquant.shift = c.shift
     log = {"criteria": dict(tc.criteria), "met": chosen.passed, "budget": tc.budget, "trials_run": len(trials),
            "chosen": chosen.to_dict(), "tuning_data": tuning.summary(), "seconds": round(time.perf_counter() - start, 1),
            "phase_seconds": phase_seconds, "trials": [t.to_dict() for t in trials], **search.info, **fallback_info}
