@@ -383,6 +383,11 @@ def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup], scales: d
                 _replace_input(out, add, bias, (inits[bias] - (0.0 if c is None else c)) / s,
                                f"{bias}_smoothed", uses, inits)
                 explicit_shift = False
+            else:
+                added = _bias_after(out, matmul, inits)   # one another group's shift gave it: scaled alike
+                if added is not None:
+                    bias = next(i for i in added.input if i in inits)
+                    _replace_input(out, added, bias, inits[bias] / s, f"{bias}_smoothed", uses, inits)
         else:
             _insert_mul(out, group, (1.0 / s).astype(np.float32))
         shift_node = _insert_shift(out, group, (-c / s).astype(np.float32), nodes) if explicit_shift else None
@@ -438,6 +443,15 @@ def _insert_mul(model: onnx.ModelProto, group: SmoothGroup, inv_s: np.ndarray) -
     for node in model.graph.node:
         if node.name in members:
             node.input[0] = out_name
+
+
+def _bias_after(model: onnx.ModelProto, matmul: onnx.NodeProto, inits: dict[str, np.ndarray]) -> onnx.NodeProto | None:
+    """The bias ``Add`` a channel shift put after ``matmul`` (its only reader, one constant input)."""
+    readers = [n for n in model.graph.node if matmul.output[0] in n.input]
+    if (len(readers) == 1 and readers[0].op_type == "Add" and "_shift_add" in readers[0].name
+            and sum(1 for i in readers[0].input if i in inits) == 1):
+        return readers[0]
+    return None
 
 
 def _insert_shift(model: onnx.ModelProto, group: SmoothGroup, offset: np.ndarray,
