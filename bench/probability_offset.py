@@ -31,27 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from deploykit.data import iterate_batches, load_split, map_batches
     from deploykit.io import write_json
     from deploykit.metrics import task_metrics
     from deploykit.quantize import QuantConfig, SmoothQuantConfig
-    from deploykit.quantize.graph import cpu_session
     from deploykit.quantize.probabilities import probability_matmuls
-    from deploykit.quantize.qdq import build_model, load_for_quantization, prepare
-    from deploykit.runners import default_threads
+    from deploykit.quantize.qdq import build_model, prepare
+    from _run import load_run
 
-    run = args.run
-    fp32 = run / "model.onnx"
-    _, inferred = load_for_quantization(fp32)
-    names = [i.name for i in inferred.graph.input]
-    calibration = load_split(run / "data" / "calibration.npz", names)
-    evaluation = load_split(run / "data" / "evaluation.npz", names)
-    threads = default_threads()
-
-    def outputs(model):
-        session = cpu_session(model, threads)
-        return map_batches(lambda f: session.run(None, f)[0], iterate_batches(evaluation.feeds, 32), 32)
-
+    loaded = load_run(args.run)
+    run, inferred, calibration, evaluation = loaded.folder, loaded.inferred, loaded.calibration, loaded.evaluation
+    threads, outputs = loaded.threads, loaded.outputs
     reference = outputs(inferred)
     ranges_file = run / "model.int8.ranges.json"
     fallen = json.loads(ranges_file.read_text(encoding="utf-8")).get("float_nodes", []) if ranges_file.is_file() else []

@@ -180,7 +180,7 @@ def _alphas(items: list[str] | None) -> list[float | None] | None:
 
 
 _PV_HELP = "Softmax·V as ½(2P−1)·V + ½ΣV: int8 P spans [−1, 1]."
-_SHIFT_HELP = "With SmoothQuant: centre each channel first (its bias absorbs c·W), so one-sided channels use all of int8."
+_SHIFT_HELP = "With SmoothQuant: centre each channel first (biases absorb c·W); one-sided channels use all of int8."
 
 
 @app.command(short_help="Static INT8: explicit Q/DQ ONNX + ranges.")
@@ -256,8 +256,7 @@ def calibrate(
             setattr(config.smoothquant, key, value)
     for key, value in {"enabled": tune, "criteria": _criteria(criterion), "budget": tune_budget,
                        "alphas": _alphas(tune_alpha), "methods": list(tune_method) if tune_method else None,
-                       "percentiles": list(tune_percentile) if tune_percentile else None,
-                       "samples": tuning}.items():
+                       "percentiles": list(tune_percentile) if tune_percentile else None, "samples": tuning}.items():
         if value is not None:
             setattr(config.tune, key, value)
     for key, value in {"source": data, "calibration": calibration, "evaluation": evaluation, "seed": seed}.items():

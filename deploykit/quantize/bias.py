@@ -22,7 +22,7 @@ from deploykit.onnx_utils import unique_name
 from deploykit.quantize.graph import consumers, iterate_activations, producers
 
 
-def _dequantized_weight(dq: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray | None:
+def dequantized_weight(dq: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray | None:
     q = inits.get(dq.input[0])
     if q is None or len(dq.input) < 2 or dq.input[1] not in inits:
         return None
@@ -54,7 +54,7 @@ def _linears(qdq: onnx.ModelProto):
         if dq_x is None or dq_w is None or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
             continue
         q_x = prod.get(dq_x.input[0])
-        weight = _dequantized_weight(dq_w, inits)
+        weight = dequantized_weight(dq_w, inits)
         if q_x is None or q_x.op_type != "QuantizeLinear" or weight is None or weight.ndim != 2:
             continue
         readers = users.get(node.output[0], [])

@@ -107,7 +107,7 @@ def compensate_weights(qdq: onnx.ModelProto, float_model: onnx.ModelProto,
                        records: list[dict[str, Any]]) -> int:
     """In ``qdq`` (quantized from ``float_model``), give each shifted group's int8 MatMuls the
     bias ``b + (c/s) (Wq - W)``; returns how many biases changed."""
-    from deploykit.quantize.bias import _dequantized_weight
+    from deploykit.quantize.bias import dequantized_weight
     from deploykit.quantize.graph import producers
 
     prod = producers(qdq)
@@ -126,7 +126,7 @@ def compensate_weights(qdq: onnx.ModelProto, float_model: onnx.ModelProto,
                 continue                     # kept in float: the float compensation is exact
             arrays = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer
                       if i.name in dq.input or i.name in bias_add.input}
-            stored = _dequantized_weight(dq, arrays)
+            stored = dequantized_weight(dq, arrays)
             bias = next((i for i in bias_add.input if i in arrays), None)
             source = float_nodes.get(member)
             if stored is None or bias is None or source is None or source.input[1] not in float_inits:

@@ -1,0 +1,38 @@
+"""What the bench scripts that re-measure a run share: its FP32 export, its saved calibration
+and evaluation inputs, and a scorer of a model's outputs on the evaluation inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass
+class Run:
+    folder: Path
+    inferred: Any                     # the FP32 export, shape-inferred (deploykit's quantization input)
+    calibration: Any                  # deploykit.data.Split
+    evaluation: Any
+    threads: int
+    outputs: Callable[[Any], Any]     # model -> its outputs on the evaluation inputs (ORT CPU)
+
+
+def load_run(folder: Path) -> Run:
+    """``deploykit run <recipe>``'s folder: ``model.onnx`` and ``data/{calibration,evaluation}.npz``."""
+    from deploykit.data import iterate_batches, load_split, map_batches
+    from deploykit.quantize.graph import cpu_session
+    from deploykit.quantize.qdq import load_for_quantization
+    from deploykit.runners import default_threads
+
+    _, inferred = load_for_quantization(folder / "model.onnx")
+    names = [i.name for i in inferred.graph.input]
+    calibration = load_split(folder / "data" / "calibration.npz", names)
+    evaluation = load_split(folder / "data" / "evaluation.npz", names)
+    threads = default_threads()
+
+    def outputs(model):
+        session = cpu_session(model, threads)
+        return map_batches(lambda f: session.run(None, f)[0], iterate_batches(evaluation.feeds, 32), 32)
+
+    return Run(folder, inferred, calibration, evaluation, threads, outputs)
