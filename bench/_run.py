@@ -36,3 +36,28 @@ def load_run(folder: Path) -> Run:
         return map_batches(lambda f: session.run(None, f)[0], iterate_batches(evaluation.feeds, 32), 32)
 
     return Run(folder, inferred, calibration, evaluation, threads, outputs)
+
+
+def run_parser(doc: str, default_run: str = "runs/minilm-int8-smoothquant"):
+    """An argument parser with what every re-measuring script takes: ``--run``, ``--percentile``
+    (of the configuration it builds) and ``--out``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=Path(default_run))
+    parser.add_argument("--percentile", type=float, default=99.999)
+    parser.add_argument("--out", type=Path, default=None)
+    return parser
+
+
+def write_result(run: Run, out: Path, record: dict) -> None:
+    """``record`` with where it was measured (the run, its evaluation size, the reference, the
+    threads and machine) written to ``out`` as JSON."""
+    import platform
+
+    from deploykit.io import write_json
+
+    write_json(out, {"run": str(run.folder), **record, "evaluation_samples": run.evaluation.count,
+                     "reference": "the FP32 export on ONNX Runtime", "threads": run.threads,
+                     "machine": platform.processor() or platform.machine()})
+    print(f"wrote {out}")

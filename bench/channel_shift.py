@@ -22,28 +22,23 @@ Writes ``<run>/bench_channel_shift.json`` (or ``--out``). Not a test: it measure
 
 from __future__ import annotations
 
-import argparse
-import platform
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=Path("runs/minilm-int8-smoothquant"))
+    from _run import run_parser
+
+    parser = run_parser(__doc__)
     parser.add_argument("--alpha", type=float, action="append", default=None, help="repeatable (default 0.8, 0.9)")
-    parser.add_argument("--percentile", type=float, default=99.999)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from deploykit.io import write_json
     from deploykit.metrics import task_metrics
     from deploykit.quantize import QuantConfig, SmoothQuantConfig
     from deploykit.quantize.qdq import build_model, build_qdq, prepare
-    from _run import load_run
+    from _run import load_run, write_result
 
     loaded = load_run(args.run)
-    run, inferred, calibration, evaluation = loaded.folder, loaded.inferred, loaded.calibration, loaded.evaluation
+    run, inferred, calibration = loaded.folder, loaded.inferred, loaded.calibration
     threads, outputs = loaded.threads, loaded.outputs
     reference = outputs(inferred)
     rows = []
@@ -64,12 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                              **{k: round(float(metrics[k]), 4) for k in ("cosine_mean", "nn_agreement", "snr_db")}})
                 print(f"alpha {alpha} {label:17s} cosine {metrics['cosine_mean']:.4f} "
                       f"NN {metrics['nn_agreement']:.3f} SNR {metrics['snr_db']:.2f} dB", flush=True)
-    out = args.out or run / "bench_channel_shift.json"
-    write_json(out, {"run": str(run), "percentile": args.percentile, "probability_offset": True,
-                     "evaluation_samples": evaluation.count, "float_nodes": 0, "rows": rows,
-                     "reference": "the FP32 export on ONNX Runtime", "threads": threads,
-                     "machine": platform.processor() or platform.machine()})
-    print(f"wrote {out}")
+    write_result(loaded, args.out or run / "bench_channel_shift.json",
+                 {"percentile": args.percentile, "probability_offset": True, "float_nodes": 0, "rows": rows})
     return 0
 
 

@@ -16,30 +16,25 @@ Writes ``<run>/bench_probability_offset.json`` (or ``--out``). Not a test: it me
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=Path("runs/minilm-int8-smoothquant"))
+    from _run import run_parser
+
+    parser = run_parser(__doc__)
     parser.add_argument("--alpha", type=float, default=0.9)
-    parser.add_argument("--percentile", type=float, default=99.999)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from deploykit.io import write_json
     from deploykit.metrics import task_metrics
     from deploykit.quantize import QuantConfig, SmoothQuantConfig
     from deploykit.quantize.probabilities import probability_matmuls
     from deploykit.quantize.qdq import build_model, prepare
-    from _run import load_run
+    from _run import load_run, write_result
 
     loaded = load_run(args.run)
-    run, inferred, calibration, evaluation = loaded.folder, loaded.inferred, loaded.calibration, loaded.evaluation
+    run, inferred, calibration = loaded.folder, loaded.inferred, loaded.calibration
     threads, outputs = loaded.threads, loaded.outputs
     reference = outputs(inferred)
     ranges_file = run / "model.int8.ranges.json"
@@ -57,12 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                          **{k: round(float(metrics[k]), 4) for k in ("cosine_mean", "nn_agreement", "snr_db")}})
             print(f"offset={offset!s:5} {label:38s} cosine {metrics['cosine_mean']:.4f} "
                   f"NN {metrics['nn_agreement']:.3f} SNR {metrics['snr_db']:.2f} dB", flush=True)
-    out = args.out or run / "bench_probability_offset.json"
-    write_json(out, {"run": str(run), "alpha": args.alpha, "percentile": args.percentile,
-                     "evaluation_samples": evaluation.count, "pv_matmuls": pv, "fallen_back": fallen, "rows": rows,
-                     "reference": "the FP32 export on ONNX Runtime", "threads": threads,
-                     "machine": platform.processor() or platform.machine()})
-    print(f"wrote {out}")
+    write_result(loaded, args.out or run / "bench_probability_offset.json",
+                 {"alpha": args.alpha, "percentile": args.percentile, "pv_matmuls": pv, "fallen_back": fallen,
+                  "rows": rows})
     return 0
 
 
