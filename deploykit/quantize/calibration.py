@@ -128,9 +128,10 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
     embeddings: list[dict[str, Any]] = []
     bias_records: list[dict[str, Any]] = []
     ranges = prepared.ranges(config.method, config.percentile, config.tensor_methods)   # the tuned choice, if tuning ran
+    reference = float_reference(prepared, ranges)
+    smoothing = reference[1]                           # with a channel shift: the offsets as snapped
     quantized = build_model(prepared, ranges, fallback, bias_correction=config.bias_correction, threads=threads,
-                            embedding_log=embeddings, bias_log=bias_records)
-    smoothing = float_reference(prepared, ranges)[1]   # with a channel shift: the offsets as snapped
+                            embedding_log=embeddings, bias_log=bias_records, reference=reference)
     custom = sorted({n.op_type for n in quantized.graph.node if n.domain == DOMAIN})
     plugin_nodes = sorted(n.name for n in quantized.graph.node
                           if n.domain == DOMAIN and n.op_type in INT8_FORMS.values())

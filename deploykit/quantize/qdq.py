@@ -262,12 +262,14 @@ def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: l
 def build_model(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: list[str] = (), *,
                 bias_correction: bool = False, threads: int | None = None,
                 embedding_log: list[dict[str, Any]] | None = None,
-                bias_log: list[dict[str, Any]] | None = None) -> onnx.ModelProto:
+                bias_log: list[dict[str, Any]] | None = None,
+                reference: tuple[onnx.ModelProto, list[dict[str, Any]]] | None = None) -> onnx.ModelProto:
     """The Q/DQ model of one configuration: Q/DQ with ``ranges`` and ``float_nodes`` kept float
     (and int8 embedding tables where configured), then, with ``bias_correction``, biases
     corrected on the calibration data. What calibrate writes and what each tuning trial scores
-    are built here alike."""
-    reference = float_reference(prepared, ranges)
+    are built here alike. ``reference`` is :func:`float_reference` of ``ranges`` when the
+    caller has it already."""
+    reference = reference or float_reference(prepared, ranges)
     # bias correction measures the whole mean shift, the shifted groups' weight part included
     model = build_qdq(prepared, ranges, float_nodes, embedding_log, reference=reference,
                       exact_shift_bias=not bias_correction)

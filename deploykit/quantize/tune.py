@@ -85,10 +85,14 @@ def build(prepared: Prepared, candidate: Candidate, float_nodes: list[str] = (),
     return build_model(prepared, ranges, float_nodes, bias_correction=candidate.bias_correction, threads=threads)
 
 
-def reference(prepared: Prepared, candidate: Candidate) -> onnx.ModelProto:
-    """The float graph ``candidate``'s Q/DQ model is quantized from (what per-node errors compare to)."""
+def build_with_reference(prepared: Prepared, candidate: Candidate, *,
+                         threads: int | None = None) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """``candidate``'s Q/DQ model with no node in float, and the float graph it is quantized
+    from (what per-node errors compare to)."""
     ranges = prepared.ranges(candidate.method, candidate.percentile, candidate.tensor_methods)
-    return float_reference(prepared, ranges)[0]
+    reference = float_reference(prepared, ranges)
+    return build_model(prepared, ranges, bias_correction=candidate.bias_correction, threads=threads,
+                       reference=reference), reference[0]
 
 
 @dataclass
@@ -220,9 +224,8 @@ def _grid_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split, 
             break
         offset = bool(config.probability_offset)
         shift = bool(config.smoothquant.shift) and alpha is not None
-        prepared = prepare(inferred, calibration, config, alpha=alpha, smooth_stats=smooth_stats, threads=threads,
-                           offset=offset, shift=shift)
-        prepared_by_alpha[_alpha_key(alpha, offset, shift)] = prepared
+        prepared = _prepared_for(prepared_by_alpha, inferred, calibration, config, threads, alpha,
+                                 offset=offset, shift=shift, stats=smooth_stats)
         if alpha is not None and smooth_stats is None:
             smooth_stats = prepared.smooth_stats
         for method, pct in _grid(config):
@@ -237,6 +240,18 @@ def _alpha_key(alpha, offset: bool, shift: bool = False) -> Any:
     """The key of a prepared graph: its smoothing strength(s), whether P·V is offset and
     whether the smoothing centres channels."""
     return (tuple(sorted(alpha.items())) if isinstance(alpha, dict) else alpha, bool(offset), bool(shift))
+
+
+def _prepared_for(prepared_by_alpha: dict[Any, Prepared], inferred: onnx.ModelProto, calibration: Split,
+                  config: QuantConfig, threads: int | None, alpha, *, offset: bool, shift: bool,
+                  stats: dict[str, np.ndarray] | None) -> Prepared:
+    """The prepared graph of (``alpha``, ``offset``, ``shift``), prepared on first use from the
+    channel statistics ``stats`` when given (they serve every alpha and either shift)."""
+    key = _alpha_key(alpha, offset, shift)
+    if key not in prepared_by_alpha:
+        prepared_by_alpha[key] = prepare(inferred, calibration, config, alpha=alpha, smooth_stats=stats,
+                                         threads=threads, offset=offset, shift=shift)
+    return prepared_by_alpha[key]
 
 
 def _group_alpha_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split, config: QuantConfig,
@@ -261,13 +276,11 @@ def _group_alpha_phase(search: _Search, inferred: onnx.ModelProto, calibration: 
             if value == current.get(kind):
                 continue
             alpha = {**current, kind: value}
-            key = _alpha_key(alpha, base.offset, base.shift)
-            if key not in prepared_by_alpha:
-                prepared_by_alpha[key] = prepare(inferred, calibration, config, alpha=alpha, smooth_stats=stats,
-                                                 threads=threads, offset=base.offset, shift=base.shift)
-                stats = stats or prepared_by_alpha[key].smooth_stats
+            prepared = _prepared_for(prepared_by_alpha, inferred, calibration, config, threads, alpha,
+                                     offset=base.offset, shift=base.shift, stats=stats)
+            stats = stats or prepared.smooth_stats
             before = search.best[0]
-            trial = search.record("group-alpha", base.but(alpha=alpha), [], prepared_by_alpha[key])
+            trial = search.record("group-alpha", base.but(alpha=alpha), [], prepared)
             if search.best[0] is trial and trial is not before:
                 current, base = alpha, trial.candidate
 
@@ -283,15 +296,12 @@ def _offset_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split
     if config.activation_type != "int8" or not config.activation_symmetric:
         search.info["probability_offset"] = "skipped: activations are not symmetric int8"
         return
-    key = _alpha_key(best.candidate.alpha, True, best.candidate.shift)
-    if key not in prepared_by_alpha:
-        prepared_by_alpha[key] = prepare(inferred, calibration, config, alpha=best.candidate.alpha,
-                                         smooth_stats=prepared.smooth_stats, threads=threads, offset=True,
-                                         shift=best.candidate.shift)
-    if not prepared_by_alpha[key].offsets:
+    offset = _prepared_for(prepared_by_alpha, inferred, calibration, config, threads, best.candidate.alpha,
+                           offset=True, shift=best.candidate.shift, stats=prepared.smooth_stats)
+    if not offset.offsets:
         search.info["probability_offset"] = "skipped: no softmax · V product in the graph"
         return
-    search.record("pv-offset", best.candidate.but(offset=True), [], prepared_by_alpha[key])
+    search.record("pv-offset", best.candidate.but(offset=True), [], offset)
 
 
 def _shift_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split, config: QuantConfig,
@@ -304,12 +314,9 @@ def _shift_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split,
     if best.candidate.alpha is None:
         search.info["channel_shift"] = "skipped: the best configuration is not smoothed"
         return
-    key = _alpha_key(best.candidate.alpha, best.candidate.offset, True)
-    if key not in prepared_by_alpha:
-        prepared_by_alpha[key] = prepare(inferred, calibration, config, alpha=best.candidate.alpha,
-                                         smooth_stats=prepared.smooth_stats, threads=threads,
-                                         offset=best.candidate.offset, shift=True)
-    search.record("channel-shift", best.candidate.but(shift=True), [], prepared_by_alpha[key])
+    shifted = _prepared_for(prepared_by_alpha, inferred, calibration, config, threads, best.candidate.alpha,
+                            offset=best.candidate.offset, shift=True, stats=prepared.smooth_stats)
+    search.record("channel-shift", best.candidate.but(shift=True), [], shifted)
 
 
 def _tensor_method_phase(search: _Search, config: QuantConfig, tuning: Split, threads: int | None) -> None:
@@ -329,13 +336,13 @@ def _tensor_method_phase(search: _Search, config: QuantConfig, tuning: Split, th
     for method, pct in specs:
         spec = spec_of(method, pct)
         candidate = best.candidate.but(method=method, percentile=pct, tensor_methods={}, bias_correction=False)
-        qdq = build(prepared, candidate, threads=threads)
+        qdq, reference = build_with_reference(prepared, candidate, threads=threads)
         readers: dict[str, list[str]] = {}
         for node, mapping, _ in quantized_nodes(qdq):
             for src in mapping.values():
                 if src:
                     readers.setdefault(node.name, []).append(src)
-        for e in node_errors(reference(prepared, candidate), qdq, split, threads=threads):
+        for e in node_errors(reference, qdq, split, threads=threads):
             for tensor in readers.get(e.node, []):
                 noise.setdefault(tensor, {}).setdefault(spec, 0.0)
                 noise[tensor][spec] += 10.0 ** (-e.added_snr_db / 10.0)
@@ -393,12 +400,12 @@ def _fallback_phase(search: _Search, tuning: Split, max_float_nodes: int | None,
     if best.passed or search.spent():
         return {}
     candidate = best.candidate
-    qdq = build(prepared, candidate, threads=threads)
+    qdq, reference = build_with_reference(prepared, candidate, threads=threads)
     selectable = {n.name for n in prepared.nodes} - set(prepared.mask_float_nodes)
     cap = fallback_cap(len(selectable), max_float_nodes, max_float_fraction)
     if cap == 0:
         return {"fallback_cap": 0}
-    ranked = [e for e in node_errors(reference(prepared, candidate), qdq, _head(tuning, samples), threads=threads)
+    ranked = [e for e in node_errors(reference, qdq, _head(tuning, samples), threads=threads)
               if e.node in selectable]
     order = [e.node for e in ranked]
     fallback_info = {"fallback_cap": cap, "ranking": [{"node": e.node, "op_type": e.op_type, "module": e.module,
