@@ -29,7 +29,8 @@ import onnx
 from onnx import numpy_helper
 
 from deploykit.calib.calibrators import TensorRange
-from deploykit.onnx_utils import unique_name
+from deploykit.quantize.graph import initializers, producers
+from deploykit.quantize.smoothquant import replace_initializer, use_counts
 
 
 def grid_step(r: TensorRange, symmetric: bool) -> float:
@@ -45,19 +46,6 @@ def _const_input(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> st
     return names[0] if len(names) == 1 else None
 
 
-def _set_initializer(model: onnx.ModelProto, node: onnx.NodeProto, old: str, value: np.ndarray,
-                     base: str) -> None:
-    """Point ``node`` at a new initializer holding ``value`` (``old`` may be shared)."""
-    name = unique_name(model, base)
-    model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
-    node.input[:] = [name if i == old else i for i in node.input]
-    if not any(old in n.input for n in model.graph.node):
-        for k, init in enumerate(model.graph.initializer):
-            if init.name == old:
-                del model.graph.initializer[k]
-                break
-
-
 def has_explicit_shifts(records: list[dict[str, Any]]) -> bool:
     return any(r.get("shift_node") for r in records)
 
@@ -71,11 +59,12 @@ def snap_shifts(model: onnx.ModelProto, records: list[dict[str, Any]], ranges: d
     out.CopyFrom(model)
     records = copy.deepcopy(records)
     nodes = {n.name: n for n in out.graph.node}
+    uses, arrays = use_counts(out), {}
     for record in records:
         add = nodes.get(record.get("shift_node") or "")
         if add is None:
             continue
-        inits = {i.name: i for i in out.graph.initializer}
+        inits = initializers(out)
         r = ranges.get(add.output[0])
         const = _const_input(add, inits)
         if r is None or getattr(r, "masked", False) or const is None:
@@ -88,16 +77,17 @@ def snap_shifts(model: onnx.ModelProto, records: list[dict[str, Any]], ranges: d
         delta = snapped - offset
         if not np.any(delta):
             continue
-        _set_initializer(out, add, const, snapped, f"{const}_snapped")
+        replace_initializer(out, add, const, snapped, f"{const}_snapped", uses, arrays)
+        inits = initializers(out)
         for member in record["nodes"]:
             matmul, bias_add = nodes.get(member), nodes.get(record["bias_nodes"].get(member, ""))
-            inits = {i.name: i for i in out.graph.initializer}
             bias = _const_input(bias_add, inits) if bias_add is not None else None
             if matmul is None or bias is None or matmul.input[1] not in inits:
                 raise ValueError(f"the smoothing record of {record['input']} does not match the graph at {member}")
             w = numpy_helper.to_array(inits[matmul.input[1]]).astype(np.float64)
             value = numpy_helper.to_array(inits[bias]).astype(np.float64) - delta @ w   # (x' + d) W - d W
-            _set_initializer(out, bias_add, bias, value, f"{bias}_snapped")
+            replace_initializer(out, bias_add, bias, value, f"{bias}_snapped", uses, arrays)
+            inits = initializers(out)
         scales = np.asarray(record["scales"], np.float64)
         record["shift"] = [float(v) for v in -snapped * scales]                    # offset = -c / s
     return out, records
@@ -108,31 +98,32 @@ def compensate_weights(qdq: onnx.ModelProto, float_model: onnx.ModelProto,
     """In ``qdq`` (quantized from ``float_model``), give each shifted group's int8 MatMuls the
     bias ``b + (c/s) (Wq - W)``; returns how many biases changed."""
     from deploykit.quantize.bias import dequantized_weight
-    from deploykit.quantize.graph import producers
 
     prod = producers(qdq)
     nodes = {n.name: n for n in qdq.graph.node}
     float_nodes = {n.name: n for n in float_model.graph.node}
-    float_inits = {i.name: i for i in float_model.graph.initializer}
+    float_inits = initializers(float_model)
+    uses, arrays = use_counts(qdq), {}
     changed = 0
     for record in records:
         if not record.get("shift"):
             continue
         centre = np.asarray(record["shift"], np.float64) / np.asarray(record["scales"], np.float64)   # c / s
+        inits = initializers(qdq)
         for member in record["nodes"]:
             matmul, bias_add = nodes.get(member), nodes.get(record["bias_nodes"].get(member, ""))
             dq = prod.get(matmul.input[1]) if matmul is not None else None
             if dq is None or dq.op_type != "DequantizeLinear" or bias_add is None:
                 continue                     # kept in float: the float compensation is exact
-            arrays = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer
-                      if i.name in dq.input or i.name in bias_add.input}
-            stored = dequantized_weight(dq, arrays)
-            bias = next((i for i in bias_add.input if i in arrays), None)
+            needed = {i: numpy_helper.to_array(inits[i]) for i in list(dq.input) + list(bias_add.input) if i in inits}
+            stored = dequantized_weight(dq, needed)
+            bias = _const_input(bias_add, inits)
             source = float_nodes.get(member)
             if stored is None or bias is None or source is None or source.input[1] not in float_inits:
                 continue
             w = numpy_helper.to_array(float_inits[source.input[1]]).astype(np.float64)
-            value = arrays[bias].astype(np.float64) + centre @ (stored - w)
-            _set_initializer(qdq, bias_add, bias, value, f"{bias}_shift_exact")
+            value = needed[bias].astype(np.float64) + centre @ (stored - w)
+            replace_initializer(qdq, bias_add, bias, value, f"{bias}_shift_exact", uses, arrays)
+            inits = initializers(qdq)
             changed += 1
     return changed

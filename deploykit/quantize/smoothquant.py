@@ -337,10 +337,7 @@ def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup], scales: d
     out.CopyFrom(model)
     nodes = {n.name: n for n in out.graph.node}
     inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
-    uses: dict[str, int] = {}
-    for node in out.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = use_counts(out)
     shifts = shifts or {}
     records = []
     for group in groups:
@@ -353,15 +350,15 @@ def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup], scales: d
             if c is not None:     # x W = x' (diag(s) W) + c W: the bias takes c W of the weight as it stands
                 bias_nodes[node_name] = _add_to_bias(
                     out, node, (c.astype(np.float64) @ inits[node.input[1]]).astype(np.float32), uses, inits, nodes)
-            _replace_input(out, node, w_name, (inits[w_name] * s[:, None]).astype(np.float32),
+            replace_initializer(out, node, w_name, (inits[w_name] * s[:, None]).astype(np.float32),
                            f"{w_name}_smoothed", uses, inits)
         explicit_shift = c is not None
         if group.fold == "layernorm":
             ln = nodes[group.fold_nodes[0]]
-            _replace_input(out, ln, ln.input[1], inits[ln.input[1]] / s, f"{ln.input[1]}_smoothed", uses, inits)
+            replace_initializer(out, ln, ln.input[1], inits[ln.input[1]] / s, f"{ln.input[1]}_smoothed", uses, inits)
             if len(ln.input) > 2 and ln.input[2]:
                 beta = inits[ln.input[2]] - (0.0 if c is None else c)
-                _replace_input(out, ln, ln.input[2], beta / s, f"{ln.input[2]}_smoothed", uses, inits)
+                replace_initializer(out, ln, ln.input[2], beta / s, f"{ln.input[2]}_smoothed", uses, inits)
             elif c is not None:
                 name = unique_name(out, f"{ln.name}_shift_beta")
                 out.graph.initializer.append(numpy_helper.from_array((-c / s).astype(np.float32), name))
@@ -372,22 +369,22 @@ def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup], scales: d
         elif group.fold == "rmsnorm":
             mul = nodes[group.fold_nodes[0]]
             weight = next(i for i in mul.input if i in inits)
-            _replace_input(out, mul, weight, inits[weight] / s, f"{weight}_smoothed", uses, inits)
+            replace_initializer(out, mul, weight, inits[weight] / s, f"{weight}_smoothed", uses, inits)
         elif group.fold == "linear":
             matmul = nodes[group.fold_nodes[0]]
             w = inits[matmul.input[1]]
-            _replace_input(out, matmul, matmul.input[1], w / s[None, :], f"{matmul.input[1]}_smoothed", uses, inits)
+            replace_initializer(out, matmul, matmul.input[1], w / s[None, :], f"{matmul.input[1]}_smoothed", uses, inits)
             if len(group.fold_nodes) > 1:
                 add = nodes[group.fold_nodes[1]]
                 bias = next(i for i in add.input if i in inits)
-                _replace_input(out, add, bias, (inits[bias] - (0.0 if c is None else c)) / s,
+                replace_initializer(out, add, bias, (inits[bias] - (0.0 if c is None else c)) / s,
                                f"{bias}_smoothed", uses, inits)
                 explicit_shift = False
             else:
                 added = _bias_after(out, matmul, inits)   # one another group's shift gave it: scaled alike
                 if added is not None:
                     bias = next(i for i in added.input if i in inits)
-                    _replace_input(out, added, bias, inits[bias] / s, f"{bias}_smoothed", uses, inits)
+                    replace_initializer(out, added, bias, inits[bias] / s, f"{bias}_smoothed", uses, inits)
         else:
             _insert_mul(out, group, (1.0 / s).astype(np.float32))
         shift_node = _insert_shift(out, group, (-c / s).astype(np.float32), nodes) if explicit_shift else None
@@ -414,11 +411,21 @@ def reapply(model: onnx.ModelProto, records: list[dict[str, Any]]) -> onnx.Model
     return smoothed
 
 
-def _replace_input(model, node, old: str, array: np.ndarray, new_base: str, uses: dict[str, int],
-                   inits: dict[str, np.ndarray]) -> None:
-    """Point ``node`` at a new initializer holding ``array`` (the old one may be shared);
-    ``inits`` (name -> array) is kept current, so a weight can be smoothed twice (rows as
-    a group member, columns as a fold target)."""
+def use_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """How many node inputs read each name (what :func:`replace_initializer` keeps current)."""
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    return uses
+
+
+def replace_initializer(model, node, old: str, array: np.ndarray, new_base: str, uses: dict[str, int],
+                        inits: dict[str, np.ndarray]) -> None:
+    """Point ``node`` at a new initializer holding ``array`` (the old one may be shared; it is
+    removed once no node reads it, by ``uses`` from :func:`use_counts`); ``inits``
+    (name -> array) is kept current, so a weight can be smoothed twice (rows as a group
+    member, columns as a fold target)."""
     name = unique_name(model, new_base.replace("_smoothed_smoothed", "_smoothed"))
     model.graph.initializer.append(numpy_helper.from_array(array.astype(np.float32), name))
     inits[name] = array.astype(np.float32)
@@ -446,10 +453,11 @@ def _insert_mul(model: onnx.ModelProto, group: SmoothGroup, inv_s: np.ndarray) -
 
 
 def _bias_after(model: onnx.ModelProto, matmul: onnx.NodeProto, inits: dict[str, np.ndarray]) -> onnx.NodeProto | None:
-    """The bias ``Add`` a channel shift put after ``matmul`` (its only reader, one constant input)."""
+    """The bias ``Add`` after ``matmul`` (its only reader, one constant input). A ``linear`` fold
+    planned without one (its chain ended at the MatMul) has one only when another group's
+    shift put it there since."""
     readers = [n for n in model.graph.node if matmul.output[0] in n.input]
-    if (len(readers) == 1 and readers[0].op_type == "Add" and "_shift_add" in readers[0].name
-            and sum(1 for i in readers[0].input if i in inits) == 1):
+    if len(readers) == 1 and readers[0].op_type == "Add" and sum(1 for i in readers[0].input if i in inits) == 1:
         return readers[0]
     return None
 
@@ -484,7 +492,7 @@ def _add_to_bias(model: onnx.ModelProto, matmul: onnx.NodeProto, delta: np.ndarr
         add = readers[0]
         const = [i for i in add.input if i in inits]
         if len(const) == 1 and inits[const[0]].shape == delta.shape:
-            _replace_input(model, add, const[0], inits[const[0]] + delta, f"{const[0]}_shifted", uses, inits)
+            replace_initializer(model, add, const[0], inits[const[0]] + delta, f"{const[0]}_shifted", uses, inits)
             return add.name
     raw = unique_name(model, f"{out_name}_unbiased")
     bias = unique_name(model, f"{matmul.name}_shift_bias")
