@@ -13,13 +13,15 @@ class Run:
     folder: Path
     inferred: Any                     # the FP32 export, shape-inferred (deploykit's quantization input)
     calibration: Any                  # deploykit.data.Split
-    evaluation: Any
+    evaluation: Any                   # the split scored on (held out by default)
     threads: int
     outputs: Callable[[Any], Any]     # model -> its outputs on the evaluation inputs (ORT CPU)
 
 
-def load_run(folder: Path) -> Run:
-    """``deploykit run <recipe>``'s folder: ``model.onnx`` and ``data/{calibration,evaluation}.npz``."""
+def load_run(folder: Path, split: str = "evaluation") -> Run:
+    """``deploykit run <recipe>``'s folder: ``model.onnx``, ``data/calibration.npz`` and the
+    split models are scored on (``evaluation``, the held-out one, or ``tuning``, what the
+    tuner scored)."""
     from deploykit.data import iterate_batches, load_split, map_batches
     from deploykit.quantize.graph import cpu_session
     from deploykit.quantize.qdq import load_for_quantization
@@ -28,7 +30,7 @@ def load_run(folder: Path) -> Run:
     _, inferred = load_for_quantization(folder / "model.onnx")
     names = [i.name for i in inferred.graph.input]
     calibration = load_split(folder / "data" / "calibration.npz", names)
-    evaluation = load_split(folder / "data" / "evaluation.npz", names)
+    evaluation = load_split(folder / "data" / f"{split}.npz", names)
     threads = default_threads()
 
     def outputs(model):
@@ -47,6 +49,8 @@ def run_parser(doc: str, default_run: str = "runs/minilm-int8-smoothquant"):
     parser.add_argument("--run", type=Path, default=Path(default_run))
     parser.add_argument("--percentile", type=float, default=99.999)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--split", choices=["evaluation", "tuning"], default="evaluation",
+                        help="score on the held-out inputs, or on the tuner's")
     return parser
 
 
@@ -57,7 +61,8 @@ def write_result(run: Run, out: Path, record: dict) -> None:
 
     from deploykit.io import write_json
 
-    write_json(out, {"run": str(run.folder), **record, "evaluation_samples": run.evaluation.count,
+    write_json(out, {"run": str(run.folder), **record, "split": run.evaluation.name,
+                     "evaluation_samples": run.evaluation.count,
                      "reference": "the FP32 export on ONNX Runtime", "threads": run.threads,
                      "machine": platform.processor() or platform.machine()})
     print(f"wrote {out}")

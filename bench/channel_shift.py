@@ -17,7 +17,8 @@ Runtime: cosine mean, NN agreement, SNR.
     deploykit run minilm-int8-smoothquant
     python bench/channel_shift.py --run runs/minilm-int8-smoothquant
 
-Writes ``<run>/bench_channel_shift.json`` (or ``--out``). Not a test: it measures.
+Writes ``<run>/bench_channel_shift.json``
+(``…_tuning.json`` with ``--split tuning``, or ``--out``). Not a test: it measures.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from deploykit.quantize.qdq import build_model, build_qdq, prepare
     from _run import load_run, write_result
 
-    loaded = load_run(args.run)
+    loaded = load_run(args.run, args.split)
     run, inferred, calibration = loaded.folder, loaded.inferred, loaded.calibration
     threads, outputs = loaded.threads, loaded.outputs
     reference = outputs(inferred)
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                              **{k: round(float(metrics[k]), 4) for k in ("cosine_mean", "nn_agreement", "snr_db")}})
                 print(f"alpha {alpha} {label:17s} cosine {metrics['cosine_mean']:.4f} "
                       f"NN {metrics['nn_agreement']:.3f} SNR {metrics['snr_db']:.2f} dB", flush=True)
-    write_result(loaded, args.out or run / "bench_channel_shift.json",
+    suffix = "" if args.split == "evaluation" else f"_{args.split}"
+    write_result(loaded, args.out or run / f"bench_channel_shift{suffix}.json",
                  {"percentile": args.percentile, "probability_offset": True, "float_nodes": 0, "rows": rows})
     return 0
 

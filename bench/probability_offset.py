@@ -11,7 +11,8 @@ agreement, SNR.
     deploykit run minilm-int8-smoothquant
     python bench/probability_offset.py --run runs/minilm-int8-smoothquant
 
-Writes ``<run>/bench_probability_offset.json`` (or ``--out``). Not a test: it measures.
+Writes ``<run>/bench_probability_offset.json``
+(``…_tuning.json`` with ``--split tuning``, or ``--out``). Not a test: it measures.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from deploykit.quantize.qdq import build_model, prepare
     from _run import load_run, write_result
 
-    loaded = load_run(args.run)
+    loaded = load_run(args.run, args.split)
     run, inferred, calibration = loaded.folder, loaded.inferred, loaded.calibration
     threads, outputs = loaded.threads, loaded.outputs
     reference = outputs(inferred)
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                          **{k: round(float(metrics[k]), 4) for k in ("cosine_mean", "nn_agreement", "snr_db")}})
             print(f"offset={offset!s:5} {label:38s} cosine {metrics['cosine_mean']:.4f} "
                   f"NN {metrics['nn_agreement']:.3f} SNR {metrics['snr_db']:.2f} dB", flush=True)
-    write_result(loaded, args.out or run / "bench_probability_offset.json",
+    suffix = "" if args.split == "evaluation" else f"_{args.split}"
+    write_result(loaded, args.out or run / f"bench_probability_offset{suffix}.json",
                  {"alpha": args.alpha, "percentile": args.percentile, "pv_matmuls": pv, "fallen_back": fallen,
                   "rows": rows})
     return 0
