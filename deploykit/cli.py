@@ -181,6 +181,7 @@ def _alphas(items: list[str] | None) -> list[float | None] | None:
 
 _PV_HELP = "Softmax·V as ½(2P−1)·V + ½ΣV: int8 P spans [−1, 1]."
 _SHIFT_HELP = "With SmoothQuant: centre each channel first (biases absorb c·W); one-sided channels use all of int8."
+_ROUNDING_HELP = "nearest | gptq: int8 weights rounded to keep each Linear's output on the calibration data."
 
 
 @app.command(short_help="Static INT8: explicit Q/DQ ONNX + ranges.")
@@ -219,6 +220,7 @@ def calibrate(
     smoothquant_targets: Annotated[Optional[str], typer.Option(help="ln-fed | all")] = None,
     pv_offset: Annotated[Optional[bool], typer.Option("--pv-offset/--no-pv-offset", help=_PV_HELP)] = None,
     shift: Annotated[Optional[bool], typer.Option("--shift/--no-shift", help=_SHIFT_HELP)] = None,
+    weight_rounding: Annotated[Optional[str], typer.Option(help=_ROUNDING_HELP)] = None,
     tune: Annotated[Optional[bool], typer.Option("--tune/--no-tune", help="Accuracy-driven search.")] = None,
     criterion: Annotated[Optional[list[str]], typer.Option(help="Tuning target, e.g. cosine_mean>=0.995 "
                                                                 "(repeatable).")] = None,
@@ -245,6 +247,7 @@ def calibrate(
     overrides = {"preset": preset, "method": method, "percentile": percentile, "residual_adds": residual_adds,
                  "layernorm": layernorm, "activation_type": activation_type, "activation_symmetric": symmetric,
                  "per_channel": per_channel, "batch_size": batch_size, "probability_offset": pv_offset,
+                 "weight_rounding": weight_rounding,
                  "op_types": [t.strip() for t in op_types.split(",") if t.strip()] if op_types else None,
                  "nodes_to_exclude": list(exclude) if exclude else None,
                  "nodes_to_quantize": list(only) if only else None}

@@ -87,6 +87,7 @@ class CalibrationResult:
             "float_by_op_type": {op: f"{self.float_op_types.get(op, 0)}/{n}"
                                  for op, n in self.selected_op_types.items()},
             "tensor_methods": c.tensor_methods, "bias_correction": bool(c.bias_correction),
+            "weight_rounding": c.weight_rounding,
             "bias_corrected_nodes": len(self.bias_corrected),
             "probability_offset": bool(c.probability_offset), "probability_offset_nodes": self.probability_offsets,
             "plugin_int8": c.plugin_int8, "plugin_int8_nodes": self.plugin_int8_nodes,
@@ -142,6 +143,7 @@ def calibrate(model_path: str | Path, split: Split, out_path: str | Path, config
                                              "float_fallback": len(fallback),
                                              "embeddings": config.embeddings or False,
                                              "bias_correction": bool(config.bias_correction),
+                                             "weight_rounding": config.weight_rounding,
                                              "probability_offset": len(prepared.offsets),
                                              "data_sha256": split.sha256, "samples": split.count}})
     onnx.checker.check_model(quantized, full_check=bool(custom))   # full: types through the local functions

@@ -16,7 +16,9 @@ ACTIVATION_TYPES = ("int8", "uint8")
 GROUP_KINDS = ("attention-in", "attention-out", "mlp-in", "mlp-out")
 # Steps the tuner tries on its best configuration before it falls any node back to float
 # (see deploykit.quantize.tune); each is kept only when it raises the tuning score.
-REFINE_STEPS = ("probability-offset", "channel-shift", "tensor-method", "bias-correction", "group-alpha")
+REFINE_STEPS = ("probability-offset", "channel-shift", "weight-rounding", "tensor-method", "bias-correction",
+                "group-alpha")
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 
 
 @dataclass
@@ -51,6 +53,8 @@ class TuneConfig:
     #                    (deploykit.quantize.probabilities; symmetric int8 activations only)
     #   channel-shift:   SmoothQuant centres each channel before scaling it (smoothquant.shift;
     #                    deploykit.quantize.shift)
+    #   weight-rounding: int8 weights rounded by GPTQ on the calibration inputs instead of to
+    #                    the nearest grid point (weight_rounding; deploykit.quantize.rounding)
     #   tensor-method:   each activation tensor's range from the method (of the grid's, or minmax)
     #                    that adds the least error at the output of the nodes reading it
     #   bias-correction: each quantized Linear's bias absorbs the mean output shift quantization adds
@@ -90,6 +94,9 @@ class QuantConfig:
     # P·V as ½(2P−1)·V + ½ΣV so the softmax output spans the whole symmetric int8 range
     # (deploykit.quantize.probabilities); exact in float, half the rounding step on P.
     probability_offset: bool = False
+    # nearest | gptq: int8 MatMul weights rounded to keep each Linear's output on the calibration
+    # inputs (deploykit.quantize.rounding) rather than each weight, on the same scales
+    weight_rounding: str = "nearest"
     tensor_methods: dict[str, str] = field(default_factory=dict)   # tensor -> "method" | "percentile:P"
     smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -123,6 +130,13 @@ class QuantConfig:
             if self.embeddings not in FORMS:
                 raise UserError(f"unknown quantize.embeddings form '{self.embeddings}'",
                                 fix=f"use true, false or one of {', '.join(FORMS)}")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise UserError(f"unknown quantize.weight_rounding '{self.weight_rounding}'",
+                            fix=f"use {' or '.join(WEIGHT_ROUNDINGS)}")
+        if self.weight_rounding == "gptq" and self.bias_correction:
+            raise UserError("quantize.bias_correction and weight_rounding: gptq do not combine: GPTQ fits the "
+                            "calibration inputs, so their mean shift no longer stands for new data",
+                            fix="choose one of them (docs/quantization.md has both measured)")
         if self.op_types is not None and not self.op_types:
             raise UserError("quantize.op_types is empty", fix="list the op types to quantize, e.g. [MatMul, Gemm]")
         if self.batch_size < 1:

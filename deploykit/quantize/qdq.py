@@ -85,6 +85,9 @@ class Prepared:
     smooth_stats: dict[str, np.ndarray] | None = None   # per-channel [min, max], reusable for another alpha
     calibration: Split | None = None            # the data the statistics came from (bias correction)
     offsets: list[dict[str, Any]] = field(default_factory=list)   # P·V products rewritten (probabilities)
+    # per MatMul input: the second moment its int8 weight meets (deploykit.quantize.rounding),
+    # gathered on the first GPTQ build and shared by every later build of this graph
+    weight_grams: dict[bool, dict[str, np.ndarray]] = field(default_factory=dict)   # by compensation
 
     def ranges(self, method: str | None = None, percentile: float | None = None,
                tensor_methods: dict[str, str] | None = None) -> dict[str, TensorRange]:
@@ -203,12 +206,14 @@ def float_reference(prepared: Prepared, ranges: dict[str, TensorRange]
 def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: list[str] = (),
               embedding_log: list[dict[str, Any]] | None = None, *,
               reference: tuple[onnx.ModelProto, list[dict[str, Any]]] | None = None,
-              exact_shift_bias: bool = True) -> onnx.ModelProto:
+              exact_shift_bias: bool = True, weight_rounding: str | None = None) -> onnx.ModelProto:
     """Q/DQ model from ``prepared`` with ``ranges``; ``float_nodes`` (and mask-touching nodes) stay
     float. With ``config.embeddings`` the embedding tables become int8 rows too; what was
     rewritten is appended to ``embedding_log``. It is quantized from ``reference`` (default
     :func:`float_reference`); with ``exact_shift_bias`` shifted groups' biases compensate with
-    the int8 weights (:func:`deploykit.quantize.shift.compensate_weights`)."""
+    the int8 weights (:func:`deploykit.quantize.shift.compensate_weights`). ``weight_rounding``
+    (default ``config.weight_rounding``) ``gptq`` re-rounds the int8 weights on the calibration
+    inputs (:mod:`deploykit.quantize.rounding`), before the biases compensate with them."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
@@ -250,6 +255,13 @@ def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: l
     quantizer.model.topological_sort()  # what ORT's own save step does before writing
     result = quantizer.model.model
     _restore_float_inputs(result, keep_float)
+    if (weight_rounding or config.weight_rounding) == "gptq" and prepared.calibration is not None:
+        from deploykit.quantize.rounding import round_weights
+
+        # the weights meet the uncentred input only where the biases compensate with them
+        compensated = exact_shift_bias and any(r.get("shift") for r in records)
+        round_weights(result, base, prepared.calibration, records=records if compensated else None,
+                      grams=prepared.weight_grams.setdefault(compensated, {}), batch_size=config.batch_size)
     if exact_shift_bias and any(r.get("shift") for r in records):
         from deploykit.quantize.shift import compensate_weights
 
@@ -263,7 +275,8 @@ def build_model(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes:
                 bias_correction: bool = False, threads: int | None = None,
                 embedding_log: list[dict[str, Any]] | None = None,
                 bias_log: list[dict[str, Any]] | None = None,
-                reference: tuple[onnx.ModelProto, list[dict[str, Any]]] | None = None) -> onnx.ModelProto:
+                reference: tuple[onnx.ModelProto, list[dict[str, Any]]] | None = None,
+                weight_rounding: str | None = None) -> onnx.ModelProto:
     """The Q/DQ model of one configuration: Q/DQ with ``ranges`` and ``float_nodes`` kept float
     (and int8 embedding tables where configured), then, with ``bias_correction``, biases
     corrected on the calibration data. What calibrate writes and what each tuning trial scores
@@ -272,7 +285,7 @@ def build_model(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes:
     reference = reference or float_reference(prepared, ranges)
     # bias correction measures the whole mean shift, the shifted groups' weight part included
     model = build_qdq(prepared, ranges, float_nodes, embedding_log, reference=reference,
-                      exact_shift_bias=not bias_correction)
+                      exact_shift_bias=not bias_correction, weight_rounding=weight_rounding)
     if bias_correction:
         from deploykit.quantize.bias import correct_biases
 

@@ -11,7 +11,8 @@ model's own outputs, every trial builds a Q/DQ model and checks the criteria:
    goes on.
 2. **Refinement** (``tune.refine``, in order, each kept only when it raises the score): the
    attention probabilities offset to [−1, 1] before P·V, SmoothQuant centring each channel
-   (``channel-shift``), a calibration method per tensor,
+   (``channel-shift``), GPTQ rounding of the int8 weights (``weight-rounding``), a calibration
+   method per tensor,
    bias correction, a SmoothQuant strength per group kind.
 3. **Fallback**: the best configuration's quantized nodes are ranked by the error each adds
    on its own (``deploykit.quantize.debug.node_errors``), worst first, and the k worst are
@@ -62,6 +63,7 @@ class Candidate:
     bias_correction: bool = False
     offset: bool = False                # P·V with the probabilities offset (deploykit.quantize.probabilities)
     shift: bool = False                 # SmoothQuant centres each channel first (smoothquant.shift)
+    weight_rounding: str = "nearest"    # or gptq (deploykit.quantize.rounding)
 
     def but(self, **changes: Any) -> Candidate:
         out = copy.deepcopy(self)
@@ -75,14 +77,15 @@ class Candidate:
         return (f"alpha={alpha} {self.method}{'' if self.percentile is None else f' {self.percentile}'}"
                 + (f" +{len(self.tensor_methods)} tensor methods" if self.tensor_methods else "")
                 + (" +bias" if self.bias_correction else "") + (" +pv-offset" if self.offset else "")
-                + (" +shift" if self.shift else ""))
+                + (" +shift" if self.shift else "") + (" +gptq" if self.weight_rounding == "gptq" else ""))
 
 
 def build(prepared: Prepared, candidate: Candidate, float_nodes: list[str] = (), *,
           threads: int | None = None) -> onnx.ModelProto:
     """The Q/DQ model of ``candidate`` from ``prepared`` (its alpha already applied)."""
     ranges = prepared.ranges(candidate.method, candidate.percentile, candidate.tensor_methods)
-    return build_model(prepared, ranges, float_nodes, bias_correction=candidate.bias_correction, threads=threads)
+    return build_model(prepared, ranges, float_nodes, bias_correction=candidate.bias_correction, threads=threads,
+                       weight_rounding=candidate.weight_rounding)
 
 
 def build_with_reference(prepared: Prepared, candidate: Candidate, *,
@@ -92,13 +95,13 @@ def build_with_reference(prepared: Prepared, candidate: Candidate, *,
     ranges = prepared.ranges(candidate.method, candidate.percentile, candidate.tensor_methods)
     reference = float_reference(prepared, ranges)
     return build_model(prepared, ranges, bias_correction=candidate.bias_correction, threads=threads,
-                       reference=reference), reference[0]
+                       reference=reference, weight_rounding=candidate.weight_rounding), reference[0]
 
 
 @dataclass
 class Trial:
     index: int
-    phase: str                       # grid | pv-offset | channel-shift | tensor-method | bias-correction | group-alpha | sensitivity | fallback
+    phase: str                       # grid | pv-offset | channel-shift | weight-rounding | tensor-method | bias-correction | group-alpha | sensitivity | fallback
     candidate: Candidate
     float_nodes: list[str]
     metrics: dict[str, float]
@@ -123,7 +126,8 @@ class Trial:
         c = self.candidate
         return {"trial": self.index, "phase": self.phase, "alpha": c.alpha, "method": c.method,
                 "percentile": self.percentile, "tensor_methods": dict(c.tensor_methods),
-                "bias_correction": c.bias_correction, "probability_offset": c.offset, "channel_shift": c.shift, "float_node_count": len(self.float_nodes),
+                "bias_correction": c.bias_correction, "probability_offset": c.offset, "channel_shift": c.shift,
+                "weight_rounding": c.weight_rounding, "float_node_count": len(self.float_nodes),
                 "float_nodes": self.float_nodes, "float_op_types": self.float_op_types,
                 "metrics": {k: None if v is None else round(v, 6) for k, v in self.metrics.items()},
                 "passed": self.passed, "score": round(self.score, 6), "seconds": round(self.seconds, 2)}
@@ -231,7 +235,9 @@ def _grid_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split, 
         for method, pct in _grid(config):
             if search.spent():
                 break
-            if search.record("grid", Candidate(alpha, method, pct, offset=offset, shift=shift), [], prepared).passed:
+            candidate = Candidate(alpha, method, pct, offset=offset, shift=shift,
+                                  weight_rounding=config.weight_rounding)
+            if search.record("grid", candidate, [], prepared).passed:
                 break
     return prepared_by_alpha
 
@@ -319,6 +325,18 @@ def _shift_phase(search: _Search, inferred: onnx.ModelProto, calibration: Split,
     search.record("channel-shift", best.candidate.but(shift=True), [], shifted)
 
 
+def _rounding_phase(search: _Search) -> None:
+    """The best configuration with its int8 weights rounded by GPTQ on the calibration inputs
+    (:mod:`deploykit.quantize.rounding`); kept when it raises the score."""
+    best, prepared = search.best
+    if best.passed or search.spent() or best.candidate.weight_rounding == "gptq":
+        return
+    if best.candidate.bias_correction:
+        search.info["weight_rounding"] = "skipped: bias correction is on (the two do not combine)"
+        return
+    search.record("weight-rounding", best.candidate.but(weight_rounding="gptq"), [], prepared)
+
+
 def _tensor_method_phase(search: _Search, config: QuantConfig, tuning: Split, threads: int | None) -> None:
     """Each activation tensor takes the range of the candidate method that adds the least
     error where it is read: for every method of the grid (and minmax), the error each
@@ -374,6 +392,9 @@ def choose_tensor_methods(noise: dict[str, dict[str, float]], base: str) -> dict
 def _bias_phase(search: _Search) -> None:
     best, prepared = search.best
     if best.passed or search.spent() or best.candidate.bias_correction:
+        return
+    if best.candidate.weight_rounding == "gptq":
+        search.info["bias_correction"] = "skipped: the weights are GPTQ-rounded (the two do not combine)"
         return
     search.record("bias-correction", best.candidate.but(bias_correction=True), [], prepared)
 
@@ -464,6 +485,8 @@ def tune(model_path: Path, inferred: onnx.ModelProto, calibration: Split, tuning
             _offset_phase(search, inferred, calibration, config, threads, prepared_by_alpha)
         elif step == "channel-shift":
             _shift_phase(search, inferred, calibration, config, threads, prepared_by_alpha)
+        elif step == "weight-rounding":
+            _rounding_phase(search)
         elif step == "group-alpha":
             _group_alpha_phase(search, inferred, calibration, config, threads, prepared_by_alpha)
         elif step == "tensor-method":
@@ -488,6 +511,7 @@ def tune(model_path: Path, inferred: onnx.ModelProto, calibration: Split, tuning
     out_config.bias_correction = c.bias_correction
     out_config.probability_offset = c.offset
     out_config.smoothquant.shift = c.shift
+    out_config.weight_rounding = c.weight_rounding
     log = {"criteria": dict(tc.criteria), "met": chosen.passed, "budget": tc.budget, "trials_run": len(trials),
            "chosen": chosen.to_dict(), "tuning_data": tuning.summary(), "seconds": round(time.perf_counter() - start, 1),
            "phase_seconds": phase_seconds, "trials": [t.to_dict() for t in trials], **search.info, **fallback_info}

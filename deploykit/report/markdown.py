@@ -106,7 +106,9 @@ def _tuning_section(tuning: dict, plot: str = TUNING_PLOT) -> list[str]:
     rows = [[str(t["trial"]), t["phase"], format_cell(t["alpha"]), t["method"] + (f" {t['percentile']}" if t["percentile"]
             is not None else "") + (f", {len(t['tensor_methods'])} tensors own method" if t.get("tensor_methods") else "")
              + (", bias corrected" if t.get("bias_correction") else "")
-             + (", P·V offset" if t.get("probability_offset") else ""), str(t["float_node_count"]), *(format_number(t["metrics"].get(m), m) for m in metrics),
+             + (", P·V offset" if t.get("probability_offset") else "")
+             + (", channel shift" if t.get("channel_shift") else "")
+             + (", GPTQ weights" if t.get("weight_rounding") == "gptq" else ""), str(t["float_node_count"]), *(format_number(t["metrics"].get(m), m) for m in metrics),
              "✅" if t["passed"] else ""] for t in tuning["trials"]]
     table = _table(["trial", "phase", "alpha", "method", "float nodes", *metrics, "pass"], rows)
     out = ["## Tuning", "", head, "", f"![Tuning trials]({plot})", "", *table]
