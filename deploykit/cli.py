@@ -184,6 +184,13 @@ _SHIFT_HELP = "With SmoothQuant: centre each channel first (biases absorb c·W);
 _ROUNDING_HELP = "nearest | gptq: int8 weights rounded to keep each Linear's output on the calibration data."
 
 
+def _set_given(target: object, values: dict) -> None:
+    """Set on ``target`` each of ``values`` that the user gave (not None)."""
+    for key, value in values.items():
+        if value is not None:
+            setattr(target, key, value)
+
+
 @app.command(short_help="Static INT8: explicit Q/DQ ONNX + ranges.")
 @_guard
 def calibrate(
@@ -251,20 +258,13 @@ def calibrate(
                  "op_types": [t.strip() for t in op_types.split(",") if t.strip()] if op_types else None,
                  "nodes_to_exclude": list(exclude) if exclude else None,
                  "nodes_to_quantize": list(only) if only else None}
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(config, key, value)
-    for key, value in {"alpha": smoothquant, "targets": smoothquant_targets, "shift": shift}.items():
-        if value is not None:
-            setattr(config.smoothquant, key, value)
-    for key, value in {"enabled": tune, "criteria": _criteria(criterion), "budget": tune_budget,
-                       "alphas": _alphas(tune_alpha), "methods": list(tune_method) if tune_method else None,
-                       "percentiles": list(tune_percentile) if tune_percentile else None, "samples": tuning}.items():
-        if value is not None:
-            setattr(config.tune, key, value)
-    for key, value in {"source": data, "calibration": calibration, "evaluation": evaluation, "seed": seed}.items():
-        if value is not None:
-            setattr(spec, key, value)
+    _set_given(config, overrides)
+    _set_given(config.smoothquant, {"alpha": smoothquant, "targets": smoothquant_targets, "shift": shift})
+    _set_given(config.tune, {"enabled": tune, "criteria": _criteria(criterion), "budget": tune_budget,
+                             "alphas": _alphas(tune_alpha), "methods": list(tune_method) if tune_method else None,
+                             "percentiles": list(tune_percentile) if tune_percentile else None,
+                             "samples": tuning})
+    _set_given(spec, {"source": data, "calibration": calibration, "evaluation": evaluation, "seed": seed})
     out = out or model.with_name(model.stem + ".int8.onnx")
     calibrate_model(model, out, source=source, data=spec.source, options=_options(option), spec=spec,
                     config=config, default_preset=(rec.preset() if rec else "gpu-trt"), targets=list(target or []))

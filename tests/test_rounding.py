@@ -164,16 +164,9 @@ def test_gptq_and_bias_correction_are_refused_together():
 
 
 def test_tuner_tries_gptq_and_records_its_choice(tiny_onnx, tiny_splits, tmp_path):
-    from deploykit.quantize import calibrate
-    from deploykit.quantize.config import TuneConfig
+    from test_shift import tune_one_step
 
-    config = QuantConfig(preset="gpu-trt", smoothquant=SmoothQuantConfig(targets="all"),
-                         tune=TuneConfig(enabled=True, criteria={"cosine_mean": ">= 0.99999999"}, budget=4,
-                                         alphas=[0.8], methods=["minmax"], refine=["weight-rounding"], samples=16,
-                                         max_float_nodes=0))
-    tuning = Split("tuning", {k: v[:16] for k, v in tiny_splits.evaluation.feeds.items()}, "t")
-    out = tmp_path / "model.int8.onnx"
-    result = calibrate(tiny_onnx, tiny_splits.calibration, out, config, tuning_split=tuning)
+    result = tune_one_step(tiny_onnx, tiny_splits, tmp_path, "weight-rounding")
     trials = result.tuning["trials"]
     assert [t["phase"] for t in trials[:2]] == ["grid", "weight-rounding"]
     assert [t["weight_rounding"] for t in trials[:2]] == ["nearest", "gptq"]

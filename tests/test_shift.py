@@ -190,16 +190,22 @@ def test_bias_correction_replaces_the_weight_compensation_not_adds_to_it():
     np.testing.assert_allclose(corrected.mean(axis=0), float_out.mean(axis=0), atol=2e-4)
 
 
-def test_tuner_tries_the_shift_and_records_its_choice(tiny_onnx, tiny_splits, tmp_path):
+def tune_one_step(model: Path, splits, out: Path, step: str):
+    """Calibrate ``model`` with the tuner running one grid point (α 0.8, minmax) and then the
+    refinement ``step`` alone, against a criterion nothing meets (so the step always runs)."""
     from deploykit.quantize import calibrate
     from deploykit.quantize.config import TuneConfig
 
     config = QuantConfig(preset="gpu-trt", smoothquant=SmoothQuantConfig(targets="all"),
                          tune=TuneConfig(enabled=True, criteria={"cosine_mean": ">= 0.99999999"}, budget=4,
-                                         alphas=[0.8], methods=["minmax"], refine=["channel-shift"], samples=16,
+                                         alphas=[0.8], methods=["minmax"], refine=[step], samples=16,
                                          max_float_nodes=0))
-    tuning = Split("tuning", {k: v[:16] for k, v in tiny_splits.evaluation.feeds.items()}, "t")
-    result = calibrate(tiny_onnx, tiny_splits.calibration, tmp_path / "model.int8.onnx", config, tuning_split=tuning)
+    tuning = Split("tuning", {k: v[:16] for k, v in splits.evaluation.feeds.items()}, "t")
+    return calibrate(model, splits.calibration, out / "model.int8.onnx", config, tuning_split=tuning)
+
+
+def test_tuner_tries_the_shift_and_records_its_choice(tiny_onnx, tiny_splits, tmp_path):
+    result = tune_one_step(tiny_onnx, tiny_splits, tmp_path, "channel-shift")
     trials = result.tuning["trials"]
     assert [t["phase"] for t in trials[:2]] == ["grid", "channel-shift"]
     assert trials[0]["channel_shift"] is False and trials[1]["channel_shift"] is True
