@@ -255,14 +255,14 @@ def build_qdq(prepared: Prepared, ranges: dict[str, TensorRange], float_nodes: l
     quantizer.model.topological_sort()  # what ORT's own save step does before writing
     result = quantizer.model.model
     _restore_float_inputs(result, keep_float)
+    # shifted groups' biases compensate with the int8 weights, which then meet the uncentred input
+    compensated = exact_shift_bias and any(r.get("shift") for r in records)
     if (weight_rounding or config.weight_rounding) == "gptq" and prepared.calibration is not None:
         from deploykit.quantize.rounding import round_weights
 
-        # the weights meet the uncentred input only where the biases compensate with them
-        compensated = exact_shift_bias and any(r.get("shift") for r in records)
         round_weights(result, base, prepared.calibration, records=records if compensated else None,
                       grams=prepared.weight_grams.setdefault(compensated, {}), batch_size=config.batch_size)
-    if exact_shift_bias and any(r.get("shift") for r in records):
+    if compensated:
         from deploykit.quantize.shift import compensate_weights
 
         compensate_weights(result, base, records)

@@ -30,6 +30,7 @@ from onnx import numpy_helper
 
 from deploykit.data import Split
 from deploykit.quantize.graph import initializers, iterate_activations, producers
+from deploykit.quantize.shift import centre
 
 DAMPING = 0.01      # of mean(diag(H)), added to the diagonal: H is singular for dead or collinear inputs
 BLOCK = 128         # rows updated together (the lazy batch update; the result does not depend on it)
@@ -146,22 +147,16 @@ def bias_offsets(records: list[dict[str, Any]] | None) -> dict[str, np.ndarray]:
     """Node -> the constant its int8 weight meets beside the input: with SmoothQuant's channel
     shift and :func:`deploykit.quantize.shift.compensate_weights`, ``Q(x') Wq + (c/s) Wq``, so
     the weight error meets ``x' + c/s`` (the uncentred input), not ``x'``."""
-    out = {}
-    for record in records or []:
-        if record.get("shift"):
-            centre = np.asarray(record["shift"], np.float64) / np.asarray(record["scales"], np.float64)
-            out.update({member: centre for member in record["nodes"]})
-    return out
+    return {member: centre(record) for record in records or [] if record.get("shift") for member in record["nodes"]}
 
 
 def round_weights(qdq: onnx.ModelProto, reference: onnx.ModelProto, split: Split, *,
                   records: list[dict[str, Any]] | None = None, grams: dict[str, np.ndarray] | None = None,
-                  batch_size: int = 16, threads: int | None = None) -> list[dict[str, Any]]:
+                  batch_size: int = 16, threads: int | None = None) -> list[str]:
     """Re-round, in place, every int8 MatMul weight of ``qdq`` by :func:`gptq_round` on the inputs
     ``reference`` (the float graph ``qdq`` was quantized from, same node names) sees on
     ``split``; ``records`` are the smoothing records of ``reference`` (a shifted group's weights
-    meet the uncentred input, :func:`bias_offsets`). Returns one record per weight: its output
-    error on ``split`` relative to nearest rounding.
+    meet the uncentred input, :func:`bias_offsets`). Returns the nodes whose weights it re-rounded.
 
     ``grams`` (tensor -> second moment of what its MatMuls' weights meet), when given, is used
     and filled, so the builds of one prepared graph gather the statistics once. The moment of
@@ -179,22 +174,12 @@ def round_weights(qdq: onnx.ModelProto, reference: onnx.ModelProto, split: Split
             if m["tensor"] in stats and m["tensor"] not in grams:
                 grams[m["tensor"]] = centred_gram(stats[m["tensor"]], offsets.get(m["node"]))
     inits = initializers(qdq)
-    log = []
+    rounded = []
     for m in matmuls:
         gram = grams.get(m["tensor"])
         if gram is None or gram.shape[0] != m["weight"].shape[0]:
             continue
         target = inits[m["dq"].input[0]]
-        nearest = numpy_helper.to_array(target)
-        q = gptq_round(m["weight"], m["scale"], gram)
-        target.CopyFrom(numpy_helper.from_array(q, target.name))
-        before = _output_error(m["weight"], nearest, m["scale"], gram)
-        log.append({"node": m["node"], "output_error_vs_nearest":
-                    round(_output_error(m["weight"], q, m["scale"], gram) / before, 4) if before > 0 else 1.0})
-    return log
-
-
-def _output_error(weight: np.ndarray, q: np.ndarray, scale: np.ndarray, gram: np.ndarray) -> float:
-    """``tr(Eᵀ H E)``, ``E = weight - q·scale``: the summed squared output error on the data."""
-    e = weight.astype(np.float64) - q.astype(np.float64) * np.asarray(scale, dtype=np.float64)
-    return float(np.sum((gram @ e) * e))
+        target.CopyFrom(numpy_helper.from_array(gptq_round(m["weight"], m["scale"], gram), target.name))
+        rounded.append(m["node"])
+    return rounded

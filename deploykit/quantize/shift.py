@@ -93,6 +93,12 @@ def snap_shifts(model: onnx.ModelProto, records: list[dict[str, Any]], ranges: d
     return out, records
 
 
+def centre(record: dict[str, Any]) -> np.ndarray:
+    """``c / s`` of a shifted group's record: the constant its int8 MatMuls' biases add back
+    beside the centred input ``x' = (x - c) / s``."""
+    return np.asarray(record["shift"], np.float64) / np.asarray(record["scales"], np.float64)
+
+
 def compensate_weights(qdq: onnx.ModelProto, float_model: onnx.ModelProto,
                        records: list[dict[str, Any]]) -> int:
     """In ``qdq`` (quantized from ``float_model``), give each shifted group's int8 MatMuls the
@@ -108,7 +114,7 @@ def compensate_weights(qdq: onnx.ModelProto, float_model: onnx.ModelProto,
     for record in records:
         if not record.get("shift"):
             continue
-        centre = np.asarray(record["shift"], np.float64) / np.asarray(record["scales"], np.float64)   # c / s
+        offset = centre(record)
         inits = initializers(qdq)
         for member in record["nodes"]:
             matmul, bias_add = nodes.get(member), nodes.get(record["bias_nodes"].get(member, ""))
@@ -122,7 +128,7 @@ def compensate_weights(qdq: onnx.ModelProto, float_model: onnx.ModelProto,
             if stored is None or bias is None or source is None or source.input[1] not in float_inits:
                 continue
             w = numpy_helper.to_array(float_inits[source.input[1]]).astype(np.float64)
-            value = needed[bias].astype(np.float64) + centre @ (stored - w)
+            value = needed[bias].astype(np.float64) + offset @ (stored - w)
             replace_initializer(qdq, bias_add, bias, value, f"{bias}_shift_exact", uses, arrays)
             inits = initializers(qdq)
             changed += 1
