@@ -4,8 +4,9 @@ On a run's FP32 export and data (``deploykit run <recipe>``), one ``gpu-trt`` co
 (SmoothQuant on every MatMul with the channel shift at ``--alpha``, percentile ``--percentile``,
 the probabilities offset, embeddings float) is built with only one group of MatMuls in int8
 and every other node float, and scored on the held-out inputs against the FP32 graph on ONNX
-Runtime. Groups, by torch module: Q/K/V, attention-out, FFN-in, FFN-out, and the two
-activation products (Q·Kᵀ, P·V). Noise powers of the groups add up to about the whole model's.
+Runtime. Groups, by where each MatMul sits in the graph (not by module names, which differ
+between families): Q/K/V, attention-out, FFN-in, FFN-out, and the two activation products
+(Q·Kᵀ, P·V). Noise powers of the groups add up to about the whole model's.
 
 For FFN-out it also splits the error into its weights' part and its inputs' part (only the
 weights int8, only the inputs int8), and builds it with GPTQ weights fitted to the centred input
@@ -22,16 +23,9 @@ from __future__ import annotations
 import sys
 
 
-def group_of(node, module: str) -> str:
-    if any(k in module for k in ("query", "key", "value")):
-        return "qkv"
-    if "attention.output" in module:
-        return "attention-out"
-    if "intermediate" in module:
-        return "ffn-in"
-    if "output.dense" in module:
-        return "ffn-out"
-    return "p·v" if any(i.endswith("_p_offset") for i in node.input) else "q·kᵀ"
+# the graph's kinds (deploykit.quantize.tune.node_kinds), named as the docs name the groups
+GROUP_NAMES = {"attention-in": "qkv", "attention-out": "attention-out", "mlp-in": "ffn-in", "mlp-out": "ffn-out",
+               "attention-values": "p·v", "activation-product": "q·kᵀ"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from deploykit.metrics import task_metrics
     from deploykit.quantize import QuantConfig, SmoothQuantConfig
-    from deploykit.quantize.debug import torch_module
     from deploykit.quantize.graph import initializers, producers
     from deploykit.quantize.qdq import build_qdq, float_reference, prepare
     from deploykit.quantize.shift import compensate_weights
+    from deploykit.quantize.tune import node_kinds
     from _run import load_run, write_result
 
     loaded = load_run(args.run, args.split)
@@ -57,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ranges = prepared.ranges("percentile", args.percentile)
     base = float_reference(prepared, ranges)
     groups: dict[str, list[str]] = {}
-    for node in prepared.nodes:
-        groups.setdefault(group_of(node, torch_module(node) or ""), []).append(node.name)
+    for name, kind in node_kinds(loaded.inferred, [n.name for n in prepared.nodes]).items():
+        groups.setdefault(GROUP_NAMES.get(kind, kind), []).append(name)
     everything = [n.name for n in prepared.nodes]
     rows = []
 

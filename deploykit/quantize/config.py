@@ -13,6 +13,7 @@ from deploykit.presets import PRESETS
 
 ACTIVATION_TYPES = ("int8", "uint8")
 # Where a SmoothQuant group sits in its block (see deploykit.quantize.smoothquant).
+FALLBACK_RANKINGS = ("added", "output")
 GROUP_KINDS = ("attention-in", "attention-out", "mlp-in", "mlp-out")
 # Steps the tuner tries on its best configuration before it falls any node back to float
 # (see deploykit.quantize.tune); each is kept only when it raises the tuning score.
@@ -66,6 +67,14 @@ class TuneConfig:
     # which the first `sensitivity_candidates` are re-ranked by what keeping each one alone in
     # float does to the criteria on the whole tuning split (one trial each; 0: added error only).
     sensitivity_candidates: int = 0
+    # How the fallback orders the nodes before those trials:
+    #   added:  by the error each node adds to its own output (noise relative to that output)
+    #   output: by the share of the model output's error each node is estimated to carry: each
+    #           group of nodes of one kind (Q/K/V, attention-out, FFN-in, FFN-out, Q·Kᵀ, P·V)
+    #           is kept in float once and what that removes at the output (1 − cosine) is split
+    #           among its nodes by the mean square of the error each adds (one build and one
+    #           scoring of the tuning split per group, not counted as trials)
+    fallback_ranking: str = "added"
 
 
 @dataclass
@@ -167,6 +176,9 @@ class QuantConfig:
                             fix="use e.g. 0.125 (at most one node in eight falls back)")
         if self.tune.max_float_nodes is not None and self.tune.max_float_nodes < 0:
             raise UserError("quantize.tune.max_float_nodes is negative", fix="use 0 or more (0: no fallback)")
+        if self.tune.fallback_ranking not in FALLBACK_RANKINGS:
+            raise UserError(f"unknown quantize.tune.fallback_ranking '{self.tune.fallback_ranking}'",
+                            fix=f"use {' or '.join(FALLBACK_RANKINGS)}")
         if self.tune.budget < 1 or self.tune.samples < 8:
             raise UserError("quantize.tune needs budget >= 1 and samples >= 8", fix="raise tune.budget / tune.samples")
 

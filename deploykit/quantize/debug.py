@@ -41,6 +41,7 @@ class NodeError:
     added_cosine: float
     accumulated_snr_db: float
     accumulated_cosine: float
+    added_mse: float = 0.0            # the added error's mean square (absolute, not relative)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,10 +124,11 @@ def _linear_output(node: onnx.NodeProto, users, inits: set[str], outputs: set[st
 
 
 class _Acc:
-    __slots__ = ("ref2", "out2", "dot", "err2")
+    __slots__ = ("ref2", "out2", "dot", "err2", "count")
 
     def __init__(self):
         self.ref2 = self.out2 = self.dot = self.err2 = 0.0
+        self.count = 0
 
     def add(self, ref: np.ndarray, out: np.ndarray) -> None:
         r, o = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
@@ -134,6 +136,7 @@ class _Acc:
         self.out2 += float(o @ o)
         self.dot += float(r @ o)
         self.err2 += float((r - o) @ (r - o))
+        self.count += r.size
 
     def snr_db(self) -> float:
         if self.err2 == 0.0:
@@ -190,7 +193,8 @@ def node_errors(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, split:
             single = sess.run(None, {i.name: fvals[i.name] for i in sess.get_inputs()})[0]
             added[k].add(ref, single)
             accumulated[k].add(ref, qvals[output])
-    errors = [NodeError(node.name, node.op_type, torch_module(node), a.snr_db(), a.cosine(), c.snr_db(), c.cosine())
+    errors = [NodeError(node.name, node.op_type, torch_module(node), a.snr_db(), a.cosine(), c.snr_db(), c.cosine(),
+                        a.err2 / max(a.count, 1))
               for (node, _, _), a, c in zip(qnodes, added, accumulated)]
     return sorted(errors, key=lambda e: (e.added_snr_db, e.node))
 

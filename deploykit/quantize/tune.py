@@ -47,7 +47,7 @@ from deploykit.data import Split, iterate_batches, map_batches
 from deploykit.metrics import output_reducer, task_metrics
 from deploykit.onnx_utils import get_metadata
 from deploykit.progress import say
-from deploykit.quantize.config import GROUP_KINDS, QuantConfig
+from deploykit.quantize.config import GROUP_KINDS, QuantConfig, TuneConfig
 from deploykit.quantize.graph import cpu_session, float_op_types
 from deploykit.quantize.qdq import Prepared, build_model, float_reference, prepare
 
@@ -410,11 +410,57 @@ def fallback_cap(selectable: int, max_float_nodes: int | None, max_float_fractio
     return min(cap, selectable, max_float_nodes if max_float_nodes is not None else cap)
 
 
-def _fallback_phase(search: _Search, tuning: Split, max_float_nodes: int | None, samples: int,
-                    threads: int | None, sensitivity: int = 0, max_float_fraction: float = 1.0) -> dict[str, Any]:
-    """Phase 3: fall back the nodes of the best configuration that add the most error on
-    their own (the first ``sensitivity`` of them re-ranked by the score each one alone in
-    float reaches), growing k, then narrowing it; the node ranking, for the log."""
+def node_kinds(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
+    """Each named node's kind, from the graph: a Linear's SmoothQuant group kind (attention-in,
+    attention-out, mlp-in, mlp-out), ``attention-values`` for a softmax · V product,
+    ``activation-product`` for another MatMul of two activations, else its op type."""
+    from deploykit.quantize.probabilities import probability_matmuls
+    from deploykit.quantize.smoothquant import find_groups
+
+    kind = {n: g.kind for g in find_groups(model, "all") for n in g.nodes}
+    values = {n.name for n in probability_matmuls(model)}
+    op = {n.name: n.op_type for n in model.graph.node}
+    return {n: kind.get(n) or ("attention-values" if n in values else
+                               "activation-product" if op.get(n) == "MatMul" else op.get(n, "?")) for n in names}
+
+
+def _output_noise(metrics: dict[str, float]) -> float:
+    """The output error a trial left, as 1 − cosine_mean (every task reports it): for small
+    errors it is half the noise power relative to the signal, so it adds over independent nodes."""
+    return max(1.0 - float(metrics.get("cosine_mean", 1.0)), 0.0)
+
+
+def output_ranking(search: _Search, prepared: Prepared, candidate: Candidate, ranked: list,
+                   inferred: onnx.ModelProto) -> tuple[list[str], dict[str, Any]]:
+    """The nodes of ``ranked`` (per-node errors, worst added first) in the order of the output
+    error each is estimated to carry: each kind's nodes are kept in float together once, and
+    what that removes at the output is split among them by their added errors' mean squares."""
+    kinds = node_kinds(inferred, [e.node for e in ranked])
+    members: dict[str, list] = {}
+    for e in ranked:
+        members.setdefault(kinds[e.node], []).append(e)
+    base = _output_noise(search.best[0].metrics)
+    estimate, groups = {}, []
+    for kind, errs in members.items():
+        t0 = time.perf_counter()
+        metrics = search.scorer(build(prepared, candidate, [e.node for e in errs], threads=search.threads))
+        removed = max(base - _output_noise(metrics), 0.0)
+        total = sum(e.added_mse for e in errs) or 1.0
+        estimate.update({e.node: removed * e.added_mse / total for e in errs})
+        groups.append({"kind": kind, "nodes": len(errs), "cosine_mean_in_float": round(metrics["cosine_mean"], 6),
+                       "output_noise_removed": removed, "seconds": round(time.perf_counter() - t0, 1)})
+        say(f"  fallback ranking: {kind} ({len(errs)} nodes) in float: cosine {metrics['cosine_mean']:.5f}")
+    position = {e.node: i for i, e in enumerate(ranked)}
+    order = sorted(position, key=lambda n: (-estimate[n], position[n]))
+    return order, {"output_noise": base, "groups": groups,
+                   "estimates": {n: estimate[n] for n in order}, "kinds": kinds}
+
+
+def _fallback_phase(search: _Search, tuning: Split, tc: TuneConfig, threads: int | None,
+                    inferred: onnx.ModelProto) -> dict[str, Any]:
+    """Phase 3: fall back the nodes of the best configuration in the order of
+    ``tc.fallback_ranking`` (the first ``tc.sensitivity_candidates`` of them re-ranked by the
+    score each one alone in float reaches), growing k, then narrowing it; the ranking, for the log."""
     from deploykit.quantize.debug import node_errors
 
     best, prepared = search.best
@@ -423,14 +469,24 @@ def _fallback_phase(search: _Search, tuning: Split, max_float_nodes: int | None,
     candidate = best.candidate
     qdq, reference = build_with_reference(prepared, candidate, threads=threads)
     selectable = {n.name for n in prepared.nodes} - set(prepared.mask_float_nodes)
-    cap = fallback_cap(len(selectable), max_float_nodes, max_float_fraction)
+    cap = fallback_cap(len(selectable), tc.max_float_nodes, tc.max_float_fraction)
     if cap == 0:
         return {"fallback_cap": 0}
-    ranked = [e for e in node_errors(reference, qdq, _head(tuning, samples), threads=threads)
+    ranked = [e for e in node_errors(reference, qdq, _head(tuning, tc.refine_samples), threads=threads)
               if e.node in selectable]
     order = [e.node for e in ranked]
-    fallback_info = {"fallback_cap": cap, "ranking": [{"node": e.node, "op_type": e.op_type, "module": e.module,
+    fallback_info = {"fallback_cap": cap, "fallback_ranking": tc.fallback_ranking,
+                     "ranking": [{"node": e.node, "op_type": e.op_type, "module": e.module,
                                   "added_snr_db": round(e.added_snr_db, 2)} for e in ranked]}
+    if tc.fallback_ranking == "output" and ranked:
+        order, by_output = output_ranking(search, prepared, candidate, ranked, inferred)
+        rows = {r["node"]: r for r in fallback_info["ranking"]}
+        fallback_info["ranking"] = [{**rows[n], "kind": by_output["kinds"][n],
+                                     "output_share": by_output["estimates"][n] / max(by_output["output_noise"], 1e-12)}
+                                    for n in order]
+        fallback_info["ranking_groups"] = by_output["groups"]
+        fallback_info["ranking_output_noise"] = by_output["output_noise"]
+    sensitivity = tc.sensitivity_candidates
     if sensitivity and not search.spent():
         # End-to-end sensitivity of the worst few: the score with each one alone in float.
         scores = {}
@@ -495,8 +551,7 @@ def tune(model_path: Path, inferred: onnx.ModelProto, calibration: Split, tuning
             _bias_phase(search)
         phase_seconds[step] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-    fallback_info = _fallback_phase(search, tuning, tc.max_float_nodes, tc.refine_samples, threads,
-                                    tc.sensitivity_candidates, tc.max_float_fraction)
+    fallback_info = _fallback_phase(search, tuning, tc, threads, inferred)
     phase_seconds["fallback"] = round(time.perf_counter() - t0, 1)
     trials = search.trials
 
