@@ -12,8 +12,9 @@ from deploykit.errors import UserError
 from deploykit.presets import PRESETS
 
 ACTIVATION_TYPES = ("int8", "uint8")
-# Where a SmoothQuant group sits in its block (see deploykit.quantize.smoothquant).
+# How the tuner orders the nodes it may keep in float (TuneConfig.fallback_ranking).
 FALLBACK_RANKINGS = ("added", "output")
+# Where a SmoothQuant group sits in its block (see deploykit.quantize.smoothquant).
 GROUP_KINDS = ("attention-in", "attention-out", "mlp-in", "mlp-out")
 # Steps the tuner tries on its best configuration before it falls any node back to float
 # (see deploykit.quantize.tune); each is kept only when it raises the tuning score.

@@ -431,10 +431,11 @@ def _output_noise(metrics: dict[str, float]) -> float:
 
 
 def output_ranking(search: _Search, prepared: Prepared, candidate: Candidate, ranked: list,
-                   inferred: onnx.ModelProto) -> tuple[list[str], dict[str, Any]]:
+                   inferred: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
     """The nodes of ``ranked`` (per-node errors, worst added first) in the order of the output
     error each is estimated to carry: each kind's nodes are kept in float together once, and
-    what that removes at the output is split among them by their added errors' mean squares."""
+    what that removes at the output is split among them by their added errors' mean squares.
+    Returns (node, kind, output_share) rows in that order, one row per kind, and the output error."""
     kinds = node_kinds(inferred, [e.node for e in ranked])
     members: dict[str, list] = {}
     for e in ranked:
@@ -452,8 +453,8 @@ def output_ranking(search: _Search, prepared: Prepared, candidate: Candidate, ra
         say(f"  fallback ranking: {kind} ({len(errs)} nodes) in float: cosine {metrics['cosine_mean']:.5f}")
     position = {e.node: i for i, e in enumerate(ranked)}
     order = sorted(position, key=lambda n: (-estimate[n], position[n]))
-    return order, {"output_noise": base, "groups": groups,
-                   "estimates": {n: estimate[n] for n in order}, "kinds": kinds}
+    return ([{"node": n, "kind": kinds[n], "output_share": estimate[n] / max(base, 1e-12)} for n in order],
+            groups, base)
 
 
 def _fallback_phase(search: _Search, tuning: Split, tc: TuneConfig, threads: int | None,
@@ -479,13 +480,11 @@ def _fallback_phase(search: _Search, tuning: Split, tc: TuneConfig, threads: int
                      "ranking": [{"node": e.node, "op_type": e.op_type, "module": e.module,
                                   "added_snr_db": round(e.added_snr_db, 2)} for e in ranked]}
     if tc.fallback_ranking == "output" and ranked:
-        order, by_output = output_ranking(search, prepared, candidate, ranked, inferred)
+        shares, groups, noise = output_ranking(search, prepared, candidate, ranked, inferred)
         rows = {r["node"]: r for r in fallback_info["ranking"]}
-        fallback_info["ranking"] = [{**rows[n], "kind": by_output["kinds"][n],
-                                     "output_share": by_output["estimates"][n] / max(by_output["output_noise"], 1e-12)}
-                                    for n in order]
-        fallback_info["ranking_groups"] = by_output["groups"]
-        fallback_info["ranking_output_noise"] = by_output["output_noise"]
+        fallback_info.update(ranking=[{**rows[r["node"]], **r} for r in shares], ranking_groups=groups,
+                             ranking_output_noise=noise)
+        order = [r["node"] for r in shares]
     sensitivity = tc.sensitivity_candidates
     if sensitivity and not search.spent():
         # End-to-end sensitivity of the worst few: the score with each one alone in float.
