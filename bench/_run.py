@@ -33,8 +33,8 @@ def load_run(folder: Path, split: str = "evaluation") -> Run:
     evaluation = load_split(folder / "data" / f"{split}.npz", names)
     threads = default_threads()
 
-    def outputs(model):
-        session = cpu_session(model, threads)
+    def outputs(model):   # the benches build gpu-trt forms: scored as deploykit's tuner scores them
+        session = cpu_session(model, threads, exact_qdq=True)
         return map_batches(lambda f: session.run(None, f)[0], iterate_batches(evaluation.feeds, 32), 32)
 
     return Run(folder, inferred, calibration, evaluation, threads, outputs)

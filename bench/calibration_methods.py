@@ -31,7 +31,7 @@ import onnx
 from deploykit.data import DataSpec, Split, iterate_batches, make_splits, map_batches
 from deploykit.io import write_json
 from deploykit.metrics import embedding_metrics
-from deploykit.presets import PRESETS
+from deploykit.presets import EXACT_QDQ_PRESETS, PRESETS
 from deploykit.progress import set_quiet
 from deploykit.quantize import QuantConfig, build_qdq, load_for_quantization, prepare
 from deploykit.quantize.graph import cpu_session
@@ -41,8 +41,9 @@ METHODS = [("minmax", None), ("running-minmax", None), ("percentile", 99.99), ("
            ("mse", None), ("entropy", None)]
 
 
-def run_model(model: onnx.ModelProto, split: Split, output: str | None, threads: int) -> np.ndarray:
-    session = cpu_session(model, threads)
+def run_model(model: onnx.ModelProto, split: Split, output: str | None, threads: int,
+              exact_qdq: bool = False) -> np.ndarray:
+    session = cpu_session(model, threads, exact_qdq=exact_qdq)
     names = [i.name for i in session.get_inputs()]
     outputs = [output] if output else None
     return map_batches(lambda f: session.run(outputs, {n: f[n] for n in names})[0],
@@ -80,7 +81,8 @@ def measure(name: str, path: Path, splits, presets: list[str], output: str | Non
                              "error": f"{type(exc).__name__}: {exc}"[:300]})
                 print(f"{name:16s} {preset:10s} {method} failed: {rows[-1]['error']}", flush=True)
                 continue
-            metrics = embedding_metrics(reference, run_model(qdq, evaluation, output, threads))[0]
+            metrics = embedding_metrics(reference, run_model(qdq, evaluation, output, threads,
+                                                                   preset in EXACT_QDQ_PRESETS))[0]
             clipped = {k: round(r.max / r.hi, 3) for k, r in ranges.items() if not r.masked and r.hi > 0}
             worst = max(clipped.items(), key=lambda kv: kv[1]) if clipped else (None, None)
             rows.append({"model": name, "preset": preset, "method": method, "percentile": pct,

@@ -78,7 +78,7 @@ def _latency(paths: dict[str, Path], split, batches: list[int], seq: int,
     with one call per round: load drifts hit every form alike)."""
     from deploykit.bench import BenchConfig, bench
 
-    runners = [(name, OrtRunner(path, threads=threads)) for name, path in paths.items()]
+    runners = [(name, OrtRunner(path, threads=threads, exact_qdq=False)) for name, path in paths.items()]
     config = BenchConfig(batches=list(batches), seq_len=seq, warmup=1, iterations=iterations, min_seconds=0.0,
                          rounds=iterations)
     latency = bench(runners, split, config)

@@ -79,8 +79,8 @@ def main() -> None:
     fp32 = run / "model.onnx"
     rows = []
 
-    def measure(path: Path) -> dict:
-        metrics, _ = embedding_metrics(reference, run_split(OrtRunner(path), evaluation))
+    def measure(path: Path) -> dict:   # exact Q/DQ: TensorRT's arithmetic, as deploykit scores gpu-trt
+        metrics, _ = embedding_metrics(reference, run_split(OrtRunner(path, exact_qdq=True), evaluation))
         return {k: round(metrics[k], 4) for k in ("cosine_mean", "cosine_min", "nn_agreement")}
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -93,8 +93,8 @@ def main() -> None:
     fp32, int8 = run / "model.onnx", run / "model.int8.onnx"
     fp32_bytes = model_bytes(fp32)
 
-    def measure(path: Path) -> dict:
-        metrics, _ = embedding_metrics(reference, run_split(OrtRunner(path), evaluation))
+    def measure(path: Path) -> dict:   # exact Q/DQ: TensorRT's arithmetic, as deploykit scores gpu-trt
+        metrics, _ = embedding_metrics(reference, run_split(OrtRunner(path, exact_qdq=True), evaluation))
         size = model_bytes(path)
         return {"mb": round(size / 1e6, 2), "of_fp32": round(size / fp32_bytes, 4),
                 **{k: round(metrics[k], 4) for k in ("cosine_mean", "cosine_min", "nn_agreement")}}

@@ -238,15 +238,18 @@ def verify_backends(bundle, variants: dict[str, Path], reference: np.ndarray, sp
         parity["fp32@torch"] = parity_entry(bundle.task, reference, reference, split.labels)
     onnx_backends = [b for b in run if b != "torch"]
     result = VerifyResult()
+    exact: list[str] = []              # runs scored with Q/DQ unfused (OrtRunner.exact_qdq)
     if onnx_backends:
         first = onnx_backends[0]
         runners = backend_runners(variants, [first])
+        exact += [k for k, r in runners.items() if getattr(r, "exact_qdq", False)]
         with stage(f"verify on {first}"):
             result = verify_runners({k.split("@")[0]: r for k, r in runners.items()}, reference, split, bundle.task,
                                     batch_size=batch_size)
         for name in variants:
             parity[f"{name}@{first}"] = {**result.accuracy[name], "samples": split.count}
         others = backend_runners(variants, onnx_backends[1:], ranges=ranges)
+        exact += [k for k, r in others.items() if getattr(r, "exact_qdq", False)]
         if others:
             with stage(f"verify on {', '.join(onnx_backends[1:])}"):
                 more, _ = cross_verify(others, reference, split, bundle.task, batch_size=batch_size)
@@ -268,7 +271,7 @@ def verify_backends(bundle, variants: dict[str, Path], reference: np.ndarray, sp
                                  "--trt-outputs mark all --onnx-outputs mark all` compares layer by layer")
             localization[key] = found
     verification = {"backends_run": run, "backends_skipped": skipped, "checks": checks,
-                    "localization": localization,
+                    "localization": localization, **({"exact_qdq": exact} if exact else {}),
                     "inputs_sha256": split.sha256, "samples": split.count}
     return {"parity": parity, "verification": verification, "accuracy": result.accuracy,
             "distributions": result.distributions, "passed": all(c["passed"] for c in checks),
@@ -320,7 +323,7 @@ def variant_names(onnx_paths: list[Path]) -> list[str]:
 
 def bench_all(bundle, split, models, backends, config, threads, torch_baseline) -> dict[str, Any]:
     names = variant_names(models)
-    runners = [(name, make_runner(backend, model_path=m, threads=threads))
+    runners = [(name, make_runner(backend, model_path=m, threads=threads, for_latency=True))
                for backend in backends if backend != "torch" for name, m in zip(names, models)]
     if (torch_baseline or "torch" in backends) and not has_onnx_reference(bundle):
         runners.append(("fp32", TorchRunner(bundle, threads=threads)))

@@ -159,7 +159,7 @@ def interleaved_latency(models: dict[str, dict[str, Path]], splits: DataSplits, 
 
     config = BenchConfig(batches=sorted({1, max(rec.bench.batches)}), seq_len=rec.bench.seq_len, warmup=2,
                          iterations=10, min_seconds=0.3, max_seconds=5.0)
-    runners = {(v, key): OrtRunner(path) for v, paths in models.items() for key, path in paths.items()}
+    runners = {(v, key): OrtRunner(path, exact_qdq=False) for v, paths in models.items() for key, path in paths.items()}
     feeds = {b: bench_feeds(splits.evaluation, b, config.seq_len) for b in config.batches}
     samples: dict[tuple, list[dict[str, Any]]] = {}
     jobs = [(r, v, key, b) for r in range(rounds) for (v, key) in runners for b in config.batches]

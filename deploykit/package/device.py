@@ -294,7 +294,9 @@ def _device_runners(folder: Path, manifest: dict[str, Any], target, chosen: list
         n = threads or min(target.threads or default_threads(), default_threads())
         for v in chosen:
             _check_model_data(folder, manifest["variants"][v], manifest["files"], shown)
-        return "ort-cpu", {v: OrtRunner(folder / manifest["variants"][v], threads=n) for v in chosen}
+        # what this device's ONNX Runtime runs: its own fused integer kernels
+        return "ort-cpu", {v: OrtRunner(folder / manifest["variants"][v], threads=n, exact_qdq=False)
+                           for v in chosen}
     from deploykit.engine import ShapeRanges, build_engine, engine_info, require_tensorrt
     from deploykit.runners.tensorrt import TrtRunner
 

@@ -60,10 +60,13 @@ def float_op_types(nodes: list[onnx.NodeProto], names: list[str]) -> dict[str, i
     return dict(sorted(out.items()))
 
 
-def cpu_session(model: onnx.ModelProto, threads: int | None = None, *, optimize: bool = True):
-    """An in-memory ONNX Runtime CPU session with explicit threads (no fusion when not ``optimize``)."""
+def cpu_session(model: onnx.ModelProto, threads: int | None = None, *, optimize: bool = True,
+                exact_qdq: bool = False):
+    """An in-memory ONNX Runtime CPU session with explicit threads (no fusion when not
+    ``optimize``; Q/DQ pairs left as ops, the graph's exact arithmetic, with ``exact_qdq``)."""
     import onnxruntime as ort
 
+    from deploykit.presets import EXACT_QDQ_SESSION_CONFIG
     from deploykit.threads import default_threads
 
     options = ort.SessionOptions()
@@ -72,6 +75,8 @@ def cpu_session(model: onnx.ModelProto, threads: int | None = None, *, optimize:
     options.log_severity_level = 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for key, value in (EXACT_QDQ_SESSION_CONFIG if exact_qdq else {}).items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

@@ -46,6 +46,7 @@ from deploykit.acceptance import parse_rule, passes
 from deploykit.data import Split, iterate_batches, map_batches
 from deploykit.metrics import output_reducer, task_metrics
 from deploykit.onnx_utils import get_metadata
+from deploykit.presets import EXACT_QDQ_PRESETS
 from deploykit.progress import say
 from deploykit.quantize.config import GROUP_KINDS, QuantConfig, TuneConfig
 from deploykit.quantize.graph import cpu_session, float_op_types
@@ -156,15 +157,19 @@ def criteria_score(metrics: dict[str, float], criteria: dict[str, str]) -> tuple
 
 
 class _Scorer:
-    """Scores Q/DQ models on the tuning split against the FP32 outputs."""
+    """Scores Q/DQ models on the tuning split against the FP32 outputs; with ``exact_qdq``
+    (a preset whose target is not ORT's CPU kernels) in the graph's exact arithmetic, so the
+    choice does not depend on whether this CPU's int8 kernels saturate."""
 
-    def __init__(self, fp32: onnx.ModelProto, split: Split, task: str, threads: int | None, batch_size: int = 32):
+    def __init__(self, fp32: onnx.ModelProto, split: Split, task: str, threads: int | None, batch_size: int = 32,
+                 *, exact_qdq: bool = False):
         self.split, self.task, self.threads, self.batch_size = split, task, threads, batch_size
+        self.exact_qdq = exact_qdq
         self.reference = None
         self.reference = self.run(fp32)
 
     def run(self, model: onnx.ModelProto) -> np.ndarray:
-        session = cpu_session(model, self.threads)
+        session = cpu_session(model, self.threads, exact_qdq=self.exact_qdq)
         names = [i.name for i in session.get_inputs()]
         reduce = output_reducer(self.task, self.split.feeds, self.reference)   # a causal LM's per-batch record
         return map_batches(lambda f: session.run(None, {n: f[n] for n in names})[0],
@@ -529,7 +534,8 @@ def tune(model_path: Path, inferred: onnx.ModelProto, calibration: Split, tuning
     start = time.perf_counter()
     tc = config.tune
     task = get_metadata(inferred).get("task", "text-embedding")
-    search = _Search(_Scorer(inferred, tuning, task, threads), tc.criteria, tc.budget, threads)
+    scorer = _Scorer(inferred, tuning, task, threads, exact_qdq=config.preset in EXACT_QDQ_PRESETS)
+    search = _Search(scorer, tc.criteria, tc.budget, threads)
     prepared_by_alpha = _grid_phase(search, inferred, calibration, config, threads)
     phase_seconds = {"grid": round(time.perf_counter() - start, 1)}
     for step in tc.refine:
@@ -567,7 +573,8 @@ def tune(model_path: Path, inferred: onnx.ModelProto, calibration: Split, tuning
     out_config.smoothquant.shift = c.shift
     out_config.weight_rounding = c.weight_rounding
     log = {"criteria": dict(tc.criteria), "met": chosen.passed, "budget": tc.budget, "trials_run": len(trials),
-           "chosen": chosen.to_dict(), "tuning_data": tuning.summary(), "seconds": round(time.perf_counter() - start, 1),
+           "chosen": chosen.to_dict(), "tuning_data": tuning.summary(),
+           "scoring": "exact Q/DQ" if scorer.exact_qdq else "ONNX Runtime's fused CPU kernels", "seconds": round(time.perf_counter() - start, 1),
            "phase_seconds": phase_seconds, "trials": [t.to_dict() for t in trials], **search.info, **fallback_info}
     if not chosen.passed:
         why = (f"with at most {fallback_info['fallback_cap']} float nodes" if fallback_info.get("fallback_capped")

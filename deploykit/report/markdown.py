@@ -245,6 +245,10 @@ def _parity_section(report: dict, plot: str | None, base: Path | None = None) ->
         out += [*_table(["variant@backend", *metrics],
                         [[f"`{v}@{b}`", *(format_number(values.get(m), m) for m in metrics)] for v, b, values in rows]),
                 ""]
+    if ver.get("exact_qdq"):
+        out += ["Scored with Q/DQ unfused (the graph's exact integer arithmetic, which TensorRT's int8 GEMMs "
+                "reproduce; ONNX Runtime's fused CPU kernels saturate on x86 without VNNI): "
+                + ", ".join(f"`{k}`" for k in ver["exact_qdq"]) + ".", ""]
     if ver.get("backends_run"):
         out += ["Backends run: " + ", ".join(f"`{b}`" for b in ver["backends_run"]) + ".", ""]
     if "backends_skipped" in ver:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from deploykit.errors import UserError
+from deploykit.presets import EXACT_QDQ_PRESETS, EXACT_QDQ_SESSION_CONFIG
 from deploykit.runners.base import check_feed_names
 from deploykit.threads import default_threads
 
@@ -15,10 +16,25 @@ from deploykit.threads import default_threads
 ORT_EXACT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
 
 
-class OrtRunner:
-    """ONNX Runtime session with explicit threads; provider ``cpu`` or ``cuda``."""
+def scores_exact(model_path: str | Path) -> bool:
+    """Whether ``model_path`` is a deploykit Q/DQ model whose target is not ORT's CPU
+    kernels (its recorded preset is in :data:`~deploykit.presets.EXACT_QDQ_PRESETS`)."""
+    from deploykit.onnx_utils import get_metadata, load_onnx
 
-    def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None):
+    calibration = get_metadata(load_onnx(Path(model_path), load_weights=False)).get("calibration")
+    return isinstance(calibration, dict) and calibration.get("preset") in EXACT_QDQ_PRESETS
+
+
+class OrtRunner:
+    """ONNX Runtime session with explicit threads; provider ``cpu`` or ``cuda``.
+
+    ``exact_qdq``: keep Q/DQ pairs as ops instead of fusing them into ORT's integer kernels
+    (:data:`EXACT_QDQ_SESSION_CONFIG`). ``None``: exact for a model whose recorded preset
+    targets another runtime (:func:`scores_exact`), for accuracy; latency callers pass
+    ``False``, since ORT's fused kernels are what ORT runs fast."""
+
+    def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None,
+                 exact_qdq: bool | None = None):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -45,6 +61,12 @@ class OrtRunner:
         for key, value in ORT_EXACT_SESSION_CONFIG.items():
             options.add_session_config_entry(key, value)
         try:
+            self.exact_qdq = scores_exact(self.path) if exact_qdq is None else exact_qdq
+        except Exception:  # noqa: BLE001 - an unreadable file is reported by the session below
+            self.exact_qdq = False
+        for key, value in (EXACT_QDQ_SESSION_CONFIG if self.exact_qdq else {}).items():
+            options.add_session_config_entry(key, value)
+        try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad files
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -58,9 +80,9 @@ class OrtRunner:
 
     @classmethod
     def for_backend(cls, backend: str, *, model_path: str | Path | None = None, bundle=None,
-                    threads: int | None = None) -> OrtRunner:
+                    threads: int | None = None, exact_qdq: bool | None = None) -> OrtRunner:
         """``ort-cpu`` / ``ort-cuda`` on ``model_path``."""
-        return cls(model_path, provider=backend.split("-", 1)[1], threads=threads)
+        return cls(model_path, provider=backend.split("-", 1)[1], threads=threads, exact_qdq=exact_qdq)
 
     def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         check_feed_names(self.input_names, feeds, str(self.path))
