@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from deploykit.probes import (TENSORRT_MIN_FOR_PLUGINS, Context, cpu_facts, cpu_text, dist_version, exc_line,
-                              gpu_summary, module_installed, module_version, one_line, sm_name, tensorrt_facts,
-                              version_tuple)
+                              gpu_summary, int8_pairs_saturate, module_installed, module_version, one_line, sm_name,
+                              tensorrt_facts, version_tuple)
 
 COMPONENTS = (
     "CPU",
@@ -69,6 +69,9 @@ def _probe_cpu(ctx: Context) -> list[Check]:
         detail += "; INT8: ARM dot product"
     elif facts["flags_known"]:
         detail += "; no VNNI/AMX: INT8 is unlikely to beat FP32 here"
+        if int8_pairs_saturate(facts):
+            detail += ("; ONNX Runtime's u8s8 kernels add in saturating 16-bit pairs (gpu-trt models are "
+                       "scored with Q/DQ unfused, cpu-ort ones may lose accuracy here)")
     return [Check("CPU", True, None, detail)]
 
 

@@ -363,6 +363,15 @@ def cpu_facts() -> dict[str, Any]:
             "flags_known": bool(flags), "machine": platform.machine()}
 
 
+def int8_pairs_saturate(facts: dict[str, Any] | None = None) -> bool:
+    """Whether ONNX Runtime's x86 u8s8 kernels add products in saturating 16-bit pairs here
+    (AVX2 ``vpmaddubsw``): an x86 CPU whose flags are known and show no VNNI or AMX."""
+    facts = facts or cpu_facts()
+    x86 = str(facts.get("machine", "")).lower() in ("x86_64", "amd64", "i686", "i386")
+    return x86 and bool(facts.get("flags_known")) and \
+        not set(facts.get("flags") or ()) & {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
 def cpu_text(facts: dict[str, Any]) -> str:
     cores = f"{facts['cores']} logical cores"
     if facts["total"] and facts["total"] != facts["cores"]:

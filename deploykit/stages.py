@@ -272,10 +272,22 @@ def verify_backends(bundle, variants: dict[str, Path], reference: np.ndarray, sp
             localization[key] = found
     verification = {"backends_run": run, "backends_skipped": skipped, "checks": checks,
                     "localization": localization, **({"exact_qdq": exact} if exact else {}),
+                    **_saturating_runs(variants, run, exact),
                     "inputs_sha256": split.sha256, "samples": split.count}
     return {"parity": parity, "verification": verification, "accuracy": result.accuracy,
             "distributions": result.distributions, "passed": all(c["passed"] for c in checks),
             "outputs": {f"{k}@{onnx_backends[0]}": v for k, v in result.outputs.items()} if onnx_backends else {}}
+
+
+def _saturating_runs(variants: dict[str, Path], backends: list[str], exact: list[str]) -> dict[str, list[str]]:
+    """``{"fused_qdq_saturating": [...]}``: the Q/DQ runs on ORT's fused CPU kernels, on a CPU
+    where those add in saturating 16-bit pairs (no VNNI), so they may score lower than elsewhere."""
+    from deploykit.probes import int8_pairs_saturate
+
+    if "ort-cpu" not in backends or not int8_pairs_saturate():
+        return {}
+    keys = [f"{n}@ort-cpu" for n, p in variants.items() if f"{n}@ort-cpu" not in exact and is_qdq(p)]
+    return {"fused_qdq_saturating": keys} if keys else {}
 
 
 def print_parity(parity: dict[str, Any], verification: dict[str, Any]) -> None:

@@ -88,7 +88,8 @@ def splits(tiny_bundle):
     return make_splits(tiny_bundle, DataSpec(source="docstrings", calibration=16, evaluation=24, seed=0, tuning=16))
 
 
-def test_calibrated_models_record_their_scoring_and_verify_names_it(tiny_bundle, tiny_onnx, splits, tmp_path):
+def test_calibrated_models_record_their_scoring_and_verify_names_it(tiny_bundle, tiny_onnx, splits, tmp_path,
+                                                                    monkeypatch):
     from deploykit.quantize import TuneConfig
     from deploykit.stages import verify_backends
     from deploykit.verify import run_split
@@ -102,8 +103,25 @@ def test_calibrated_models_record_their_scoring_and_verify_names_it(tiny_bundle,
 
     reference = run_split(OrtRunner(tiny_onnx), splits.evaluation)
     variants = {"fp32": tiny_onnx, "int8": tmp_path / "trt.onnx", "int8-cpu": tmp_path / "cpu.onnx"}
+    monkeypatch.setattr("deploykit.probes.int8_pairs_saturate", lambda facts=None: True)   # a CPU without VNNI
     out = verify_backends(tiny_bundle, variants, reference, splits.evaluation, backends=["ort-cpu"], rules={},
                           localize_failures=False)
     assert out["verification"]["exact_qdq"] == ["int8@ort-cpu"]
+    assert out["verification"]["fused_qdq_saturating"] == ["int8-cpu@ort-cpu"]     # not the FP32, not the exact one
+    monkeypatch.setattr("deploykit.probes.int8_pairs_saturate", lambda facts=None: False)
+    again = verify_backends(tiny_bundle, {"int8-cpu": tmp_path / "cpu.onnx"}, reference, splits.evaluation,
+                            backends=["ort-cpu"], rules={}, localize_failures=False)
+    assert "fused_qdq_saturating" not in again["verification"] and "exact_qdq" not in again["verification"]
     exact = run_split(OrtRunner(tmp_path / "trt.onnx", exact_qdq=True), splits.evaluation)
     np.testing.assert_array_equal(out["outputs"]["int8@ort-cpu"], exact)   # the same session settings
+
+
+def test_saturation_is_expected_only_on_x86_without_vnni_or_amx():
+    from deploykit.probes import int8_pairs_saturate
+
+    x86 = {"machine": "x86_64", "flags_known": True}
+    assert int8_pairs_saturate({**x86, "flags": ["avx2"]})
+    assert not int8_pairs_saturate({**x86, "flags": ["avx2", "avx512_vnni"]})
+    assert not int8_pairs_saturate({**x86, "flags": ["avx2", "avx_vnni"]})
+    assert not int8_pairs_saturate({**x86, "flags": [], "flags_known": False})   # unknown: not claimed
+    assert not int8_pairs_saturate({"machine": "aarch64", "flags_known": True, "flags": []})

@@ -319,6 +319,7 @@ def add_deployment_sections(report: dict) -> dict:
         "inputs": "runs/x/verify_inputs.npz", "inputs_sha256": "ef" * 32, "reference": "torch FP32",
         "backends_run": ["torch", "ort-cpu", "ort-cuda"],
         "backends_skipped": {"tensorrt": "tensorrt is not installed"},
+        "exact_qdq": ["int8@ort-cpu"], "fused_qdq_saturating": ["int8-cpu@ort-cpu"],
         "checks": [
             {"check": "int8@ort-cpu.cosine_mean", "value": 0.9971, "threshold": ">= 0.99", "passed": True},
             {"check": "int8@ort-cuda.cosine_mean", "value": None, "threshold": ">= 0.99", "passed": False},
@@ -372,6 +373,10 @@ DEPLOY_BROKEN = {
     "checks not a list": (lambda r: r["verification"].update(checks={}), "verification['checks'] must be a list"),
     "skipped reason not str": (lambda r: r["verification"]["backends_skipped"].update(tensorrt=None),
                                "verification['backends_skipped']['tensorrt']"),
+    "exact_qdq not a list": (lambda r: r["verification"].update(exact_qdq="int8@ort-cpu"),
+                             "verification['exact_qdq']"),
+    "saturating not strings": (lambda r: r["verification"].update(fused_qdq_saturating=[1]),
+                               "verification['fused_qdq_saturating']"),
     "exclude not a list": (lambda r: r["verification"]["localization"]["int8@ort-cpu"].update(exclude="n1"),
                            "verification['localization']['int8@ort-cpu']['exclude']"),
     "localization node without name": (
@@ -436,6 +441,8 @@ def test_render_deployment_sections(tmp_path):
                                        "## Targets", "## Edge bundles")]
     assert positions == sorted(positions)
     parity = md[md.index("## Accuracy per backend"):md.index("## Targets")]
+    assert "Scored with Q/DQ unfused" in parity and "`int8@ort-cpu`." in parity
+    assert "saturating 16-bit pairs" in parity and "`int8-cpu@ort-cpu`." in parity
     # one row per variant@backend, metrics as columns, samples last, nulls as —
     assert "| variant@backend | cosine_mean | cosine_min | snr_db | max_abs_diff | nn_agreement | samples |" in parity
     for key in report["parity"]:

@@ -249,6 +249,10 @@ def _parity_section(report: dict, plot: str | None, base: Path | None = None) ->
         out += ["Scored with Q/DQ unfused (the graph's exact integer arithmetic, which TensorRT's int8 GEMMs "
                 "reproduce; ONNX Runtime's fused CPU kernels saturate on x86 without VNNI): "
                 + ", ".join(f"`{k}`" for k in ver["exact_qdq"]) + ".", ""]
+    if ver.get("fused_qdq_saturating"):
+        out += ["On ONNX Runtime's fused int8 kernels of a CPU without VNNI, which add products in saturating "
+                "16-bit pairs (so these may score lower here than on a CPU with VNNI): "
+                + ", ".join(f"`{k}`" for k in ver["fused_qdq_saturating"]) + ".", ""]
     if ver.get("backends_run"):
         out += ["Backends run: " + ", ".join(f"`{b}`" for b in ver["backends_run"]) + ".", ""]
     if "backends_skipped" in ver:

@@ -17,6 +17,7 @@ plus optional ``created``, ``deploykit_version``, ``data``, ``export``, ``calibr
     "verification": {"inputs", "inputs_sha256", "reference": str, "backends_run": [str],
                      "backends_skipped": {backend: reason}, "checks": [acceptance-like rows],
                      "exact_qdq": ["<variant>@<backend>" scored with Q/DQ unfused],
+                     "fused_qdq_saturating": ["<variant>@ort-cpu" on saturating int8 kernels],
                      "localization": {"<variant>@<backend>": {"nodes": [{"node", "op_type", "module",
                                       "added_snr_db", "added_cosine", "accumulated_snr_db",
                                       "accumulated_cosine"}], "exclude": [str]}}},
@@ -250,6 +251,7 @@ def _validate_verification(verification: Any, checks: _Checks) -> None:
         checks.optional(ver, key, "verification", _str_or_null, "a string or null")
     checks.optional(ver, "backends_run", "verification", _str_list, "a list of strings")
     checks.optional(ver, "exact_qdq", "verification", _str_list, "a list of strings")
+    checks.optional(ver, "fused_qdq_saturating", "verification", _str_list, "a list of strings")
     if "backends_skipped" in ver:
         for backend, reason in checks.need_dict(ver["backends_skipped"], "verification['backends_skipped']").items():
             if not isinstance(reason, str):
