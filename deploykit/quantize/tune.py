@@ -574,7 +574,8 @@ def tune(model_path: Path, inferred: onnx.ModelProto, calibration: Split, tuning
     out_config.weight_rounding = c.weight_rounding
     log = {"criteria": dict(tc.criteria), "met": chosen.passed, "budget": tc.budget, "trials_run": len(trials),
            "chosen": chosen.to_dict(), "tuning_data": tuning.summary(),
-           "scoring": "exact Q/DQ" if scorer.exact_qdq else "ONNX Runtime's fused CPU kernels", "seconds": round(time.perf_counter() - start, 1),
+           "scoring": "exact Q/DQ" if scorer.exact_qdq else "ONNX Runtime's fused CPU kernels",
+           "seconds": round(time.perf_counter() - start, 1),
            "phase_seconds": phase_seconds, "trials": [t.to_dict() for t in trials], **search.info, **fallback_info}
     if not chosen.passed:
         why = (f"with at most {fallback_info['fallback_cap']} float nodes" if fallback_info.get("fallback_capped")

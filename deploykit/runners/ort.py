@@ -80,9 +80,10 @@ class OrtRunner:
 
     @classmethod
     def for_backend(cls, backend: str, *, model_path: str | Path | None = None, bundle=None,
-                    threads: int | None = None, exact_qdq: bool | None = None) -> OrtRunner:
-        """``ort-cpu`` / ``ort-cuda`` on ``model_path``."""
-        return cls(model_path, provider=backend.split("-", 1)[1], threads=threads, exact_qdq=exact_qdq)
+                    threads: int | None = None, for_latency: bool = False) -> OrtRunner:
+        """``ort-cpu`` / ``ort-cuda`` on ``model_path``; fused Q/DQ ``for_latency``, else by its preset."""
+        return cls(model_path, provider=backend.split("-", 1)[1], threads=threads,
+                   exact_qdq=False if for_latency else None)
 
     def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         check_feed_names(self.input_names, feeds, str(self.path))

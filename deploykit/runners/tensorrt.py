@@ -55,7 +55,7 @@ class TrtRunner:
 
     @classmethod
     def for_backend(cls, backend: str, *, model_path: str | Path | None = None, bundle=None,
-                    threads: int | None = None) -> TrtRunner:
+                    threads: int | None = None, for_latency: bool = False) -> TrtRunner:
         """The engine of ``model_path`` (TensorRT picks its own threads)."""
         return cls(model_path)
 

@@ -22,7 +22,7 @@ class TorchRunner:
 
     @classmethod
     def for_backend(cls, backend: str, *, model_path: str | Path | None = None, bundle=None,
-                    threads: int | None = None) -> TorchRunner:
+                    threads: int | None = None, for_latency: bool = False) -> TorchRunner:
         """The model source ``bundle`` in eager torch."""
         if bundle is None:
             raise UserError("the torch backend needs the model source", fix="pass --model")
