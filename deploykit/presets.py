@@ -36,8 +36,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # scored on this CPU with the Q/DQ pairs left as ops (DequantizeLinear -> float MatMul), the
 # graph's exact integer semantics, which TensorRT's int8 GEMMs (int32 accumulation) reproduce.
 # ORT's fused u8s8 kernels are exact only with VNNI (or ARM dot products): on an AVX2-only
-# x86 CPU their 16-bit pair sums saturate, and MPNet's gpu-trt model measured 21.0 dB fused
-# against 22.9 dB exact on such a CPU. cpu-ort is scored fused: that is what it deploys to.
+# x86 CPU their 16-bit pair sums saturate: MPNet's gpu-trt model scored 20.8 dB fused against
+# 22.4 dB exact on such a CPU (bench/qdq_scoring.py). cpu-ort is scored fused: that is what it
+# deploys to.
 EXACT_QDQ_PRESETS = frozenset({"gpu-trt", "paper-w8a8"})
 # The ONNX Runtime session entry that keeps Q/DQ pairs as ops (no QDQ fusion; other
 # optimizations, weight DequantizeLinear folding included, still apply).
